@@ -1,0 +1,316 @@
+"""HTTP handlers: the router's own endpoints and the routing of proxied ones.
+
+Paths, JSON shapes, messages and status codes follow llama-server's router
+(tools/server/server-models.cpp, `server_models_routes`), so clients cannot tell us apart;
+where upstream answers a broken child with plain text we answer with the JSON error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from typing import Any
+
+from aiohttp import web
+
+from .childargs import ChildArgs
+from .config import RouterConfig
+from .errors import InvalidRequest, LlamaRouterError, PayloadTooLarge
+from .process import ModelProcess
+from .proxy import Proxy
+from .supervisor import Supervisor
+
+# Routes upstream proxies by the body's "model" (server.cpp, router branch).
+PROXIED_POST = (
+    "/props",
+    "/completion",
+    "/completions",
+    "/v1/completions",
+    "/chat/completions",
+    "/v1/chat/completions",
+    "/v1/chat/completions/control",
+    "/responses",
+    "/v1/responses",
+    "/audio/transcriptions",
+    "/v1/audio/transcriptions",
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/infill",
+    "/embedding",
+    "/embeddings",
+    "/v1/embeddings",
+    "/rerank",
+    "/reranking",
+    "/v1/rerank",
+    "/v1/reranking",
+    "/v1/systemone",
+    "/tokenize",
+    "/detokenize",
+    "/apply-template",
+    "/v1/responses/input_tokens",
+    "/responses/input_tokens",
+    "/lora-adapters",
+    "/slots/{id_slot}",
+)
+# Routes upstream proxies by ?model= (GET /props without it is the router's own).
+PROXIED_GET = ("/metrics", "/slots", "/lora-adapters")
+
+_MULTIPART_MODEL = re.compile(
+    rb'content-disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--',
+    re.IGNORECASE | re.DOTALL,
+)
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(data, separators=(",", ":")).encode(),
+        status=status,
+        content_type="application/json",
+        charset="utf-8",
+    )
+
+
+def _is_true(value: str) -> bool:
+    return value in ("true", "1")
+
+
+class Api:
+    """Handlers are registered before startup; `bind` hands them the live supervisor."""
+
+    sup: Supervisor
+    proxy: Proxy
+
+    def __init__(self, config: RouterConfig, child_args: ChildArgs) -> None:
+        self.config = config
+        self.child_args = child_args
+
+    def bind(self, supervisor: Supervisor, proxy: Proxy) -> None:
+        self.sup = supervisor
+        self.proxy = proxy
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/v1/health", self.health)
+        r.add_get("/models", self.list_models)
+        r.add_get("/v1/models", self.list_models)
+        r.add_get("/props", self.props)
+        r.add_post("/models/load", self.load)
+        r.add_post("/models/unload", self.unload)
+        r.add_get("/models/sse", self.sse)
+        r.add_get("/models/logs", self.logs)
+        r.add_post("/models", self.download)
+        r.add_delete("/models", self.delete)
+        for path in PROXIED_POST:
+            r.add_post(path, self.proxy_post)
+        for path in PROXIED_GET:
+            r.add_get(path, self.proxy_get)
+
+    # ----------------------------------------------------------------- own endpoints
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok"})
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        if request.query.get("reload", ""):
+            await self.sup.reload()
+        now = int(time.time())
+        return _json({"data": [self.model_item(p, now) for p in self.sup.visible()], "object": "list"})
+
+    def model_item(self, proc: ModelProcess, now: int) -> dict[str, Any]:
+        spec = proc.spec
+        status: dict[str, Any] = {
+            "value": proc.api_status,
+            # Upstream shows the would-be command line (port 0) for a model not running.
+            "args": list(proc.argv) if proc.argv and proc.port else self.child_args.argv(spec, 0),
+        }
+        status["preset"] = self.child_args.preset_ini(spec)
+        if proc.crashed and proc.api_status == "unloaded":
+            status["failed"] = True
+            status["exit_code"] = proc.exit_code
+        # Our additions, in fields upstream does not use (llama.cpp #23257: tell a crash from
+        # an unload).
+        status["state"] = str(proc.state)
+        if proc.failure:
+            status["error"] = proc.failure
+            status["log_tail"] = proc.log_tail(20)
+        if proc.stop_reason and proc.api_status == "unloaded":
+            status["stop_reason"] = proc.stop_reason
+        item: dict[str, Any] = {
+            "id": spec.name,
+            "aliases": list(spec.aliases),
+            "tags": list(spec.tags),
+            "object": "model",
+            "owned_by": "llamacpp",
+            "created": now,
+            "status": status,
+            "architecture": {
+                "input_modalities": list(spec.input_modalities),
+                "output_modalities": ["text"],
+            },
+            "source": spec.source,
+            "can_remove": spec.source == "cache",
+            "in_flight": proc.in_flight,
+            "queued": self.sup.queued_for(proc),
+            "restarts": proc.restarts,
+            "pinned": spec.pin,
+        }
+        if proc.last_used_wall:
+            item["last_used"] = int(proc.last_used_wall)
+        if proc.api_status != "unloaded":
+            for key, value in proc.loaded_info.items():
+                item.setdefault(key, value)
+        return item
+
+    async def props(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("model"):
+            return await self.proxy_get(request)
+        return _json(
+            {
+                "role": "router",
+                "max_instances": self.config.limits.models_max,
+                "models_autoload": self.config.models_autoload,
+                "model_alias": "llama-server",
+                "model_path": "none",
+                "default_generation_settings": {"params": None, "n_ctx": 0},
+                "ui_settings": {},
+                "build_info": self.config.build_info,
+                "cors_proxy_enabled": False,
+            }
+        )
+
+    async def load(self, request: web.Request) -> web.Response:
+        name = _model_field(await _json_body(request))
+        await self.sup.load(name)
+        return _json({"success": True})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        name = _model_field(await _json_body(request))
+        self.sup.unload(name)
+        return _json({"success": True})
+
+    async def download(self, request: web.Request) -> web.Response:
+        raise LlamaRouterError(
+            "downloading models is not supported by llamarouter; "
+            "put GGUF files in --models-dir or the cache"
+        )
+
+    async def delete(self, request: web.Request) -> web.Response:
+        raise LlamaRouterError("removing cached models is not supported by llamarouter")
+
+    async def sse(self, request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        async with self.sup.events.subscribe() as queue:
+            while True:
+                line = await queue.get()
+                if line is None:
+                    break
+                await resp.write(line)
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+        return resp
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        name = request.query.get("model", "")
+        if not name:
+            raise InvalidRequest("model name is missing from the request")
+        proc = self.sup.resolve(name)
+        try:
+            lines = int(request.query.get("lines", "200"))
+        except ValueError:
+            raise InvalidRequest("lines must be an integer") from None
+        tail = proc.log_tail(lines)
+        if not _is_true(request.query.get("follow", "")):
+            return web.Response(text="".join(line + "\n" for line in tail), content_type="text/plain")
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "X-Accel-Buffering": "no"})
+        await resp.prepare(request)
+        queue: asyncio.Queue[str | None] = asyncio.Queue(self.config.limits.log_lines)
+        proc.log_listeners.add(queue)
+        try:
+            if tail:
+                await resp.write("".join(line + "\n" for line in tail).encode())
+            while (line := await queue.get()) is not None:
+                await resp.write(line.encode() + b"\n")
+        finally:
+            proc.log_listeners.discard(queue)
+        return resp
+
+    # ----------------------------------------------------------------- proxied endpoints
+    def _autoload(self, request: web.Request) -> bool:
+        value = request.query.get("autoload")
+        if value is None or value == "":
+            return self.config.models_autoload
+        return _is_true(value)
+
+    async def proxy_post(self, request: web.Request) -> web.StreamResponse:
+        body = await _read_body(request, self.config.limits.max_body_bytes)
+        name = _model_from_body(request, body)
+        return await self._route(request, name, body)
+
+    async def proxy_get(self, request: web.Request) -> web.StreamResponse:
+        return await self._route(request, request.query.get("model", ""), None)
+
+    async def _route(self, request: web.Request, name: str, body: bytes | None) -> web.StreamResponse:
+        if not name:
+            raise InvalidRequest("model name is missing from the request")
+        proc = self.sup.resolve(name)
+        autoload = self._autoload(request)
+        await self.sup.acquire(proc, autoload)
+        try:
+            if self.config.fake_timing:
+                await asyncio.sleep(self.config.fake_timing_secs)
+            return await self.proxy.forward(request, proc, body)
+        finally:
+            self.sup.release(proc)
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json_body(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"invalid JSON in request body: {exc}") from None
+
+
+def _model_field(body: Any) -> str:
+    name = body.get("model") if isinstance(body, dict) else None
+    return name if isinstance(name, str) else ""
+
+
+def _model_from_body(request: web.Request, body: bytes) -> str:
+    ctype = request.content_type
+    if ctype.startswith("multipart/"):
+        # Upstream turns form fields into JSON to find `model`; we only look for that field
+        # and forward the original bytes untouched.
+        match = _MULTIPART_MODEL.search(body)
+        return match.group(1).decode("utf-8", "replace") if match else ""
+    if not body:
+        return ""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"invalid JSON in request body: {exc}") from None
+    return _model_field(data)
+
+
+def error_body(exc: LlamaRouterError) -> dict[str, Any]:
+    return {"error": {"code": exc.status, "message": exc.message, "type": exc.type}}
+
+
+

@@ -1,0 +1,58 @@
+"""A child's command line and the INI text /models shows, from spec + router flags.
+
+Mirrors upstream (server-models.cpp `update_args`, preset.cpp `to_args`/`to_ini`): options
+are merged [*] < model section < router command line, ordered by their first spelling,
+written with their last (long) spelling; then --host 127.0.0.1 --port P --alias NAME
+--log-colors off are forced.
+"""
+
+from __future__ import annotations
+
+from .config import ModelSpec, RouterConfig
+from .flags import FORCED_PER_CHILD, RESERVED_ALWAYS, FlagTable, canonical
+
+# Not shown in status.preset, as upstream leaves them out (server-models.cpp, /models).
+_HIDDEN_IN_PRESET = frozenset({"--host", "--port", "-a", "--tags"}) | RESERVED_ALWAYS
+
+
+class ChildArgs:
+    def __init__(self, config: RouterConfig, table: FlagTable) -> None:
+        self._config = config
+        self._table = table
+
+    def merged(self, spec: ModelSpec) -> dict[str, str]:
+        opts = dict(spec.options)
+        opts.update(self._config.child_options)
+        for reserved in RESERVED_ALWAYS:
+            opts.pop(reserved, None)
+        # We read the child's output line by line; colour codes would only get in the way.
+        # (Upstream forces its own colour choice the same way, and shows it in the preset.)
+        opts["--log-colors"] = "off"
+        return opts
+
+    def argv(self, spec: ModelSpec, port: int) -> list[str]:
+        opts = self.merged(spec)
+        for forced in FORCED_PER_CHILD:
+            opts.pop(forced, None)
+        opts["--host"] = "127.0.0.1"
+        opts["--port"] = str(port)
+        opts["-a"] = spec.name
+        opts["--log-colors"] = "off"
+        argv = [self._config.server_bin]
+        for opt_key in sorted(opts):
+            opt = self._table.by_key(opt_key)
+            if opt is not None:
+                argv += self._table.to_args(opt, opts[opt_key])
+        argv += self._config.child_extra
+        return argv
+
+    def preset_ini(self, spec: ModelSpec) -> str:
+        lines = [f"[{spec.name}]"]
+        opts = self.merged(spec)
+        for opt_key in sorted(opts):
+            opt = self._table.by_key(opt_key)
+            if opt is None or opt_key in _HIDDEN_IN_PRESET:
+                continue
+            value = opts[opt_key].replace("\n", "\\\n")
+            lines.append(f"{canonical(opt).lstrip('-')} = {value}")
+        return "\n".join(lines) + "\n\n"  # upstream's to_ini ends with a blank line

@@ -1,0 +1,115 @@
+"""Frozen settings, validated once in cli.py and passed down explicitly.
+
+Nothing here reads the environment or the filesystem: cli.py turns argv + environ into a
+RouterConfig, discovery.py turns it into ModelSpecs. Every limit the router enforces is a
+named field here (no hard-coded timeouts elsewhere).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    # Upstream's default stop-timeout (server-models.cpp): exit command, then SIGKILL.
+    stop: float = 10.0
+    # A loading child that prints nothing and answers nothing for this long is failed.
+    # Any log line or /health answer restarts the clock, so a slow 100 GB load survives.
+    load_stall: float = 120.0
+    # /health poll interval while loading. Log lines that announce readiness trigger an
+    # immediate probe, so this only bounds how late we notice a quiet child.
+    ready_poll: float = 0.05
+    # Liveness of READY children: probe every `health_interval`, each probe may take
+    # `health_timeout`; `health_failures` consecutive misses kill and replace the child.
+    health_interval: float = 5.0
+    health_timeout: float = 3.0
+    health_failures: int = 3
+    # Proxy connect/read timeout (llama-server -to/--timeout, default 3600). 0 = none,
+    # unlike upstream where 0 makes every proxied call fail at once (llama.cpp #25396).
+    proxy: float = 3600.0
+    # Graceful shutdown: how long in-flight responses may run after SIGTERM.
+    shutdown_grace: float = 30.0
+    # Restart backoff after an unexpected exit: initial delay, doubled per failure, capped.
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    # Housekeeping period: idle TTL checks, restarting pinned models, state-dir records.
+    tick: float = 1.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    # Upstream --models-max: loading + loaded children; 0 = unlimited.
+    models_max: int = 4
+    # Admission queue bounds; None keeps upstream's behaviour (wait forever).
+    max_queue: int | None = None
+    max_wait: float | None = None
+    # Crash loop: after `restart_max` unexpected exits within `restart_window` seconds the
+    # model becomes FAILED and requests get a fast 503.
+    restart_max: int = 3
+    restart_window: float = 60.0
+    # How long a FAILED model refuses requests before a request may try it again.
+    failed_holdoff: float = 30.0
+    # Lines of each child's output kept in memory for /models/logs and failure reports.
+    log_lines: int = 1000
+    # Request bodies larger than this get 413 (audio uploads need room).
+    max_body_bytes: int = 256 * 1024 * 1024
+    # Per-subscriber queue of /models/sse events; a slower client is dropped, not buffered.
+    sse_queue: int = 1000
+    # Default idle TTL for every model (seconds, None = never); the preset key `ttl` overrides.
+    ttl: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One routable model: where it comes from and how its child is started."""
+
+    name: str
+    source: str  # "models_dir" | "cache" | "preset" | "cli" (upstream words + our -m mode)
+    # Options from the model's own sources ([*] and its preset section merged over what
+    # discovery found; router flags are applied later): (option key, value) as upstream
+    # stores preset values (switches as "true"/"false"), sorted by key.
+    options: tuple[tuple[str, str], ...] = ()
+    aliases: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    load_on_startup: bool = False
+    stop_timeout: float | None = None  # None = Timeouts.stop
+    ttl: float | None = None  # None = Limits.ttl
+    pin: bool = False
+    hidden: bool = False
+    model_path: str | None = None  # the main GGUF, when known (memory estimates, dedup)
+    input_modalities: tuple[str, ...] = ("text",)
+
+    def with_changes(self, **changes: object) -> ModelSpec:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_keys: tuple[str, ...] = ()
+    server_bin: str = "llama-server"
+    models_dir: Path | None = None
+    models_preset: Path | None = None
+    models_autoload: bool = True
+    # llama-server flags given to the router that every child inherits: known options as
+    # (option key, value) like preset values; unknown or two-value flags verbatim.
+    child_options: tuple[tuple[str, str], ...] = ()
+    child_extra: tuple[str, ...] = ()
+    # -m / -hf mode: the one model, loaded at start and never evicted.
+    single_model: ModelSpec | None = None
+    # Cache of HF-hub-layout models (None = do not scan).
+    cache_dir: Path | None = None
+    state_dir: Path | None = None
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    limits: Limits = field(default_factory=Limits)
+    # LLAMA_SERVER_DEBUG_FAKE_TIMING: upstream's test hook (sleep 2 s around loads and
+    # requests) so its own test-suite can observe queues through us too.
+    fake_timing: bool = False
+    fake_timing_secs: float = 2.0
+    # Environment given to children (the router's, minus router-only LLAMA_ARG_* names).
+    child_env: tuple[tuple[str, str], ...] = ()
+    build_info: str = ""

@@ -1,0 +1,71 @@
+"""Child lifecycle states and the only transitions allowed between them.
+
+Standard library only: the table is the contract that process.py enforces and that
+docs/design.md draws, so it must be importable and testable on its own.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class State(enum.StrEnum):
+    STOPPED = "stopped"  # no process; may be started
+    STARTING = "starting"  # spawned, model loading, not yet answering /health with 200
+    READY = "ready"  # serving requests
+    STOPPING = "stopping"  # asked to exit (unload, eviction, TTL, reload, shutdown)
+    BACKOFF = "backoff"  # exited unexpectedly; waiting before the next start attempt
+    FAILED = "failed"  # crash loop exhausted; requests get a fast 503 until reset
+    SHUTDOWN = "shutdown"  # router is exiting; terminal
+
+
+TRANSITIONS: dict[State, frozenset[State]] = {
+    State.STOPPED: frozenset({State.STARTING, State.SHUTDOWN}),
+    # STARTING -> STOPPED is a clean exit during load we did not ask for and will not retry
+    # (nobody wants the model any more); -> FAILED when the retry budget is spent.
+    State.STARTING: frozenset(
+        {State.READY, State.STOPPING, State.BACKOFF, State.FAILED, State.STOPPED}
+    ),
+    State.READY: frozenset({State.STOPPING, State.BACKOFF, State.FAILED, State.STOPPED}),
+    State.STOPPING: frozenset({State.STOPPED, State.SHUTDOWN}),
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPING, State.STOPPED, State.FAILED}),
+    # A failed model is started again only by an explicit request (load, autoload after the
+    # failure hold-off, or reload); the transition is explicit so the API can show it.
+    State.FAILED: frozenset({State.STARTING, State.STOPPED, State.SHUTDOWN}),
+    State.SHUTDOWN: frozenset(),
+}
+
+# Counted against --models-max: upstream counts loading + loaded (+ sleeping) children.
+SLOT_STATES = frozenset({State.STARTING, State.READY, State.STOPPING, State.BACKOFF})
+# A process may exist in these states; shutdown must wait for them.
+LIVE_STATES = frozenset({State.STARTING, State.READY, State.STOPPING})
+TERMINAL_STATES = frozenset({State.SHUTDOWN})
+
+
+def api_status(state: State) -> str:
+    """The upstream status word for a state (upstream knows only these words).
+
+    STOPPING stays "loaded" because upstream keeps a model loaded until its process has
+    exited; BACKOFF shows "loading" because a restart is under way.
+    """
+    return _API_STATUS[state]
+
+
+_API_STATUS: dict[State, str] = {
+    State.STOPPED: "unloaded",
+    State.STARTING: "loading",
+    State.READY: "loaded",
+    State.STOPPING: "loaded",
+    State.BACKOFF: "loading",
+    State.FAILED: "unloaded",
+    State.SHUTDOWN: "unloaded",
+}
+
+
+def check_transition(current: State, new: State) -> None:
+    if new not in TRANSITIONS[current]:
+        raise InvalidTransition(f"{current} -> {new} is not allowed")
+
+
+class InvalidTransition(RuntimeError):
+    pass

@@ -1,0 +1,169 @@
+"""Fixtures shared by every tier: a router started as a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import pytest
+
+from tests.fakes.helpers import free_port, wait_for, write_fake_server_bin
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Router:
+    proc: asyncio.subprocess.Process
+    port: int
+    log_path: Path
+    session: aiohttp.ClientSession
+    known_children: set[int] = field(default_factory=set)
+    headers: dict[str, str] = field(default_factory=dict)  # sent with every helper request
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def children(self) -> list[psutil.Process]:
+        try:
+            kids = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        self.known_children.update(k.pid for k in kids)
+        return kids
+
+    async def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        kw["headers"] = {**self.headers, **kw.get("headers", {})}
+        async with self.session.get(self.url + path, **kw) as resp:
+            return resp.status, await _body(resp)
+
+    async def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        if body is not None and "data" not in kw:
+            kw["json"] = body
+        kw["headers"] = {**self.headers, **kw.get("headers", {})}
+        async with self.session.post(self.url + path, **kw) as resp:
+            return resp.status, await _body(resp)
+
+    async def models(self) -> dict[str, dict[str, Any]]:
+        status, body = await self.get("/models")
+        assert status == 200, body
+        return {m["id"]: m for m in body["data"]}
+
+    async def status_of(self, name: str) -> str:
+        return (await self.models())[name]["status"]["value"]
+
+    async def wait_status(self, name: str, value: str, timeout: float = 15) -> dict[str, Any]:
+        async def check() -> dict[str, Any] | None:
+            item = (await self.models())[name]
+            return item if item["status"]["value"] == value else None
+
+        return await wait_for(check, timeout, interval=0.02, message=f"{name} to be {value}")
+
+    async def chat(self, model: str, **extra: Any) -> tuple[int, Any]:
+        body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+        return await self.post("/v1/chat/completions", body)
+
+    async def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.returncode is None:
+            self.children()
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                await asyncio.wait_for(self.proc.wait(), timeout)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+                raise AssertionError(f"router did not exit within {timeout}s\n{self.log()[-3000:]}")
+        return self.proc.returncode  # type: ignore[return-value]
+
+    def leftover_children(self) -> list[int]:
+        alive = []
+        for pid in self.known_children:
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    alive.append(pid)
+            except psutil.NoSuchProcess:
+                pass
+        return alive
+
+
+async def _body(resp: aiohttp.ClientResponse) -> Any:
+    raw = await resp.read()
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+StartRouter = Callable[..., Awaitable[Router]]
+
+
+@pytest.fixture
+def fake_bin(tmp_path: Path) -> Path:
+    return write_fake_server_bin(tmp_path / "bin")
+
+
+@pytest.fixture
+async def start_router(tmp_path: Path, fake_bin: Path) -> AsyncIterator[StartRouter]:
+    """Start `python -m llamarouter ARGS` on a free loopback port; stop it afterwards and
+    check that no child outlived it."""
+    routers: list[Router] = []
+    session = aiohttp.ClientSession()
+
+    async def start(
+        *args: str,
+        env: dict[str, str] | None = None,
+        server_bin: Path | str | None = None,
+        wait: bool = True,
+    ) -> Router:
+        port = free_port()
+        cache = tmp_path / "hf-cache"
+        cache.mkdir(exist_ok=True)
+        full_env = dict(os.environ)
+        full_env.pop("LLAMA_SERVER_DEBUG_FAKE_TIMING", None)  # only where a test asks for it
+        full_env.update({"LLAMA_CACHE": str(cache), **(env or {})})
+        argv = [sys.executable, "-m", "llamarouter", "--port", str(port)]
+        argv += ["--server-bin", str(server_bin or fake_bin), *args]
+        log_path = tmp_path / f"router-{port}.log"
+        with open(log_path, "wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv, stdout=log, stderr=asyncio.subprocess.STDOUT, env=full_env, cwd=str(ROOT)
+            )
+        router = Router(proc, port, log_path, session)
+        routers.append(router)
+        if wait:
+            async def healthy() -> bool:
+                if proc.returncode is not None:
+                    raise AssertionError(f"router exited with {proc.returncode}:\n{router.log()}")
+                async with session.get(router.url + "/health") as resp:
+                    return resp.status == 200
+
+            await wait_for(healthy, 20, interval=0.02, ignore=(aiohttp.ClientError,))
+        return router
+
+    try:
+        yield start
+    finally:
+        for router in routers:
+            await router.stop()
+        await session.close()
+        for router in routers:
+            async def gone() -> bool:
+                return not router.leftover_children()
+
+            await wait_for(gone, 10, message="children of a stopped router to exit")
