@@ -126,7 +126,10 @@ def _scan_subdir(path: Path, name: str) -> LocalModel | None:
     plain: list[Path] = []
     try:
         files = sorted(
-            (e for e in os.scandir(path) if e.is_file() and e.name.endswith(".gguf")),
+            (
+                e for e in os.scandir(path)
+                if not e.name.startswith(".") and e.is_file() and e.name.endswith(".gguf")
+            ),
             key=lambda e: e.name,
         )
     except OSError as exc:
@@ -239,7 +242,8 @@ def canonical_tag(section: str) -> str:
     if section in ("*",) or ":" not in section:
         return section
     head, _, tag = section.rpartition(":")
-    return f"{head}:{tag.upper()}"
+    m = _TAG.search(tag)  # upstream keeps only the last [-.] token, like cache ids (UD-Q8_0 -> Q8_0)
+    return f"{head}:{(m.group(1) if m else tag).upper()}"
 
 
 def parse_preset_file(path: Path, table: FlagTable) -> tuple[Preset | None, list[Preset]]:

@@ -57,11 +57,30 @@ query, headers, json body of that request), ``headers_by_path`` (last headers
 seen per path, monitoring paths included), ``pid``, ``grandchild_pid``,
 ``uptime``, ``ready``, ``hanging``, ``knobs``...
 
-Differences from the real server that are deliberate: responses echo the
-request's ``model`` field; the model id is the alias or the model file's
-basename; /metrics and /v1/embeddings work without ``--metrics`` /
-``--embeddings``.  Logs go to stderr only, llama-server style
-(``0.00.004.789 I <message>``).
+Streams: chat sends a role-only chunk first (``delta: {"role": "assistant",
+"content": null}``, as llama-server does), then one chunk per token, a final
+chunk with ``finish_reason`` (and ``usage`` if ``stream_options.include_usage``),
+then ``data: [DONE]``.  /v1/completions streams the same way; native
+/completion streams have no ``[DONE]`` (last event has ``"stop": true``).
+
+Signals: SIGTERM/SIGINT -> "cleaning up before exit..." log line, in-flight
+streams stop pacing and send their remaining tokens at once, hung requests
+are dropped, exit 0.  A SIGTERM that arrives while the script is still
+starting is remembered and handled as soon as the loop runs (only one during
+the interpreter's own start-up, ~0.1 s, still kills with -15).
+
+Also like llama-server: ``--api-key K[,K2]`` (Bearer or X-Api-Key; /health and
+/models stay public), ``LLAMA_ARG_HOST/PORT/MODEL/ALIAS/CTX_SIZE/N_PARALLEL``
+and ``LLAMA_API_KEY`` env defaults, a bind failure logs ``couldn't bind HTTP
+server socket`` and exits 1, and ``--port 0`` logs the port actually bound.
+Logs go to stderr only, llama-server style (``0.00.004.789 I <message>``); old
+style lines are included too (``main: HTTP server is listening, hostname: ...``
+*before* loading; ``main: server is listening on http://H:P - starting the
+main loop`` and ``srv  update_slots: all slots are idle`` once ready).
+
+Deliberate differences from the real server: responses echo the request's
+``model`` field; the model id is the alias or the model file's basename;
+/metrics and /v1/embeddings work without ``--metrics`` / ``--embeddings``.
 
 This file must stay standalone: it must not import llamarouter.
 """
@@ -185,7 +204,20 @@ def convert_knob(name: str, raw: object, source: str) -> object:
         ) from None
 
 
-def parse_args(argv: list[str]) -> tuple[dict, dict]:
+# llama-server also reads these environment variables (CLI flags win).
+_LLAMA_ENV = {
+    "LLAMA_ARG_HOST": "host",
+    "LLAMA_ARG_PORT": "port",
+    "LLAMA_ARG_ALIAS": "alias",
+    "LLAMA_ARG_MODEL": "model",
+    "LLAMA_ARG_CTX_SIZE": "ctx_size",
+    "LLAMA_ARG_N_PARALLEL": "parallel",
+    "LLAMA_API_KEY": "api_key",
+    "LLAMA_ARG_MMPROJ": "mmproj",
+}
+
+
+def parse_args(argv: list[str], environ=os.environ) -> tuple[dict, dict]:
     """Return (options, cli_knobs).  Tolerates any llama-server flag."""
     opts: dict = {
         "host": "127.0.0.1",
@@ -200,12 +232,15 @@ def parse_args(argv: list[str]) -> tuple[dict, dict]:
         "log_prefix": True,
         "log_timestamps": True,
     }
+    for env_name, key in _LLAMA_ENV.items():
+        if environ.get(env_name):
+            opts[key] = environ[env_name]
     knobs: dict = {}
     i, n = 0, len(argv)
     while i < n:
         tok = argv[i]
         i += 1
-        if not tok.startswith("-") or _is_value_token(tok):
+        if _is_value_token(tok):
             continue  # stray positional: ignore
         flag, eq, inline = tok.partition("=")
         if flag.startswith("--fake-"):
@@ -565,11 +600,11 @@ class State:
 
         self.completed_inference += 1
         k = self.knobs
-        if k["hang_after"] and self.completed_inference >= int(k["hang_after"]):
+        if k["hang_after"] > 0 and self.completed_inference >= k["hang_after"]:
             if not self.hanging:
                 self.log.warn(f"fake: hanging after {self.completed_inference} inference requests")
             self.hanging = True
-        if k["crash_after"] and self.completed_inference >= int(k["crash_after"]):
+        if k["crash_after"] > 0 and self.completed_inference >= k["crash_after"]:
             # Let the finished response leave the process before dying.
             transport = request.transport
             deadline = time.monotonic() + 1.0
@@ -681,7 +716,7 @@ def make_app(state: State):
         if api_key and path not in PUBLIC_PATHS:
             auth = request.headers.get("Authorization", "")
             given = auth[7:] if auth.startswith("Bearer ") else request.headers.get("X-Api-Key")
-            if given != api_key:
+            if given not in api_key.split(","):
                 return jresp(_err(401, "Invalid API Key", "authentication_error"), 401)
         if not state.ready:
             return jresp(_err(503, "Loading model", "unavailable_error"), 503)

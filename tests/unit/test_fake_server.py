@@ -606,6 +606,28 @@ async def test_bad_knobs_exit_2(spawn, tmp_path, args, sidecar, message):
 # ---------------------------------------------------------------------------
 
 
+def test_parse_args_tolerates_llama_server_flags():
+    from tests.fakes.fake_llama_server import ConfigError, parse_args
+
+    opts, knobs = parse_args(
+        ["--host", "0.0.0.0", "--port=9000", "-a", "al", "--model", "/m.gguf", "-c", "0",
+         "--seed", "-1", "--temp", "0.5", "--jinja", "--lora", "x.gguf", "-np", "-1",
+         "--fake-hang", "--fake-silent", "no", "--fake-tps=2.5", "--fake-exit-code", "-3",
+         "--unknown-switch", "--api-key", "k1,k2", "stray"],
+        environ={"LLAMA_ARG_PORT": "1234", "LLAMA_ARG_CTX_SIZE": "77"},
+    )
+    assert (opts["host"], opts["port"], opts["alias"], opts["model"]) == ("0.0.0.0", 9000, "al", "/m.gguf")
+    assert opts["ctx_size"] == 2048 and opts["parallel"] == 1  # 0 / -1 mean "auto"
+    assert opts["api_key"] == "k1,k2"
+    assert knobs == {"hang": True, "silent": False, "tps": 2.5, "exit_code": -3}
+    opts, _ = parse_args([], environ={"LLAMA_ARG_PORT": "1234", "LLAMA_ARG_CTX_SIZE": "77"})
+    assert (opts["port"], opts["ctx_size"]) == (1234, 77)
+    with pytest.raises(ConfigError):
+        parse_args(["--fake-tokens"])
+    with pytest.raises(ConfigError):
+        parse_args(["--port", "http"])
+
+
 def test_fake_server_command_and_bin(tmp_path):
     cmd = fake_server_command()
     assert cmd == [sys.executable, str(FAKE_SERVER_SCRIPT)] and Path(cmd[1]).is_absolute()

@@ -1,0 +1,176 @@
+"""--models-max scheduling against fake children: LRU of idle models, busy models never
+evicted, a FIFO queue whose entries are shared per model and left by cancelled clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import Router, StartRouter
+from tests.fakes.helpers import wait_for, write_fake_model
+
+
+def make_models(tmp_path: Path, names: str, **knobs: object) -> Path:
+    d = tmp_path / "models"
+    for name in names.split():
+        write_fake_model(d / f"{name}.gguf", **knobs)
+    return d
+
+
+@asynccontextmanager
+async def open_stream(r: Router, model: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    """A streaming request held open (the model stays busy) until the block exits."""
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+            yield resp
+
+
+class Events:
+    """Collects /models/sse events in the background."""
+
+    def __init__(self, r: Router) -> None:
+        self.r = r
+        self.items: list[dict] = []
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    async def __aenter__(self) -> Events:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        async with self.r.session.get(self.r.url + "/models/sse") as resp:
+            self._connected.set()
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    self.items.append(json.loads(line[6:]))
+
+    def spawns(self, model: str) -> int:
+        return sum(1 for e in self.items if e["model"] == model and e["event"] == "model_status")
+
+    def order(self, event: str, status: str) -> list[str]:
+        return [
+            e["model"] for e in self.items
+            if e["event"] == event and e.get("data", {}).get("status") == status
+        ]
+
+
+async def test_lru_skips_busy_model(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a b c", tokens=100000, tps=20)
+    r = await start_router("--models-dir", str(d), "--models-max", "2")
+    assert (await r.chat("a", max_tokens=1))[0] == 200  # a: least recently used...
+    assert (await r.chat("b", max_tokens=1))[0] == 200
+    async with open_stream(r, "a"):  # ...but busy
+        assert (await r.models())["a"]["in_flight"] == 1
+        status, _ = await r.chat("c", max_tokens=1)
+        assert status == 200
+        models = await r.models()
+        assert models["a"]["status"]["value"] == "loaded"
+        assert models["c"]["status"]["value"] == "loaded"
+        assert models["b"]["status"]["value"] == "unloaded"
+        assert models["b"]["status"]["stop_reason"] == "evicted"
+
+
+async def test_busy_models_make_requests_wait_in_fifo_order(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a b c", tokens=100000, tps=20)
+    r = await start_router("--models-dir", str(d), "--models-max", "1")
+    async with Events(r) as events:
+        async with open_stream(r, "a"):
+            first = asyncio.create_task(r.chat("b", max_tokens=1))
+            await wait_for(lambda: _queued(r, "b"), 10, message="b to be queued")
+            second = asyncio.create_task(r.chat("c", max_tokens=1))
+            await wait_for(lambda: _queued(r, "c"), 10, message="c to be queued")
+            assert not first.done() and not second.done()
+            assert await r.status_of("a") == "loaded"
+        # The stream on a ended: a is idle, evicted for b; c follows once b is idle.
+        assert (await first)[0] == 200
+        assert (await second)[0] == 200
+        assert events.order("status_change", "loaded")[-2:] == ["b", "c"]
+        assert events.order("model_status", "loading")[-2:] == ["b", "c"]
+
+
+async def _queued(r: Router, name: str) -> bool:
+    return (await r.models())[name]["queued"] >= 1
+
+
+async def test_requests_for_one_model_share_one_load(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a b", load_secs=0.3)
+    r = await start_router("--models-dir", str(d), "--models-max", "1")
+    assert (await r.chat("a", max_tokens=1))[0] == 200
+    async with Events(r) as events:
+        results = await asyncio.gather(*(r.chat("b", max_tokens=1) for _ in range(5)))
+        assert [status for status, _ in results] == [200] * 5
+        assert events.spawns("b") == 1  # one load for all five
+        assert events.order("status_change", "unloaded") == ["a"]  # one eviction
+    models = await r.models()
+    assert models["b"]["status"]["value"] == "loaded" and models["a"]["status"]["value"] == "unloaded"
+
+
+async def test_cancelled_waiter_leaves_queue_and_costs_no_slot(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a b", tokens=100000, tps=20)
+    r = await start_router("--models-dir", str(d), "--models-max", "1")
+    async with open_stream(r, "a"):
+        waiter = asyncio.create_task(r.chat("b", max_tokens=1))
+        await wait_for(lambda: _queued(r, "b"), 10, message="b to be queued")
+        waiter.cancel()
+        await asyncio.gather(waiter, return_exceptions=True)
+
+        async def left() -> bool:
+            return (await r.models())["b"]["queued"] == 0
+
+        await wait_for(left, 10, message="the cancelled request to leave the queue")
+    # a is idle now; with nobody waiting for b, nothing was evicted and nothing loaded.
+    assert (await r.models())["a"]["in_flight"] == 0
+    models = await r.models()
+    assert models["a"]["status"]["value"] == "loaded"
+    assert models["b"]["status"]["value"] == "unloaded"
+
+
+async def test_load_endpoint_evicts_idle_lru_and_refuses_when_all_busy(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a b c", tokens=100000, tps=20)
+    r = await start_router("--models-dir", str(d), "--models-max", "1")
+    assert (await r.chat("a", max_tokens=1))[0] == 200
+    status, body = await r.post("/models/load", {"model": "b"})
+    assert (status, body) == (200, {"success": True})
+    assert (await r.models())["a"]["status"]["value"] == "unloaded"
+    await r.wait_status("b", "loaded")
+    async with open_stream(r, "b"):
+        status, body = await r.post("/models/load", {"model": "c"})
+        # Upstream: a runtime error, so HTTP 500, with this message.
+        assert status == 500 and body["error"]["message"] == "model limit reached, try again later"
+
+
+async def test_unlimited_models_max_zero(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a b c d e")
+    r = await start_router("--models-dir", str(d), "--models-max", "0")
+    results = await asyncio.gather(*(r.chat(m, max_tokens=1) for m in "abcde"))
+    assert all(status == 200 for status, _ in results)
+    assert all(m["status"]["value"] == "loaded" for m in (await r.models()).values())
+
+
+async def test_debug_fake_timing_counts_request_busy_while_sleeping(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a")
+    r = await start_router("--models-dir", str(d), env={"LLAMA_SERVER_DEBUG_FAKE_TIMING": "1"})
+    task = asyncio.create_task(r.chat("a", max_tokens=1))
+
+    async def busy() -> bool:
+        return (await r.models())["a"]["in_flight"] == 1
+
+    # Upstream's hook: 2 s before the load and 2 s with the request counted in flight.
+    await wait_for(busy, 15, message="the request to be counted in flight")
+    assert not task.done()
+    assert (await task)[0] == 200
