@@ -51,6 +51,9 @@ class ChildArgs:
         opts = self.merged(spec)
         for opt_key in sorted(opts):
             opt = self._table.by_key(opt_key)
+            if opt is None:  # a preset-only key (load-on-startup, ttl, ...): shown too
+                hit = self._table.by_preset_key(opt_key)
+                opt = hit.opt if hit is not None else None
             if opt is None or opt_key in _HIDDEN_IN_PRESET:
                 continue
             value = opts[opt_key].replace("\n", "\\\n")

@@ -110,6 +110,13 @@ _CHILD_ENV_DROP = frozenset(
         "LLAMA_ARG_NO_MODELS_AUTOLOAD",
         "LLAMA_API_KEY",
         "LLAMA_ARG_API_KEY_FILE",
+        # The router talks plain HTTP to its children and does not serve TLS itself: a
+        # child that inherited these would serve HTTPS and never answer our probes.
+        "LLAMA_ARG_SSL_KEY_FILE",
+        "LLAMA_ARG_SSL_CERT_FILE",
+        # Upstream withholds --log-file from children (server-models.cpp:608): they would
+        # all truncate and write the router's log file.
+        "LLAMA_ARG_LOG_FILE",
         "LLAMA_ARG_HOST",
         "LLAMA_ARG_PORT",
         "LLAMA_ARG_MODEL",

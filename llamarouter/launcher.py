@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import os
 import signal
 import socket
@@ -144,24 +143,26 @@ class OsLauncher:
             return None
 
 
-def kill_leftover(pid: int, create_time: float) -> bool:
-    """SIGKILL the process group of a child a previous router instance left behind.
+def kill_leftover(pid: int, create_time: float) -> int:
+    """SIGKILL what is left of a child a previous router instance started: the child
+    itself and every member of its process group (a child is its group's leader).
 
-    `create_time` guards against pid reuse: only a process started at that instant is ours.
+    Pids get reused, so a process counts only if it belongs to that group and was started
+    no earlier than the recorded child. Returns how many processes were killed.
     """
-    try:
-        proc = psutil.Process(pid)
-        if abs(proc.create_time() - create_time) > 0.01:
-            return False
-    except psutil.Error:
-        return False
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except OSError as exc:
-        if exc.errno != errno.ESRCH:
-            with contextlib.suppress(OSError):
-                os.kill(pid, signal.SIGKILL)
-    return True
+    killed = 0
+    for proc in psutil.process_iter(["pid", "create_time"]):
+        try:
+            if os.getpgid(proc.pid) != pid:
+                continue
+            started = proc.info["create_time"]
+            if started is None or started < create_time - 0.01:
+                continue
+            proc.kill()
+            killed += 1
+        except (psutil.Error, OSError):
+            continue
+    return killed
 
 
 def process_create_time(pid: int) -> float | None:

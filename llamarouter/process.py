@@ -87,6 +87,7 @@ class ModelProcess:
         self._last_progress = 0.0
         self._bind_failed = False
         self._cause: str | None = None
+        self._served = False
 
     # ----------------------------------------------------------------- queries
     @property
@@ -268,7 +269,9 @@ class ModelProcess:
                     )
                     self._set_state(State.FAILED)
                     return
-                if not self._wanted():
+                # A model that was serving is replaced (users expect a loaded model to stay
+                # loaded); one that failed while loading is retried only while wanted.
+                if not (self._wanted() or self._served):
                     self._set_state(State.STOPPED)
                     return
                 self._set_state(State.BACKOFF)
@@ -301,6 +304,7 @@ class ModelProcess:
         self.argv = list(self._build_argv(self.spec, port))
         self._bind_failed = False
         self._cause = None
+        self._served = False
         self.exit_code = None
         self.load_started_at = time.monotonic()
         self._last_progress = self.load_started_at
@@ -320,6 +324,7 @@ class ModelProcess:
             if ready is True:
                 await self._fetch_info()
                 self.ready_at = time.monotonic()
+                self._served = True
                 self._set_state(State.READY)
                 log.info(
                     "[%s] ready on port %d in %.2fs",

@@ -62,9 +62,13 @@ class StateDir:
                 pid, created = int(row["pid"]), float(row["create_time"])
             except (KeyError, TypeError, ValueError):
                 continue
-            if kill_leftover(pid, created):
-                killed += 1
-                log.warning("stopped leftover child pid %d (%s) of a previous instance", pid, row.get("model"))
+            n = kill_leftover(pid, created)
+            if n:
+                killed += n
+                log.warning(
+                    "stopped %d leftover process(es) of child pid %d (%s) of a previous instance",
+                    n, pid, row.get("model"),
+                )
         self.record((), ())
         return killed
 

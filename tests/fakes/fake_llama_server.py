@@ -1134,7 +1134,6 @@ async def serve(
         state.port = runner.addresses[0][1]
     log.info(f"main: HTTP server is listening, hostname: {host}, port: {state.port}, http threads: 1")
 
-
     load_task = asyncio.create_task(state.load())
     await state.shutdown_event.wait()
 
