@@ -123,8 +123,9 @@ class Api:
         spec = proc.spec
         status: dict[str, Any] = {
             "value": proc.api_status,
-            # Upstream shows the would-be command line (port 0) for a model not running.
-            "args": list(proc.argv) if proc.argv and proc.port else self.child_args.argv(spec, 0),
+            # The last command line (upstream keeps it after an unload), or the would-be
+            # one with port 0 for a model never started.
+            "args": list(proc.argv) if proc.argv else self.child_args.argv(spec, 0),
         }
         status["preset"] = self.child_args.preset_ini(spec)
         if proc.crashed and proc.api_status == "unloaded":
@@ -300,8 +301,6 @@ def _model_from_body(request: web.Request, body: bytes) -> str:
         # and forward the original bytes untouched.
         match = _MULTIPART_MODEL.search(body)
         return match.group(1).decode("utf-8", "replace") if match else ""
-    if not body:
-        return ""
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:

@@ -122,8 +122,10 @@ class Supervisor:
             proc = self.models.get(name)
             if proc is None:
                 self.models[name] = self._new_process(spec)
-            else:
+            elif proc.spec != spec:
                 proc.spec = spec
+                if not proc.holds_slot:
+                    proc.argv = []  # show the new command line, not the last run's
         self.aliases = {
             alias: name for name, spec in specs.items() for alias in spec.aliases if alias != name
         }
@@ -350,7 +352,9 @@ class Supervisor:
         """POST /models/load: start now; evict the idle LRU model if the slots are full."""
         proc = self.find(name)
         if proc is None:
-            raise NotFound("model is not found")
+            # Upstream builds "model is not found", but its HTTP layer rewrites the body of
+            # every 404 to this; clients see this text.
+            raise NotFound("File Not Found")
         if self.closing:
             raise ShuttingDown("server is shutting down")
         if proc.state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):

@@ -66,7 +66,8 @@ async def test_errors_match_upstream(tmp_path: Path, start_router: StartRouter) 
     status, got = await r.post("/v1/chat/completions", data=b"{not json")
     assert status == 400 and got["error"]["type"] == "invalid_request_error"
     status, got = await r.post("/models/load", {"model": "nope"})
-    assert (status, got["error"]["message"], got["error"]["type"]) == (404, "model is not found", "not_found_error")
+    # Upstream's HTTP layer rewrites every 404 body to "File Not Found".
+    assert (status, got["error"]["message"], got["error"]["type"]) == (404, "File Not Found", "not_found_error")
     status, got = await r.post("/models/unload", {"model": "nope"})
     assert (status, got["error"]["message"]) == (400, "model is not found")
     status, got = await r.post("/models/unload", {"model": "alpha"})
