@@ -1057,6 +1057,26 @@ def make_app(state: State):
     async def lora_get(request):
         return jresp([])
 
+    async def transcriptions(request):
+        # Multipart upload, as OpenAI's audio API: echo what arrived so tests can check the
+        # router forwarded the original body untouched.
+        import email.parser  # noqa: PLC0415  (kept off the fake's start-up path)
+        import email.policy  # noqa: PLC0415
+
+        # The recording middleware has already read the body, so parse the cached bytes.
+        raw = await request.read()
+        head = f"Content-Type: {request.headers.get('Content-Type', '')}\r\n\r\n".encode()
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + raw)
+        fields = {}
+        for part in message.iter_parts():
+            fields[part.get_param("name", header="content-disposition")] = part.get_payload(decode=True)
+        model = fields.get("model")
+        return jresp({
+            "text": "fake transcript",
+            "model": model.decode() if model is not None else None,
+            "file_bytes": len(fields.get("file") or b""),
+        })
+
     async def lora_post(request):
         await read_json(request)
         return jresp({"success": True})
@@ -1090,6 +1110,8 @@ def make_app(state: State):
     r.add_post("/detokenize", detokenize)
     r.add_post("/apply-template", apply_template)
     r.add_get("/lora-adapters", lora_get)
+    for p in ("/v1/audio/transcriptions", "/audio/transcriptions"):
+        r.add_post(p, transcriptions)
     r.add_post("/lora-adapters", lora_post)
     return app
 

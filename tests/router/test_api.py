@@ -247,3 +247,30 @@ async def test_reload_applies_changes(tmp_path: Path, start_router: StartRouter)
     finally:
         watcher.cancel()
     await wait_for(lambda: len(r.children()) == 0, 10, message="children of changed models to exit")
+
+
+async def test_multipart_audio_is_routed_by_its_model_field(tmp_path: Path, start_router: StartRouter) -> None:
+    d = models_dir(tmp_path, alpha={})
+    r = await start_router("--models-dir", str(d))
+    audio = bytes(range(256)) * 40
+    form = aiohttp.FormData()
+    form.add_field("model", "alpha")
+    form.add_field("file", audio, filename="a.wav", content_type="audio/wav")
+    async with r.session.post(r.url + "/v1/audio/transcriptions", data=form) as resp:
+        assert resp.status == 200
+        body = await resp.json()
+    assert body == {"text": "fake transcript", "model": "alpha", "file_bytes": len(audio)}
+    form = aiohttp.FormData()
+    form.add_field("file", b"x", filename="a.wav")
+    async with r.session.post(r.url + "/v1/audio/transcriptions", data=form) as resp:
+        assert resp.status == 400
+        assert (await resp.json())["error"]["message"] == "model name is missing from the request"
+
+
+async def test_port_taken_before_bind_is_retried(tmp_path: Path, start_router: StartRouter) -> None:
+    d = models_dir(tmp_path, alpha={"bind_fail": True})
+    r = await start_router("--models-dir", str(d))
+    status, body = await r.chat("alpha")
+    # Every attempt lost its port: retried on fresh ports, then reported, not a crash loop.
+    assert status == 503 and "could not bind a port" in body["error"]["message"]
+    assert r.log().count("port taken before the child bound it") == 5

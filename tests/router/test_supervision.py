@@ -285,3 +285,21 @@ async def test_single_model_mode_is_supervised(tmp_path: Path, start_router: Sta
         return new is not None and new.pid != first.pid and await r.status_of("solo") == "loaded"
 
     await wait_for(back, 15, interval=0.05, message="the single model to restart")
+
+
+async def test_second_signal_forces_exit(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a", ignore_sigterm=True)
+    r = await start_router("--models-dir", str(d), "--stop-timeout", "120")
+    assert (await r.chat("a", max_tokens=1))[0] == 200
+    kids = r.children()
+    r.proc.send_signal(signal.SIGTERM)  # the child ignores SIGTERM: shutdown would take 120 s
+    await wait_for(lambda: "shutting down" in r.log(), 10)
+    await wait_for(lambda: "ready -> stopping" in r.log(), 10)
+    r.proc.send_signal(signal.SIGINT)
+    assert await asyncio.wait_for(r.proc.wait(), 20) == 1
+    assert "forced exit" in r.log()
+
+    def gone() -> bool:
+        return not any(_alive(k.pid) for k in kids)
+
+    await wait_for(gone, 5, message="children to be killed by the forced exit")
