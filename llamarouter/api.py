@@ -14,14 +14,18 @@ import re
 import time
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 
 from .childargs import ChildArgs
 from .config import RouterConfig
-from .errors import InvalidRequest, LlamaRouterError, PayloadTooLarge
+from .errors import InvalidRequest, LlamaRouterError, ModelNotFound, PayloadTooLarge
+from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .process import ModelProcess
 from .proxy import Proxy
+from .states import State
 from .supervisor import Supervisor
+from . import webui
 
 # Routes upstream proxies by the body's "model" (server.cpp, router branch).
 PROXIED_POST = (
@@ -55,8 +59,19 @@ PROXIED_POST = (
     "/lora-adapters",
     "/slots/{id_slot}",
 )
-# Routes upstream proxies by ?model= (GET /props without it is the router's own).
-PROXIED_GET = ("/metrics", "/slots", "/lora-adapters")
+# Routes upstream proxies by ?model= (GET /props and GET /metrics without it are the
+# router's own).
+PROXIED_GET = ("/slots", "/lora-adapters")
+
+# What /readyz?model= says about a model that is not loaded.
+_NOT_READY = {
+    State.STOPPED: "model is not loaded",
+    State.STARTING: "model is loading",
+    State.STOPPING: "model is unloading",
+    State.BACKOFF: "model is restarting after a crash",
+    State.FAILED: "model failed to load",
+    State.SHUTDOWN: "server is shutting down",
+}
 
 _MULTIPART_MODEL = re.compile(
     rb'content-disposition:[^\r\n]*\bname="model"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n(.*?)\r\n--',
@@ -82,19 +97,25 @@ class Api:
 
     sup: Supervisor
     proxy: Proxy
+    session: aiohttp.ClientSession
 
-    def __init__(self, config: RouterConfig, child_args: ChildArgs) -> None:
+    def __init__(self, config: RouterConfig, child_args: ChildArgs, metrics: RouterMetrics) -> None:
         self.config = config
         self.child_args = child_args
+        self.metrics = metrics
 
-    def bind(self, supervisor: Supervisor, proxy: Proxy) -> None:
+    def bind(self, supervisor: Supervisor, proxy: Proxy, session: aiohttp.ClientSession) -> None:
         self.sup = supervisor
         self.proxy = proxy
+        self.session = session
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/health", self.health)
         r.add_get("/v1/health", self.health)
+        r.add_get("/livez", self.livez)
+        r.add_get("/readyz", self.readyz)
+        r.add_get("/metrics", self.metrics_endpoint)
         r.add_get("/models", self.list_models)
         r.add_get("/v1/models", self.list_models)
         r.add_get("/props", self.props)
@@ -102,16 +123,49 @@ class Api:
         r.add_post("/models/unload", self.unload)
         r.add_get("/models/sse", self.sse)
         r.add_get("/models/logs", self.logs)
+        r.add_get("/memory", self.memory)
         r.add_post("/models", self.download)
         r.add_delete("/models", self.delete)
         for path in PROXIED_POST:
             r.add_post(path, self.proxy_post)
         for path in PROXIED_GET:
             r.add_get(path, self.proxy_get)
+        webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
 
     # ----------------------------------------------------------------- own endpoints
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "ok"})
+
+    async def livez(self, request: web.Request) -> web.Response:
+        # Answering at all is the proof: this handler runs on the event loop.
+        return _json({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        sup = getattr(self, "sup", None)
+        if sup is None or not sup.started:
+            return _json({"status": "unavailable", "reason": "server is starting"}, 503)
+        if sup.closing:
+            return _json({"status": "unavailable", "reason": "server is shutting down"}, 503)
+        name = request.query.get("model", "")
+        if not name:
+            return _json({"status": "ok"})
+        try:
+            proc = sup.resolve(name)
+        except ModelNotFound as exc:
+            return _json({"status": "error", "reason": exc.message}, 400)
+        body: dict[str, Any] = {"model": proc.name, "state": str(proc.state)}
+        if proc.state == State.READY:
+            return _json({"status": "ok", **body})
+        reason = _NOT_READY.get(proc.state, str(proc.state))
+        if proc.state == State.FAILED and proc.failure:
+            reason = f"{reason}: {proc.failure}"
+        return _json({"status": "unavailable", "reason": reason, **body}, 503)
+
+    async def metrics_endpoint(self, request: web.Request) -> web.StreamResponse:
+        if request.query.get("model"):
+            return await self.proxy_get(request)
+        data = await self.metrics.render(self.sup, self.session)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
     async def list_models(self, request: web.Request) -> web.Response:
         if request.query.get("reload", ""):
@@ -160,6 +214,11 @@ class Api:
         }
         if proc.last_used_wall:
             item["last_used"] = int(proc.last_used_wall)
+        if proc.estimate is not None:
+            item["estimated_bytes"] = proc.estimate.total
+            item["estimate"] = proc.estimate.as_dict()
+        if proc.measured_bytes is not None and proc.api_status != "unloaded":
+            item["measured_bytes"] = proc.measured_bytes
         if proc.api_status != "unloaded":
             for key, value in proc.loaded_info.items():
                 item.setdefault(key, value)
@@ -191,6 +250,27 @@ class Api:
         name = _model_field(await _json_body(request))
         self.sup.unload(name)
         return _json({"success": True})
+
+    async def memory(self, request: web.Request) -> web.Response:
+        """Budget, use and free memory, and each model's estimate / measurement."""
+        memory = self.sup.memory
+        procs = list(self.sup.models.values())
+        models = {}
+        for proc in procs:
+            entry: dict[str, Any] = {"status": proc.api_status}
+            if memory is not None and proc.spec.model_path and proc.estimate is None:
+                await memory.estimate_for(proc, self.child_args.merged(proc.spec))
+            if proc.estimate is not None:
+                entry["estimated_bytes"] = proc.estimate.total
+                entry["estimate"] = proc.estimate.as_dict()
+            if proc.measured_bytes is not None:
+                entry["measured_bytes"] = proc.measured_bytes
+                entry["measured"] = {f"{dev}:{kind}": n for (dev, kind), n in proc.measured.items()}
+            models[proc.name] = entry
+        body: dict[str, Any] = {"budget": None, "models": models}
+        if memory is not None:
+            body.update(memory.report(procs))
+        return _json(body)
 
     async def download(self, request: web.Request) -> web.Response:
         raise LlamaRouterError(
@@ -228,7 +308,7 @@ class Api:
             return web.Response(text="".join(line + "\n" for line in tail), content_type="text/plain")
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        queue: asyncio.Queue[str | None] = asyncio.Queue(self.config.limits.log_lines)
+        queue: asyncio.Queue[str | None] = asyncio.Queue(max(1, self.config.limits.log_lines))
         proc.log_listeners.add(queue)
         try:
             if tail:
@@ -259,13 +339,29 @@ class Api:
             raise InvalidRequest("model name is missing from the request")
         proc = self.sup.resolve(name)
         autoload = self._autoload(request)
-        await self.sup.acquire(proc, autoload)
+        timing = RequestTiming()
+        code = 500
         try:
-            if self.config.fake_timing:
-                await asyncio.sleep(self.config.fake_timing_secs)
-            return await self.proxy.forward(request, proc, body)
+            await self.sup.acquire(proc, autoload)
+            try:
+                if self.config.fake_timing:
+                    await asyncio.sleep(self.config.fake_timing_secs)
+                resp = await self.proxy.forward(request, proc, body, timing)
+                code = resp.status
+                return resp
+            finally:
+                self.sup.release(proc)
+        except LlamaRouterError as exc:
+            code = exc.status
+            raise
+        except asyncio.CancelledError:
+            code = 499  # the client went away (nginx's code for it)
+            raise
         finally:
-            self.sup.release(proc)
+            # Counted per route pattern, not per raw path, so /slots/{id} stays one series.
+            self.metrics.observe_request(
+                proc.name, request.match_info.route.resource.canonical, code, timing
+            )
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:

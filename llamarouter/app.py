@@ -18,11 +18,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
+from . import webui
 from .api import Api, error_body
 from .childargs import ChildArgs
 from .config import ModelSpec, RouterConfig
-from .errors import LlamaRouterError, NotFound, Unauthorized
+from .errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
 from .launcher import Launcher, OsLauncher
+from .memory import MemoryManager
+from .metrics import RouterMetrics
 from .proxy import Proxy
 from .statedir import StateDir
 from .supervisor import Supervisor
@@ -31,9 +34,13 @@ log = logging.getLogger("llamarouter.app")
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 CONFIG = web.AppKey("config", RouterConfig)
+METRICS = web.AppKey("metrics", RouterMetrics)
 
-# Exempt from the API key, as upstream exempts /health and /v1/health (server-http.cpp).
-_PUBLIC_PATHS = frozenset({"/health", "/v1/health"})
+# Exempt from the API key, as upstream exempts /health and /v1/health (server-http.cpp);
+# the probes too, since kubelets and load balancers send no credentials.
+# The web UI's static files are public too (upstream exempts its UI assets); the UI's own
+# API calls send the key.
+_PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/livez", "/readyz", *webui.PUBLIC_PATHS})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Discover = Callable[[], dict[str, ModelSpec]]
@@ -98,6 +105,8 @@ def build_app(
             if exc.status in (404, 405):
                 # Unknown path or method: upstream answers both with this 404.
                 return _error_response(NotFound("File Not Found"))
+            if exc.status == 413:
+                return _error_response(PayloadTooLarge("request body is too large"))
             return _error_response(LlamaRouterError(exc.reason))
         except Exception as exc:  # a bug of ours: keep serving, answer in the API's shape
             log.exception("unhandled error on %s %s", request.method, request.path)
@@ -105,7 +114,8 @@ def build_app(
 
     app = web.Application(middlewares=[errors], client_max_size=config.limits.max_body_bytes)
     app[CONFIG] = config
-    api = Api(config, child_args)
+    metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape)
+    api = Api(config, child_args, metrics)
     api.add_routes(app)  # the router freezes before startup, so routes go in now
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -114,11 +124,18 @@ def build_app(
             state_dir.acquire()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
         session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        memory = None
+        if config.memory_budget is not None:
+            memory = MemoryManager.from_setting(
+                config.memory_budget, config.limits.memory_margin,
+                config.timeouts.memory_recovery, config.timeouts.memory_poll,
+            )
         sup = Supervisor(
-            config, discover, launcher or OsLauncher(), session, child_args.argv, state_dir
+            config, discover, launcher or OsLauncher(), session, child_args.argv, state_dir,
+            observer=metrics.on_state, options_for=child_args.merged, memory=memory,
         )
         app[SUPERVISOR] = sup
-        api.bind(sup, Proxy(session, config.timeouts.proxy))
+        api.bind(sup, Proxy(session, config.timeouts.proxy), session)
         try:
             await sup.start()
             yield

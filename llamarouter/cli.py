@@ -23,6 +23,7 @@ from aiohttp import web
 
 from . import __version__
 from .app import SUPERVISOR, build_app
+from .supervisor import Supervisor
 from .childargs import ChildArgs
 from .config import Limits, ModelSpec, RouterConfig, Timeouts
 from .discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
@@ -37,6 +38,8 @@ from .flags import (
     split_argv,
 )
 from .flagtable import OPTIONS
+from .memory import parse_bytes
+from .sdnotify import Notifier
 
 log = logging.getLogger("llamarouter")
 
@@ -83,8 +86,18 @@ SETTINGS: tuple[Setting, ...] = (
             "consecutive failed probes before the child is killed and replaced"),
     Setting("--stop-timeout", "LLAMAROUTER_STOP_TIMEOUT", "timeouts.stop", "float",
             "default seconds between asking a child to exit and killing it"),
+    Setting("--memory-budget", "LLAMAROUTER_MEMORY_BUDGET", "router.memory_budget", "str",
+            "evict idle models to keep estimated memory under this (auto = device memory "
+            "minus --memory-margin, or a size like 20GiB; default: count models only)"),
+    Setting("--memory-margin", "LLAMAROUTER_MEMORY_MARGIN", "limits.memory_margin", "size",
+            "memory left free by --memory-budget auto"),
+    Setting("--memory-recovery-wait", "LLAMAROUTER_MEMORY_RECOVERY_WAIT", "timeouts.memory_recovery", "float",
+            "seconds a load waits for freed device memory to show up before it starts"),
     Setting("--shutdown-grace", "LLAMAROUTER_SHUTDOWN_GRACE", "timeouts.shutdown_grace", "float",
             "seconds in-flight responses may run after SIGTERM"),
+    Setting("--metrics-scrape-timeout", "LLAMAROUTER_METRICS_SCRAPE_TIMEOUT",
+            "timeouts.metrics_scrape", "float",
+            "seconds GET /metrics waits for each child's own /metrics (queue and KV-cache gauges)"),
 )
 
 EXTRA_OPTIONS: tuple[Opt, ...] = tuple(Opt((s.flag,), (), s.env, 1) for s in SETTINGS)
@@ -123,6 +136,11 @@ _CHILD_ENV_DROP = frozenset(
         "LLAMA_ARG_HF_REPO",
         "LLAMA_ARG_MMPROJ",
         "LLAMA_ARG_ALIAS",
+        # systemd's notify/watchdog protocol belongs to the router: a child that inherited
+        # these could report readiness or keep the watchdog fed on our behalf.
+        "NOTIFY_SOCKET",
+        "WATCHDOG_USEC",
+        "WATCHDOG_PID",
     }
 )
 
@@ -209,6 +227,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         value: object = raw
         if s.kind == "path":
             value = Path(raw)
+        elif s.kind == "size":
+            value = parse_bytes(raw)
         elif s.kind != "str":
             value = _number(raw, s.kind, s.flag)
             if isinstance(value, (int, float)) and value < 0:
@@ -226,7 +246,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
             lines = Path(key_file).read_text().splitlines()
         except OSError as exc:
             raise ConfigError(f"--api-key-file {key_file}: {exc}") from None
-        api_keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        keys = (line.strip() for line in lines)
+        api_keys += [k for k in keys if k and not k.startswith("#")]
     models_max = int(_number(get(_K_MAX) or "4", "int", "--models-max"))  # type: ignore[call-overload]
     limits["models_max"] = max(0, models_max)
     autoload = not negated.get(_K_AUTOLOAD, False) if _K_AUTOLOAD in values else True
@@ -280,6 +301,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         single_model=single,
         cache_dir=cache_dir_from_env(environ) if use_cache else None,
         state_dir=router.get("state_dir"),  # type: ignore[arg-type]
+        memory_budget=router.get("memory_budget"),  # type: ignore[arg-type]
         timeouts=Timeouts(**timeouts),  # type: ignore[arg-type]
         limits=Limits(**limits),  # type: ignore[arg-type]
         fake_timing=fake_timing,
@@ -306,7 +328,10 @@ class _Fixed:
 
 
 # --------------------------------------------------------------------------- running
-async def serve(config: RouterConfig, discovery: Discovery, table: FlagTable) -> int:
+async def serve(
+    config: RouterConfig, discovery: Discovery, table: FlagTable, notifier: Notifier | None = None
+) -> int:
+    notifier = notifier or Notifier({})
     app = build_app(config, discovery, ChildArgs(config, table))
     runner = web.AppRunner(
         app,
@@ -328,14 +353,22 @@ async def serve(config: RouterConfig, discovery: Discovery, table: FlagTable) ->
         else:
             force.set()
 
+    async def reload(sup: Supervisor) -> None:
+        try:
+            await sup.reload()
+            log.info("SIGHUP: models reloaded")
+        except LlamaRouterError as exc:
+            log.error("SIGHUP: reload failed, keeping the current models: %s", exc.message)
+
     def on_hup() -> None:
         sup = app.get(SUPERVISOR)
         if sup is not None:
-            task = loop.create_task(sup.reload())
+            task = loop.create_task(reload(sup))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 
     reloads: set[asyncio.Task[None]] = set()
+    watchdog: asyncio.Task[None] | None = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_stop_signal)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -346,7 +379,10 @@ async def serve(config: RouterConfig, discovery: Discovery, table: FlagTable) ->
         log.info("llamarouter %s listening on http://%s:%d", __version__, config.host, config.port)
         if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
             log.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
+        notifier.ready(f"listening on {config.host}:{config.port}")
+        watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
         await stop.wait()
+        notifier.stopping("finishing in-flight requests")
         sup = app.get(SUPERVISOR)
         if sup is not None:
             sup.begin_shutdown()
@@ -365,6 +401,11 @@ async def serve(config: RouterConfig, discovery: Discovery, table: FlagTable) ->
         cleanup.result()
         return 0
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+        notifier.close()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
 
@@ -420,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config, discovery, table = build_config(args, environ)
         if config.single_model is None:
             discovery()  # fail fast on a bad models dir or preset, before binding the port
-        code = asyncio.run(serve(config, discovery, table))
+        code = asyncio.run(serve(config, discovery, table, Notifier(environ)))
     except ConfigError as exc:
         click.echo(f"llamarouter: error: {exc.message}", err=True)
         sys.exit(2)

@@ -37,6 +37,13 @@ class Timeouts:
     backoff_max: float = 30.0
     # Housekeeping period: idle TTL checks, restarting pinned models, state-dir records.
     tick: float = 1.0
+    # Before a load, how long to wait for device memory freed by evicted children to show up
+    # as free (VRAM is released late), and how often to look.
+    memory_recovery: float = 5.0
+    memory_poll: float = 0.1
+    # GET /metrics fetches each --metrics child's own /metrics for the Inference Extension
+    # gauges; a slow child costs the scrape at most this long and is then left out.
+    metrics_scrape: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class Limits:
     sse_queue: int = 1000
     # Default idle TTL for every model (seconds, None = never); the preset key `ttl` overrides.
     ttl: float | None = None
+    # --memory-budget auto: device memory minus this margin (bytes).
+    memory_margin: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,8 @@ class RouterConfig:
     limits: Limits = field(default_factory=Limits)
     # LLAMA_SERVER_DEBUG_FAKE_TIMING: upstream's test hook (sleep 2 s around loads and
     # requests) so its own test-suite can observe queues through us too.
+    # Memory budget: None = count models only (upstream); "auto" or a size such as 20GiB.
+    memory_budget: str | None = None
     fake_timing: bool = False
     fake_timing_secs: float = 2.0
     # Environment given to children (the router's, minus router-only LLAMA_ARG_* names).

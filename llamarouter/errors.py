@@ -60,6 +60,10 @@ class QueueFull(Unavailable):
     pass
 
 
+class BudgetExceeded(Unavailable):
+    """The model cannot fit the memory budget even with every evictable model stopped."""
+
+
 class ModelFailed(Unavailable):
     """The model is in FAILED state (crash loop exhausted); carries the cause."""
 

@@ -14,12 +14,13 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
 from .config import RouterConfig, ModelSpec
 from .errors import ModelFailed, StartAborted, StartFailed
+from .gguf_info import Estimate, parse_buffer_line
 from .launcher import Child, Launcher
 from .states import SLOT_STATES, State, api_status, check_transition
 
@@ -76,6 +77,13 @@ class ModelProcess:
         self.log_listeners: set[asyncio.Queue[str | None]] = set()
         self.waiters = 0  # requests blocked in wait_ready(): the model is wanted
         self.load_started_at: float | None = None
+        # Memory accounting (used only with a budget): the estimate for `estimate_spec`,
+        # and the buffer sizes the child reported while loading, by (device, kind).
+        self.estimate: Estimate | None = None
+        self.estimate_spec: ModelSpec | None = None
+        self.measured: dict[tuple[str, str], int] = {}
+        # Awaited before each spawn (the supervisor waits there for freed memory to return).
+        self.before_spawn: Callable[[], Awaitable[None]] | None = None
         self.ready_at: float | None = None
 
         self._task: asyncio.Task[None] | None = None
@@ -109,6 +117,10 @@ class ModelProcess:
     @property
     def ttl(self) -> float | None:
         return self.spec.ttl if self.spec.ttl is not None else self._config.limits.ttl
+
+    @property
+    def measured_bytes(self) -> int | None:
+        return sum(self.measured.values()) if self.measured else None
 
     def log_tail(self, n: int) -> list[str]:
         if n <= 0:
@@ -200,6 +212,10 @@ class ModelProcess:
         if old == new:
             return
         check_transition(old, new)
+        if new in (State.STARTING, State.BACKOFF) and (self._ready is None or self._ready.done()):
+            # A restart after a crash of a READY child: waiters need a future that is
+            # still pending, or they would spin on the old, settled one.
+            self._ready = asyncio.get_running_loop().create_future()
         self.state = new
         self.state_changed_at = time.monotonic()
         log.info("[%s] %s -> %s", self.name, old, new)
@@ -243,6 +259,8 @@ class ModelProcess:
         try:
             while True:
                 outcome = await self._one_life()
+                if self._served:
+                    backoff = timeouts.backoff_initial  # it worked for a while: start afresh
                 if outcome == "stopped":
                     self.crashed = False
                     self._set_state(State.STOPPED)
@@ -300,8 +318,11 @@ class ModelProcess:
             await asyncio.sleep(self._config.fake_timing_secs)
             if self._stop_evt.is_set():
                 return "stopped"
+        if self.before_spawn is not None:
+            await self.before_spawn()
         port = self._launcher.free_port("127.0.0.1")
         self.argv = list(self._build_argv(self.spec, port))
+        self.measured = {}
         self._bind_failed = False
         self._cause = None
         self._served = False
@@ -490,6 +511,10 @@ class ModelProcess:
                     self._probe_now.set()
                 elif _BIND_FAILURE.search(line):
                     self._bind_failed = True
+                elif b"buffer size" in line:
+                    found = parse_buffer_line(line.decode("utf-8", "replace"))
+                    if found is not None:
+                        self.measured[(found[0], found[1])] = found[2]
             self._note(line.rstrip(b"\r\n").decode("utf-8", "replace"))
 
     def _note(self, text: str) -> None:

@@ -18,6 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from .errors import UpstreamError
+from .metrics import RequestTiming
 from .process import ModelProcess
 
 log = logging.getLogger("llamarouter.proxy")
@@ -77,7 +78,11 @@ class Proxy:
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
 
     async def forward(
-        self, request: web.Request, proc: ModelProcess, body: bytes | None
+        self,
+        request: web.Request,
+        proc: ModelProcess,
+        body: bytes | None,
+        timing: RequestTiming | None = None,
     ) -> web.StreamResponse:
         port = proc.port
         if port is None:
@@ -96,7 +101,9 @@ class Proxy:
             upstream = await upstream_cm.__aenter__()
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamError(f"proxy error: {_describe(exc)}") from exc
-        proc.last_activity = time.monotonic()
+        now = proc.last_activity = time.monotonic()
+        if timing is not None:
+            timing.headers_at = now  # time to first byte: the same clock read, no extra cost
         try:
             return await self._relay(request, proc, upstream)
         finally:

@@ -29,10 +29,12 @@ from .errors import (
     NotFound,
     QueueFull,
     ShuttingDown,
+    BudgetExceeded,
     Unavailable,
 )
 from .eviction import Candidate, plan_evictions
 from .launcher import Launcher
+from .memory import MemoryManager
 from .process import ModelProcess
 from .states import State, api_status
 from .statedir import StateDir
@@ -41,6 +43,8 @@ log = logging.getLogger("llamarouter.supervisor")
 
 Discover = Callable[[], dict[str, ModelSpec]]
 ArgvBuilder = Callable[[ModelSpec, int], Sequence[str]]
+StateObserver = Callable[[ModelProcess, State, State], None]
+OptionsFor = Callable[[ModelSpec], dict[str, str]]
 
 
 class EventHub:
@@ -59,9 +63,12 @@ class EventHub:
             try:
                 q.put_nowait(line)
             except asyncio.QueueFull:
+                # Too slow: drop the client. Make room for the end marker so its handler
+                # wakes up and closes the connection instead of hanging there.
                 self._subscribers.discard(q)
-                with contextlib.suppress(asyncio.QueueFull):
-                    q.put_nowait(None)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+                q.put_nowait(None)
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[bytes | None]]:
@@ -97,8 +104,12 @@ class Supervisor:
         session: aiohttp.ClientSession,
         build_argv: ArgvBuilder,
         state_dir: StateDir | None = None,
+        observer: StateObserver | None = None,
+        options_for: OptionsFor | None = None,
+        memory: MemoryManager | None = None,
     ) -> None:
         self.config = config
+        self._observer = observer  # metrics: sees every transition, must not raise
         self._discover = discover
         self._launcher = launcher
         self._session = session
@@ -110,11 +121,15 @@ class Supervisor:
         self._queue: dict[str, _Entry] = {}  # insertion order is the FIFO order
         self.waiting = 0  # requests inside acquire() that have no grant yet
         self.closing = False
+        self.started = False  # start() finished: /readyz reports ready from here on
         self._tick_task: asyncio.Task[None] | None = None
         self._retired: set[ModelProcess] = set()  # replaced by reload, still stopping
         self.evictions = 0
         self._scheduling = False
         self._reschedule = False
+        # The merged child options of a model (what its memory estimate depends on).
+        self._options_for: OptionsFor = options_for or (lambda spec: dict(spec.options))
+        self.memory = memory
 
     # ----------------------------------------------------------------- setup
     def apply_specs(self, specs: dict[str, ModelSpec]) -> None:
@@ -131,9 +146,13 @@ class Supervisor:
         }
 
     def _new_process(self, spec: ModelSpec) -> ModelProcess:
-        return ModelProcess(
+        proc = ModelProcess(
             spec, self.config, self._launcher, self._session, self._build_argv, self._on_state
         )
+        memory = self.memory
+        if memory is not None:
+            proc.before_spawn = lambda: memory.wait_recovered(memory.footprint(proc))
+        return proc
 
     async def start(self) -> None:
         self.apply_specs(self._discover())
@@ -150,6 +169,7 @@ class Supervisor:
             )
         for proc in startup:
             proc.start()
+        self.started = True
 
     # ----------------------------------------------------------------- lookup
     def resolve(self, name: str) -> ModelProcess:
@@ -228,10 +248,12 @@ class Supervisor:
                 continue
             if state == State.FAILED:
                 held = time.monotonic() - proc.state_changed_at
-                if held < self.config.limits.failed_holdoff:
-                    raise ModelFailed(proc.failure_message())
+                holdoff = self.config.limits.failed_holdoff
+                if held < holdoff:
+                    raise ModelFailed(proc.failure_message(), retry_after=holdoff - held)
             if not autoload:
                 raise InvalidRequest("model is not loaded")
+            await self.check_fits(proc)
             await self._queue_for(proc)
 
     async def _queue_for(self, proc: ModelProcess) -> None:
@@ -261,6 +283,41 @@ class Supervisor:
     def _retry_after(self) -> float:
         return max(1.0, self.config.timeouts.ready_poll * 20)
 
+    # ----------------------------------------------------------------- memory
+    async def check_fits(self, proc: ModelProcess) -> None:
+        """With a memory budget: estimate the model (once) and refuse it at once if it
+        cannot fit even after every evictable model is stopped (pinned ones stay)."""
+        memory = self.memory
+        if memory is None:
+            return
+        est = await memory.estimate_for(proc, self._options_for(proc.spec))
+        if est is None:
+            return
+        fixed = sum(
+            memory.footprint(p) for p in self._all_procs()
+            if p.holds_slot and p is not proc and self._pinned(p)
+        )
+        if fixed + est.total > memory.budget:
+            raise BudgetExceeded(
+                f"model name={proc.name} needs an estimated {_mib(est.total)} (weights "
+                f"{_mib(est.weights)}, KV cache {_mib(est.kv)} for {est.n_ctx} tokens, compute "
+                f"{_mib(est.compute)}) but the memory budget is {_mib(memory.budget)}"
+                + (f" with {_mib(fixed)} held by pinned models" if fixed else "")
+            )
+
+    def _all_procs(self) -> list[ModelProcess]:
+        return [*self.models.values(), *self._retired]
+
+    def _pinned(self, proc: ModelProcess) -> bool:
+        return proc.spec.pin or self.config.single_model is not None
+
+    def _bytes_short(self, proc: ModelProcess) -> int:
+        """Bytes that must be freed before `proc` fits the budget (<= 0: it fits)."""
+        memory = self.memory
+        if memory is None:
+            return 0
+        return memory.used(self._all_procs()) + memory.footprint(proc) - memory.budget
+
     # ----------------------------------------------------------------- scheduling
     def _slots_free(self) -> int | None:
         limit = self.config.limits.models_max
@@ -288,6 +345,7 @@ class Supervisor:
     def _schedule_once(self) -> None:
         free = self._slots_free()
         needed = 0
+        bytes_short = 0  # for the first entry blocked by the memory budget (FIFO)
         for entry in list(self._queue.values()):
             proc = self.models.get(entry.name)
             if proc is None:
@@ -300,7 +358,8 @@ class Supervisor:
                 continue
             if proc.state in (State.STOPPING, State.SHUTDOWN):
                 continue  # its stop will trigger another pass
-            if free is None or free > 0:
+            short = self._bytes_short(proc)
+            if (free is None or free > 0) and short <= 0 and not bytes_short:
                 proc.start()
                 if free is not None:
                     free -= 1
@@ -308,14 +367,18 @@ class Supervisor:
                 self._queue.pop(entry.name, None)
                 continue
             needed += 1
-        if needed and free is not None:
-            stopping = sum(
-                1 for p in self.models.values() if p.state == State.STOPPING
-            ) + sum(1 for p in self._retired if p.state == State.STOPPING)
-            for name in plan_evictions(self._candidates(), needed - stopping):
-                log.info("[%s] evicting idle least recently used model for a queued request", name)
-                self.evictions += 1
-                self.models[name].stop("evicted")
+            if short > 0 and not bytes_short:
+                bytes_short = short
+        if not needed:
+            return
+        stopping = [p for p in self._all_procs() if p.state == State.STOPPING]
+        slot_deficit = 0 if free is None else needed - free - len(stopping)
+        if self.memory is not None:
+            bytes_short -= sum(self.memory.footprint(p) for p in stopping)
+        for name in plan_evictions(self._candidates(), slot_deficit, max(bytes_short, 0)):
+            log.info("[%s] evicting idle least recently used model for a queued request", name)
+            self.evictions += 1
+            self.models[name].stop("evicted")
 
     def _candidates(self) -> list[Candidate]:
         return [
@@ -324,13 +387,16 @@ class Supervisor:
                 last_used=p.last_used,
                 ready=p.state == State.READY,
                 busy=p.in_flight > 0,
-                pinned=p.spec.pin or self.config.single_model is not None,
+                pinned=self._pinned(p),
+                bytes=self.memory.footprint(p) if self.memory is not None else 0,
                 wanted=p.waiters > 0 or p.name in self._queue,
             )
             for p in self.models.values()
         ]
 
     def _on_state(self, proc: ModelProcess, old: State, new: State) -> None:
+        if self._observer is not None:
+            self._observer(proc, old, new)
         if self._state_dir is not None:
             self._state_dir.record(self.models.values(), self._retired)
         old_api, new_api = api_status(old), api_status(new)
@@ -359,19 +425,27 @@ class Supervisor:
             raise ShuttingDown("server is shutting down")
         if proc.state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):
             raise InvalidRequest("model is already running")
-        proc.reset_failed()
-        free = self._slots_free()
-        if free is not None and free <= 0:
-            victims = plan_evictions(self._candidates(), 1 - free)
-            if len(victims) < 1 - free:
+        await self.check_fits(proc)
+        # Evicting waits for the victims to exit, and others may start meanwhile: decide
+        # again after every wait (bounded: each round stops at least one model or fails).
+        for _ in range(len(self.models) + 1):
+            if proc.state not in (State.STOPPED, State.FAILED):
+                raise InvalidRequest("model is already running")
+            free = self._slots_free()
+            slot_deficit = 0 if free is None else 1 - free
+            bytes_short = self._bytes_short(proc)
+            if slot_deficit <= 0 and bytes_short <= 0:
+                proc.reset_failed()
+                proc.start()
+                return proc
+            victims = plan_evictions(self._candidates(), slot_deficit, max(bytes_short, 0))
+            if not victims:
                 raise LlamaRouterError("model limit reached, try again later")
             for victim in victims:
                 self.evictions += 1
                 self.models[victim].stop("evicted")
             await asyncio.gather(*(self.models[v].wait_stopped() for v in victims))
-        if proc.state in (State.STOPPED, State.FAILED):
-            proc.start()
-        return proc
+        raise LlamaRouterError("model limit reached, try again later")
 
     def unload(self, name: str) -> ModelProcess:
         proc = self.find(name)
@@ -411,7 +485,7 @@ class Supervisor:
             self.tick(time.monotonic())
 
     def tick(self, now: float) -> None:
-        """Level-triggered upkeep: idle TTL unloads and restarting pinned models."""
+        """Level-triggered upkeep: idle TTL unloads and the state-dir record."""
         if self.closing:
             return
         for proc in self.models.values():
@@ -421,8 +495,6 @@ class Supervisor:
                 if ttl is not None and not proc.spec.pin and now - idle_since >= ttl:
                     log.info("[%s] idle for %.0fs (ttl %gs): unloading", proc.name, now - idle_since, ttl)
                     proc.stop("ttl")
-            elif proc.spec.pin and proc.state == State.STOPPED:
-                proc.start()
         if self._state_dir is not None:
             self._state_dir.record(self.models.values(), self._retired)
 
@@ -460,3 +532,5 @@ class Supervisor:
             self._state_dir.record((), ())
 
 
+def _mib(n: int) -> str:
+    return f"{n / (1024 * 1024):.1f} MiB"

@@ -74,7 +74,7 @@ async def test_errors_match_upstream(tmp_path: Path, start_router: StartRouter) 
     assert (status, got["error"]["message"]) == (400, "model is not running")
     status, got = await r.get("/no/such/path")
     assert status == 404 and got["error"]["type"] == "not_found_error"
-    status, got = await r.get("/metrics")
+    status, got = await r.get("/slots")  # GET routes take the model from ?model=
     assert status == 400 and got["error"]["message"] == "model name is missing from the request"
     # None of that started a child.
     assert not r.children()

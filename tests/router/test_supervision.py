@@ -303,3 +303,18 @@ async def test_second_signal_forces_exit(tmp_path: Path, start_router: StartRout
         return not any(_alive(k.pid) for k in kids)
 
     await wait_for(gone, 5, message="children to be killed by the forced exit")
+
+
+async def test_request_right_after_a_crash_waits_for_the_restart(tmp_path: Path, start_router: StartRouter) -> None:
+    """Regression: after a READY child crashed, a request arriving during the restart saw
+    the old, settled ready-future and spun the event loop at 100 % forever."""
+    d = make_models(tmp_path, "a", load_secs=0.5)
+    r = await start_router("--models-dir", str(d))
+    assert (await r.chat("a", max_tokens=1))[0] == 200
+    victim = child_of(r, "a")
+    assert victim is not None
+    victim.kill()
+    await wait_for(lambda: "restarting in" in r.log(), 10, message="the restart to begin")
+    status, body = await asyncio.wait_for(r.chat("a", max_tokens=1), 20)
+    assert status == 200, body
+    assert (await r.get("/health"))[0] == 200

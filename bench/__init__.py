@@ -1,0 +1,1 @@
+"""Issue 6 benchmark harness: `make bench` (see bench/run.py)."""

@@ -1,0 +1,217 @@
+"""Turn a run's results into the markdown of docs/benchmarks.md."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+MIB = 2**20
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _num(v: Any, fmt: str = "{:.2f}") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    return fmt.format(v)
+
+
+def _diff(a: Any, b: Any, unit: str) -> str:
+    """a relative to b: difference and ratio."""
+    if a is None or b is None or not b or any(isinstance(x, float) and math.isnan(x) for x in (a, b)):
+        return "n/a"
+    return f"{a - b:+.2f} {unit} ({a / b:.2f}x)"
+
+
+def _unit(label: str) -> str:
+    return "µs" if "(µs" in label else "ms"
+
+
+def _ratio(a: Any, b: Any) -> str:
+    if a is None or b is None or not b:
+        return "n/a"
+    return f"{100 * a / b:.1f} %"
+
+
+def rows(r: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str, str]]:
+    """(metric, direct, upstream, llamarouter, kind) ; kind: 'ms' (lower better), 'rate', 'mib'."""
+    out: list[tuple[str, Any, Any, Any, str, str]] = []
+
+    def lat(label: str, *path: str) -> None:
+        out.append((label, _get(r, path[0], "direct", *path[1:]), _get(r, path[0], "upstream", *path[1:]),
+                    _get(r, path[0], "llamarouter", *path[1:]), "ms", "lower"))
+
+    lat("small request `POST /tokenize` p50 (ms)", "small", "p50_ms")
+    lat("small request `POST /tokenize` p99 (ms)", "small", "p99_ms")
+    lat("small request: server-process CPU per request (µs; routers: router process only)", "small", "cpu_us_per_req")
+    lat("one-token chat p50 (ms)", "chat", "p50_ms")
+    lat("one-token chat p99 (ms)", "chat", "p99_ms")
+    lat("one-token chat: server-process CPU per request (µs)", "chat", "cpu_us_per_req")
+    for n in (r.get("streams") or {}):
+        s = r["streams"][n]
+        out.append((f"{n} concurrent streams: SSE events/s", _get(s, "direct", "events_per_s"),
+                    _get(s, "upstream", "events_per_s"), _get(s, "llamarouter", "events_per_s"), "ev/s", "higher"))
+        out.append((f"{n} concurrent streams: TTFT p50 (ms)", _get(s, "direct", "ttft_p50_ms"),
+                    _get(s, "upstream", "ttft_p50_ms"), _get(s, "llamarouter", "ttft_p50_ms"), "ms", "lower"))
+    lat("cold start p50 (ms) (direct = spawn by hand + poll /health every 5 ms)", "cold_start", "p50_ms")
+    lat("swap p50 (ms), `--models-max 1`, alternating 2 models", "swap", "p50_ms")
+
+    def mib(v: Any) -> Any:
+        return None if v is None else v / MIB
+
+    out.append(("router RSS idle (MiB), router process only", None, mib(_get(r, "rss_idle", "upstream")),
+                mib(_get(r, "rss_idle", "llamarouter")), "MiB", "lower"))
+    out.append(("router RSS under load, peak (MiB)", None, mib(_get(r, "rss_load", "upstream")),
+                mib(_get(r, "rss_load", "llamarouter")), "MiB", "lower"))
+    out.append(("router RSS idle with 1,000 models (MiB)", None, mib(_get(r, "rss_idle_1000", "upstream")),
+                mib(_get(r, "rss_idle_1000", "llamarouter")), "MiB", "lower"))
+    lat("`GET /models`, 1,000 files, p50 (ms)", "models_1000", "p50_ms")
+    lat("`GET /models`, 1,000 files, p99 (ms)", "models_1000", "p99_ms")
+    return out
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [
+        "| metric | direct llama-server | upstream router | llamarouter | upstream vs direct | llamarouter vs direct | llamarouter vs upstream |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for label, d, u, o, unit, better in rows(r):
+        if better == "higher":
+            cells = (_ratio(u, d), _ratio(o, d), _ratio(o, u))
+        else:
+            unit = _unit(label) if unit == "ms" else unit
+            cells = (_diff(u, d, unit), _diff(o, d, unit), _diff(o, u, unit))
+        lines.append(f"| {label} | {_num(d)} | {_num(u)} | {_num(o)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
+    """(target, limit text, llamarouter measured, upstream measured, pass?)"""
+    out: list[tuple[str, str, str, str, bool | None]] = []
+
+    def add(name: str, key: str, limit: float | None, ours: Any, theirs: Any, fmt: str,
+            higher: bool = False) -> None:
+        ok = None
+        if limit is not None and ours is not None and not (isinstance(ours, float) and math.isnan(ours)):
+            ok = ours >= limit if higher else ours <= limit
+        out.append((name, key, _num(ours, fmt), _num(theirs, fmt), ok))
+
+    d = _get(r, "small", "direct", "p50_ms")
+    lim = None if d is None else d + 0.4
+    add("small request p50 <= direct + 0.4 ms", f"<= {_num(lim, '{:.3f}')} ms", lim,
+        _get(r, "small", "llamarouter", "p50_ms"), _get(r, "small", "upstream", "p50_ms"), "{:.3f} ms")
+    d = _get(r, "chat", "direct", "p50_ms")
+    lim = None if d is None else d + 0.8
+    add("one-token chat p50 <= direct + 0.8 ms", f"<= {_num(lim, '{:.3f}')} ms", lim,
+        _get(r, "chat", "llamarouter", "p50_ms"), _get(r, "chat", "upstream", "p50_ms"), "{:.3f} ms")
+    s = _get(r, "streams", "16") or {}
+    d = _get(s, "direct", "events_per_s")
+    lim = None if d is None else 0.98 * d
+    add("16 concurrent streams >= 98 % of direct events/s", f">= {_num(lim, '{:.0f}')} ev/s", lim,
+        _get(s, "llamarouter", "events_per_s"), _get(s, "upstream", "events_per_s"), "{:.0f} ev/s", higher=True)
+    d = _get(r, "cold_start", "direct", "p50_ms")
+    lim = None if d is None else d + 5
+    add("cold start <= hand spawn + 5 ms", f"<= {_num(lim, '{:.1f}')} ms", lim,
+        _get(r, "cold_start", "llamarouter", "p50_ms"), _get(r, "cold_start", "upstream", "p50_ms"), "{:.1f} ms")
+    ours = _get(r, "rss_idle", "llamarouter")
+    theirs = _get(r, "rss_idle", "upstream")
+    add("router idle RSS <= 60 MB", "<= 60 MiB", 60.0,
+        None if ours is None else ours / MIB, None if theirs is None else theirs / MIB, "{:.1f} MiB")
+    add("GET /models at 1,000 files <= 20 ms", "<= 20 ms", 20.0,
+        _get(r, "models_1000", "llamarouter", "p50_ms"), _get(r, "models_1000", "upstream", "p50_ms"), "{:.2f} ms")
+    return out
+
+
+def targets_table(r: dict[str, Any]) -> str:
+    lines = ["| target (issue 6) | limit | llamarouter | result | upstream router (reference) |",
+             "|---|---:|---:|:---:|---:|"]
+    for name, limit, ours, theirs, ok in targets(r):
+        res = "n/a" if ok is None else ("**PASS**" if ok else "**FAIL**")
+        lines.append(f"| {name} | {limit} | {ours} | {res} | {theirs} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
+    m = meta["machine"]
+    plan = meta["plan"]
+    errors = r.get("errors") or {}
+    notes = list(r.get("notes") or [])
+    if r.get("cleanup_problems"):
+        notes += [f"cleanup: {p}" for p in r["cleanup_problems"]]
+    sizes = _get(r, "models_1000") or {}
+    out = [
+        "# Benchmarks",
+        "",
+        "Issue 6 harness (`bench/`): llamarouter against the physical limit (one llama-server",
+        "serving the model directly) and against upstream's router (`llama-server --models-dir`,",
+        "the same binary), on the same generated GGUF model and the same llama-server flags, with",
+        "the same client. This file is generated by `make bench`; rerun it rather than editing.",
+        "",
+        "## Run",
+        "",
+        f"- date: {meta['date']}",
+        f"- command: `{meta['command']}` ({meta['mode']} run, {r.get('duration_s', 0):.0f} s)",
+        f"- machine: {m['nproc']} CPUs (`nproc`; {m['affinity']} usable), {m['cpu']}, {m['ram_gib']} GiB RAM",
+        f"- load average (1/5/15 min) before the run: {' / '.join(f'{x:.2f}' for x in meta['loadavg_before'])},"
+        f" after: {' / '.join(f'{x:.2f}' for x in meta['loadavg_after'])}"
+        + (" (other work shared the CPUs: absolute figures are inflated and noisy)"
+           if max(meta['loadavg_before'][0], meta['loadavg_after'][0]) > 1.0 else ""),
+        f"- llama-server: `{meta['server_bin']}`",
+        f"- llama-server flags (all three targets, and every router child): `{' '.join(meta['flags'])}`;",
+        "  routers additionally get `--models-dir D --models-max 1`",
+        "- model: `llamarouter.devtools.tinymodel.write_model(seed=1)` (tiny random-weight llama GGUF);",
+        "  `beta` (seed=2) for swaps; 1,000 hard links of it for `GET /models`",
+        "- client: one aiohttp client in the harness process (servers are separate processes);",
+        "  targets interleaved in rotating order (A B C, B C A, C A B, ...); medians over rounds",
+        "",
+        "## Results",
+        "",
+        table(r),
+        "Cells in the vs columns: difference and ratio for times and sizes, percentage for rates.",
+        "",
+        "## Targets",
+        "",
+        targets_table(r),
+        "## Method",
+        "",
+        f"- small request: `POST /tokenize` `{{\"model\":\"alpha\",\"content\":\"hello world\"}}` (the",
+        "  direct server ignores `model`), sequential on one keep-alive connection,",
+        f"  {plan['small_rounds']} rounds x {plan['small_per_round']} requests per target after {plan['warmup']} warm-up requests;",
+        "  p50/p99 over all samples.",
+        f"- one-token chat: `POST /v1/chat/completions`, `max_tokens: 1`, {plan['chat_rounds']} rounds x {plan['chat_per_round']}.",
+        f"- streams: N concurrent `POST /v1/completions`, `stream: true`, `max_tokens: {plan['stream_tokens']}`,",
+        f"  `ignore_eos: true`, N in {list(plan['stream_ns'])}; {plan['stream_rounds']} rounds per target and N.",
+        "  events/s = `data:` events (without `[DONE]`) of all N streams / wall time of the round;",
+        "  median over rounds. TTFT = request sent -> first `data:` event, p50 over all streams.",
+        "  With `-np` at least N, no request waits for a slot. The byte-level vocabulary makes",
+        "  llama-server merge incomplete UTF-8 tokens, so there are fewer events than tokens (same for all).",
+        f"- cold start ({plan['cold_rounds']} rounds): direct = spawn `llama-server -m` by hand, poll `/health` every",
+        "  5 ms until 200, send the same `/tokenize`, time from spawn to response; routers =",
+        "  `POST /models/unload`, poll `GET /models` until `unloaded`, then time the `/tokenize`",
+        "  that autoloads the model (connection to the router already open).",
+        f"- swap ({plan['swap_rounds']} per router): `--models-max 1`, `/tokenize` alternating `alpha`/`beta`,",
+        "  each request evicts the other model and loads its own.",
+        "- RSS: psutil RSS of the router process only (not its llama-server children); idle =",
+        "  median of 5 samples 1 s after warm-up with one model loaded; under load = peak of",
+        "  samples every 100 ms during the small-request, chat and stream phases.",
+        f"- `GET /models`: routers restarted on a directory of {plan['many_files']} GGUF files (hard links),",
+        f"  {plan['models_rounds']} rounds x {plan['models_per_round']} sequential requests; body size:",
+        "  " + ", ".join(f"{k} {v.get('bytes')} bytes" for k, v in sizes.items()) + ".",
+        "- 2-core machines are noisy: the client, the router and llama-server share the CPUs.",
+        "  Compare the columns of one run rather than runs on different days.",
+        "",
+    ]
+    if errors or notes:
+        out += ["## Errors and notes", ""]
+        for phase, per in errors.items():
+            for k, v in per.items():
+                out.append(f"- {phase} / {k}: {v}")
+        out += [f"- {n}" for n in notes]
+        out.append("")
+    return "\n".join(out)

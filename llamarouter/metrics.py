@@ -1,0 +1,261 @@
+"""Prometheus metrics for the router itself (GET /metrics without ?model=).
+
+One `CollectorRegistry` per app, never prometheus_client's global default registry, so two
+routers in one process (tests) and re-created apps never share or clash on series.
+
+Cost model: the request path pays one counter increment and two histogram observations
+(children cached per label set, so no label-tuple building per request); everything that
+can be read off the supervisor (state, in flight, queued, loaded count) is computed only
+when /metrics is scraped, by a custom collector. Children's own /metrics are fetched at
+scrape time too, in parallel with a short timeout, never on the request path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import aiohttp
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .states import State
+
+if TYPE_CHECKING:
+    from .process import ModelProcess
+    from .supervisor import Supervisor
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# The llama.cpp series the Gateway API Inference Extension maps to its model-server
+# protocol's TotalQueuedRequests and KVCacheUtilization.
+CHILD_DEFERRED = "llamacpp:requests_deferred"
+CHILD_KV_USAGE = "llamacpp:kv_cache_usage_ratio"
+
+# Latencies of LLM requests run from milliseconds (tokenize) to many minutes (long
+# generations); loads from under a second to minutes for large models on slow disks.
+_REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+_LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
+
+# Transitions that mean the child ended without being asked to (see process.py `_run`).
+_RUNNING = frozenset({State.STARTING, State.READY})
+_CRASH_TARGETS = frozenset({State.BACKOFF, State.FAILED, State.STOPPED})
+
+
+class RequestTiming:
+    """Filled in by the proxy when the child's response headers arrive (time to first
+    byte as the client sees it, queueing and loading included)."""
+
+    __slots__ = ("start", "headers_at")
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.headers_at = 0.0
+
+
+class RouterMetrics:
+    def __init__(self, scrape_timeout: float) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._scrape_timeout = scrape_timeout
+        r = self.registry
+        self.requests = Counter(
+            "llamarouter_requests", "Proxied requests by model, route path and HTTP status.",
+            ("model", "endpoint", "code"), registry=r,
+        )
+        self.ttfb = Histogram(
+            "llamarouter_time_to_first_byte_seconds",
+            "Time from a request's arrival to the child's response headers (queue and load included).",
+            ("model",), buckets=_REQUEST_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "llamarouter_request_duration_seconds",
+            "Time from a request's arrival to the end of its response (whole stream).",
+            ("model",), buckets=_REQUEST_BUCKETS, registry=r,
+        )
+        self.load_duration = Histogram(
+            "llamarouter_model_load_duration_seconds",
+            "Time from spawning a child to its first successful /health.",
+            ("model",), buckets=_LOAD_BUCKETS, registry=r,
+        )
+        self.loads = Counter(
+            "llamarouter_model_loads", "Load attempts by outcome (ok, failed).",
+            ("model", "outcome"), registry=r,
+        )
+        self.evictions = Counter(
+            "llamarouter_model_evictions",
+            "Children asked to stop, by reason (evicted, ttl, unloaded, reload, shutdown).",
+            ("model", "reason"), registry=r,
+        )
+        self.restarts = Counter(
+            "llamarouter_model_restarts", "Automatic restarts after a crash.", ("model",), registry=r,
+        )
+        self.crashes = Counter(
+            "llamarouter_model_crashes",
+            "Children that exited or were killed without being asked to stop.",
+            ("model",), registry=r,
+        )
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
+        self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
+        self._state = _SupervisorCollector()
+        r.register(self._state)
+
+    # ----------------------------------------------------------------- hot path
+    def observe_request(self, model: str, endpoint: str, code: int, timing: RequestTiming) -> None:
+        now = time.monotonic()
+        key = (model, endpoint, code)
+        counter = self._request_children.get(key)
+        if counter is None:
+            counter = self._request_children[key] = self.requests.labels(model, endpoint, str(code))
+        counter.inc()
+        hists = self._latency_children.get(model)
+        if hists is None:
+            hists = self._latency_children[model] = (self.duration.labels(model), self.ttfb.labels(model))
+        hists[0].observe(now - timing.start)
+        if timing.headers_at:
+            hists[1].observe(timing.headers_at - timing.start)
+
+    # ----------------------------------------------------------------- lifecycle events
+    def on_state(self, proc: ModelProcess, old: State, new: State) -> None:
+        name = proc.name
+        if new == State.READY and old == State.STARTING:
+            self.loads.labels(name, "ok").inc()
+            if proc.ready_at is not None and proc.load_started_at is not None:
+                self.load_duration.labels(name).observe(proc.ready_at - proc.load_started_at)
+        elif old == State.STARTING and new in _CRASH_TARGETS:
+            self.loads.labels(name, "failed").inc()
+        if old in _RUNNING and new in _CRASH_TARGETS:
+            self.crashes.labels(name).inc()
+        elif old == State.BACKOFF and new == State.STARTING:
+            self.restarts.labels(name).inc()
+        elif new == State.STOPPING:
+            self.evictions.labels(name, proc.stop_reason or "unknown").inc()
+
+    # ----------------------------------------------------------------- scrape
+    async def render(self, sup: Supervisor, session: aiohttp.ClientSession) -> bytes:
+        procs = list(sup.models.values())
+        children = await asyncio.gather(
+            *(self._scrape_child(p, session) for p in procs if _scrapeable(p))
+        )
+        self._state.snapshot = _Snapshot(sup, procs, dict(children))
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._state.snapshot = None
+
+    async def _scrape_child(
+        self, proc: ModelProcess, session: aiohttp.ClientSession
+    ) -> tuple[str, dict[str, float]]:
+        try:
+            async with session.get(
+                f"http://127.0.0.1:{proc.port}/metrics",
+                timeout=aiohttp.ClientTimeout(total=self._scrape_timeout),
+            ) as resp:
+                if resp.status != 200:
+                    return proc.name, {}
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
+            return proc.name, {}
+        return proc.name, parse_child_metrics(text)
+
+
+def _scrapeable(proc: ModelProcess) -> bool:
+    # llama-server answers /metrics only when started with --metrics (else 501).
+    return proc.state == State.READY and proc.port is not None and "--metrics" in proc.argv
+
+
+def parse_child_metrics(text: str) -> dict[str, float]:
+    """The two llama.cpp gauges we re-export, from Prometheus text (unlabelled samples)."""
+    wanted = (CHILD_DEFERRED, CHILD_KV_USAGE)
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line.startswith("llamacpp:"):
+            continue
+        name, _, rest = line.partition(" ")
+        name = name.split("{", 1)[0]
+        if name in wanted:
+            try:
+                out[name] = float(rest.split()[0])
+            except (IndexError, ValueError):
+                continue
+    return out
+
+
+class _Snapshot:
+    __slots__ = ("sup", "procs", "children")
+
+    def __init__(
+        self, sup: Supervisor, procs: list[ModelProcess], children: dict[str, dict[str, float]]
+    ) -> None:
+        self.sup = sup
+        self.procs = procs
+        self.children = children
+
+
+class _SupervisorCollector(Collector):
+    """Gauges read off the supervisor at scrape time (zero cost between scrapes)."""
+
+    def __init__(self) -> None:
+        self.snapshot: _Snapshot | None = None
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []  # dynamic: registering must not call collect() before the app runs
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self.snapshot
+        if snap is None:
+            return
+        sup = snap.sup
+        state = GaugeMetricFamily(
+            "llamarouter_model_state", "1 for the model's current lifecycle state, 0 for the others.",
+            labels=("model", "state"),
+        )
+        in_flight = GaugeMetricFamily(
+            "llamarouter_model_in_flight_requests", "Requests being proxied to the model's child.",
+            labels=("model",),
+        )
+        queued = GaugeMetricFamily(
+            "llamarouter_model_queued_requests",
+            "Requests waiting in the router for the model to load (admission queue + load waiters).",
+            labels=("model",),
+        )
+        total_queued = GaugeMetricFamily(
+            "llamarouter_model_total_queued_requests",
+            "Inference Extension TotalQueuedRequests: router queue plus the child's "
+            "llamacpp:requests_deferred (when the child runs with --metrics).",
+            labels=("model",),
+        )
+        kv = GaugeMetricFamily(
+            "llamarouter_model_kv_cache_usage_ratio",
+            "Inference Extension KVCacheUtilization: the child's llamacpp:kv_cache_usage_ratio "
+            "(0-1; absent when the child does not run with --metrics).",
+            labels=("model",),
+        )
+        loaded = 0
+        for proc in snap.procs:
+            name = proc.name
+            for s in State:
+                state.add_metric((name, s.value), 1.0 if proc.state == s else 0.0)
+            in_flight.add_metric((name,), proc.in_flight)
+            ours = sup.queued_for(proc)
+            queued.add_metric((name,), ours)
+            child = snap.children.get(name, {})
+            total_queued.add_metric((name,), ours + child.get(CHILD_DEFERRED, 0.0))
+            if CHILD_KV_USAGE in child:
+                kv.add_metric((name,), child[CHILD_KV_USAGE])
+            if proc.state == State.READY:
+                loaded += 1
+        yield from (state, in_flight, queued, total_queued, kv)
+        yield GaugeMetricFamily(
+            "llamarouter_models_loaded", "Models whose child is ready to serve.", value=loaded
+        )
+        yield GaugeMetricFamily(
+            "llamarouter_models_max", "The --models-max limit (0 = unlimited).",
+            value=sup.config.limits.models_max,
+        )
+        yield GaugeMetricFamily(
+            "llamarouter_waiting_requests", "Requests waiting for any model to be granted.",
+            value=sup.waiting,
+        )

@@ -1,0 +1,67 @@
+"""The built-in web UI: three static files served at `/` and `/webui/{name}`.
+
+No build step: the files in this package are served as they are. They are public (no API
+key needed to load them, as upstream exempts its UI assets); the UI then sends the key on
+every API call it makes. Responses carry an ETag and `Cache-Control: no-cache`, so a browser
+revalidates on each load (304 when unchanged) and never runs a stale `app.js` after an
+upgrade.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cache
+from importlib import resources
+
+from aiohttp import web
+
+# name -> content type. Only these names are served, so no path ever reaches the filesystem.
+ASSETS = {
+    "index.html": "text/html",
+    "app.js": "text/javascript",
+    "style.css": "text/css",
+}
+PUBLIC_PATHS = frozenset({"/", *(f"/webui/{name}" for name in ASSETS)})
+
+# The UI uses no inline script or style and talks only to this origin.
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+@cache
+def _load(name: str) -> tuple[bytes, str]:
+    body = resources.files(__package__).joinpath(name).read_bytes()
+    return body, '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+
+
+def _serve(request: web.Request, name: str) -> web.Response:
+    body, etag = _load(name)
+    headers = {
+        "Cache-Control": "no-cache",
+        "ETag": etag,
+        "X-Content-Type-Options": "nosniff",
+        "Referrer-Policy": "no-referrer",
+    }
+    if name.endswith(".html"):
+        headers["Content-Security-Policy"] = _CSP
+    if etag in (t.strip() for t in request.headers.get("If-None-Match", "").split(",")):
+        return web.Response(status=304, headers=headers)
+    return web.Response(body=body, content_type=ASSETS[name], charset="utf-8", headers=headers)
+
+
+async def index(request: web.Request) -> web.Response:
+    return _serve(request, "index.html")
+
+
+async def asset(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    if name not in ASSETS:
+        raise web.HTTPNotFound()
+    return _serve(request, name)
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/", index)
+    app.router.add_get("/webui/{name}", asset)

@@ -1,0 +1,75 @@
+"""Metrics pieces that need no router: the child /metrics parser, lifecycle counting,
+/readyz before start and during shutdown, one registry per app."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from aiohttp.test_utils import make_mocked_request
+from prometheus_client import generate_latest
+
+from llamarouter.api import Api
+from llamarouter.metrics import RouterMetrics, parse_child_metrics
+from llamarouter.states import State
+
+CHILD = """# HELP llamacpp:kv_cache_usage_ratio KV-cache usage. 1 means 100 percent usage.
+# TYPE llamacpp:kv_cache_usage_ratio gauge
+llamacpp:kv_cache_usage_ratio 0.25
+llamacpp:requests_deferred{slot="x"} 3
+llamacpp:requests_processing 1
+llamacpp:broken
+"""
+
+
+def test_parse_child_metrics() -> None:
+    assert parse_child_metrics(CHILD) == {
+        "llamacpp:kv_cache_usage_ratio": 0.25,
+        "llamacpp:requests_deferred": 3.0,
+    }
+    assert parse_child_metrics("") == {}
+
+
+def sample(m: RouterMetrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def test_lifecycle_counting() -> None:
+    m = RouterMetrics(1.0)
+    proc: Any = SimpleNamespace(name="a", ready_at=12.0, load_started_at=10.0, stop_reason=None)
+    m.on_state(proc, State.STOPPED, State.STARTING)
+    m.on_state(proc, State.STARTING, State.READY)
+    m.on_state(proc, State.READY, State.BACKOFF)  # crash
+    m.on_state(proc, State.BACKOFF, State.STARTING)  # restart
+    m.on_state(proc, State.STARTING, State.BACKOFF)  # failed load, also a crash
+    proc.stop_reason = "ttl"
+    m.on_state(proc, State.BACKOFF, State.STOPPING)
+    m.on_state(proc, State.STOPPING, State.STOPPED)
+    assert sample(m, "llamarouter_model_loads_total", model="a", outcome="ok") == 1
+    assert sample(m, "llamarouter_model_loads_total", model="a", outcome="failed") == 1
+    assert sample(m, "llamarouter_model_load_duration_seconds_sum", model="a") == 2.0
+    assert sample(m, "llamarouter_model_crashes_total", model="a") == 2
+    assert sample(m, "llamarouter_model_restarts_total", model="a") == 1
+    assert sample(m, "llamarouter_model_evictions_total", model="a", reason="ttl") == 1
+
+
+def test_registries_are_per_app() -> None:
+    one, two = RouterMetrics(1.0), RouterMetrics(1.0)
+    one.requests.labels("a", "/x", "200").inc()
+    assert b'model="a"' in generate_latest(one.registry)
+    assert b'model="a"' not in generate_latest(two.registry)
+
+
+async def test_readyz_before_start_and_during_shutdown() -> None:
+    api = Api(SimpleNamespace(), SimpleNamespace(), RouterMetrics(1.0))  # type: ignore[arg-type]
+    request = make_mocked_request("GET", "/readyz")
+    assert (await api.readyz(request)).status == 503  # not bound yet
+    sup: Any = SimpleNamespace(started=False, closing=False)
+    api.sup = sup
+    resp = await api.readyz(request)
+    assert resp.status == 503 and b"starting" in resp.body  # type: ignore[operator]
+    sup.started = True
+    assert (await api.readyz(request)).status == 200
+    sup.closing = True
+    resp = await api.readyz(make_mocked_request("GET", "/readyz?model=a"))
+    assert resp.status == 503 and b"shutting down" in resp.body  # type: ignore[operator]
