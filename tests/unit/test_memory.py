@@ -1,0 +1,140 @@
+"""Memory estimate from GGUF metadata, size parsing, load-report parsing, byte eviction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from llamarouter.devtools.tinymodel import ModelShape, write_model
+from llamarouter.errors import ConfigError
+from llamarouter.eviction import Candidate, plan_evictions
+from llamarouter.gguf_info import (
+    FactsCache,
+    RunSettings,
+    effective_ctx,
+    estimate,
+    parse_buffer_line,
+    read_facts,
+)
+from llamarouter.memory import Device, MemoryManager, parse_bytes
+
+SHAPE = ModelShape(n_embd=128, n_layer=3, n_head=4, n_head_kv=2, n_ff=256, n_ctx_train=2048)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("m") / "m.gguf", SHAPE)[0]
+
+
+def test_facts_match_the_file(model: Path) -> None:
+    f = read_facts(model)
+    assert (f.arch, f.n_layer, f.n_embd, f.n_head, f.n_head_kv) == ("llama", 3, 128, 4, 2)
+    assert (f.key_length, f.n_ctx_train, f.n_vocab, f.n_ff) == (32, 2048, 259, 256)
+    # Tensor data is the file minus header/metadata: a little smaller than the file.
+    size = model.stat().st_size
+    assert 0.9 * size < f.weight_bytes < size
+    assert sum(f.layer_bytes) + f.output_bytes + f.input_bytes == f.weight_bytes
+
+
+def test_split_model_counts_every_shard(tmp_path: Path, model: Path) -> None:
+    shards = write_model(tmp_path / "s.gguf", SHAPE, n_shards=2)
+    assert len(shards) == 2
+    assert read_facts(shards[0]).weight_bytes == read_facts(model).weight_bytes
+
+
+def test_kv_cache_size_rules(model: Path) -> None:
+    f = read_facts(model)
+    # K and V: n_ctx cells x 3 layers x (2 kv heads x 32) x 2 bytes (f16) each.
+    e = estimate(f, RunSettings(n_ctx=1024, n_parallel=1), gpu=False)
+    assert e.n_ctx == 1024 and e.kv == 2 * 1024 * 3 * 64 * 2
+    # -c 0: the training context; -np auto: one unified cache of n_ctx cells.
+    assert estimate(f, RunSettings(), gpu=False).n_ctx == 2048
+    # Per-sequence contexts are padded to 256: -c 2000 -np 3 -> 3 x 768 cells.
+    assert effective_ctx(f, RunSettings(n_ctx=2000, n_parallel=3)) == 2304
+    # Quantised cache types: q8_0 is 34 bytes per 32 values, q4_0 18.
+    q = estimate(f, RunSettings(n_ctx=1024, n_parallel=1, cache_type_k="q8_0", cache_type_v="q4_0"), gpu=False)
+    assert q.kv == 3 * (1024 * 64 // 32 * 34 + 1024 * 64 // 32 * 18)
+
+
+def test_gpu_layer_split(model: Path) -> None:
+    f = read_facts(model)
+    cpu = estimate(f, RunSettings(n_gpu_layers=99), gpu=False)
+    assert cpu.weights_gpu == 0 and cpu.weights_cpu == f.weight_bytes
+    all_gpu = estimate(f, RunSettings(n_gpu_layers=99), gpu=True)
+    # Everything but the token embeddings is offloaded.
+    assert all_gpu.weights_cpu == f.input_bytes
+    one = estimate(f, RunSettings(n_gpu_layers=1), gpu=True)
+    assert one.weights_gpu == f.layer_bytes[-1]  # the last layer goes first
+
+
+def test_run_settings_from_child_options() -> None:
+    rs = RunSettings.from_options({"-c": "8192", "-np": "4", "-ngl": "all", "-ctk": "q8_0", "-kvu": "true"})
+    assert (rs.n_ctx, rs.n_parallel, rs.cache_type_k, rs.kv_unified) == (8192, 4, "q8_0", True)
+    assert rs.n_gpu_layers is not None and rs.n_gpu_layers > 1000
+    assert RunSettings.from_options({"-ngl": "auto"}).n_gpu_layers is None
+
+
+def test_facts_cache_rereads_a_changed_file(tmp_path: Path) -> None:
+    path = write_model(tmp_path / "x.gguf", SHAPE)[0]
+    cache = FactsCache()
+    first = cache.get(path)
+    assert cache.get(path) is first
+    write_model(path, ModelShape(n_embd=64, n_layer=2, n_head=4, n_head_kv=4, n_ff=128))
+    assert cache.get(path).n_embd == 64
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("0.00.010 I load_tensors:   CPU_Mapped model buffer size =     9.01 MiB", ("CPU", "model", int(9.01 * 2**20))),
+        ("llama_kv_cache:      CUDA0 KV buffer size =  1024.00 MiB", ("CUDA0", "kv", 1024 * 2**20)),
+        ("sched_reserve:        CPU compute buffer size =     6.02 MiB", ("CPU", "compute", int(6.02 * 2**20))),
+        ("srv  update_slots: all slots are idle", None),
+    ],
+)
+def test_parse_buffer_line(line: str, expected: tuple[str, str, int] | None) -> None:
+    assert parse_buffer_line(line) == expected
+
+
+def test_parse_bytes() -> None:
+    assert parse_bytes("1024") == 1024
+    assert parse_bytes("2GiB") == parse_bytes("2G") == 2 * 1024**3
+    assert parse_bytes("2GB") == 2 * 10**9
+    assert parse_bytes("1.5 MiB") == int(1.5 * 2**20)
+    for bad in ("", "lots", "-1GB", "1XB"):
+        with pytest.raises(ConfigError):
+            parse_bytes(bad)
+
+
+class FixedProbe:
+    gpu = False
+
+    def __init__(self, total: int, free: int) -> None:
+        self._d = [Device("cpu", total, free)]
+
+    def devices(self) -> list[Device]:
+        return self._d
+
+
+def test_budget_auto_is_device_memory_minus_margin() -> None:
+    m = MemoryManager.from_setting("auto", 1000, 1.0, 0.1, FixedProbe(10_000, 5_000))  # type: ignore[arg-type]
+    assert m.budget == 9_000
+    with pytest.raises(ConfigError):
+        MemoryManager.from_setting("auto", 20_000, 1.0, 0.1, FixedProbe(10_000, 5_000))  # type: ignore[arg-type]
+    assert MemoryManager.from_setting("3MiB", 0, 1.0, 0.1, FixedProbe(1, 1)).budget == 3 * 2**20  # type: ignore[arg-type]
+
+
+def _c(name: str, last_used: float, size: int, **kw: bool) -> Candidate:
+    base = {"ready": True, "busy": False, "pinned": False, "wanted": False}
+    base.update(kw)
+    return Candidate(name=name, last_used=last_used, bytes=size, **base)
+
+
+def test_plan_evictions_by_bytes() -> None:
+    cands = [_c("a", 1, 100), _c("b", 2, 300), _c("c", 3, 50), _c("busy", 0, 999, busy=True)]
+    assert plan_evictions(cands, 0, 100) == ["a"]
+    assert plan_evictions(cands, 0, 101) == ["a", "b"]  # LRU order, not best fit
+    assert plan_evictions(cands, 2, 10) == ["a", "b"]  # the slot count decides
+    assert plan_evictions(cands, 0, 10_000) == ["a", "b", "c"]  # all idle ones; busy never
+    assert plan_evictions(cands, 0, 0) == []
