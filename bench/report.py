@@ -207,6 +207,14 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "  Compare the columns of one run rather than runs on different days.",
         "",
     ]
+    out += [
+        "## Profiling",
+        "",
+        "`.venv/bin/python -m bench.profile --load small|chat|streams|models --svg` starts llamarouter",
+        "alone with the same flags, runs that load and records the router process with py-spy",
+        "(`pip install py-spy` into the venv first); it prints the top frames and writes a flame graph.",
+        "",
+    ]
     if errors or notes:
         out += ["## Errors and notes", ""]
         for phase, per in errors.items():

@@ -25,6 +25,9 @@ class ChildArgs:
         opts.update(self._config.child_options)
         for reserved in RESERVED_ALWAYS:
             opts.pop(reserved, None)
+        # --no-mmproj also turns off a projector discovery found next to the model.
+        if opts.get("--mmproj-auto") == "false":
+            opts.pop("-mm", None)
         # We read the child's output line by line; colour codes would only get in the way.
         # (Upstream forces its own colour choice the same way, and shows it in the preset.)
         opts["--log-colors"] = "off"

@@ -22,6 +22,7 @@ import aiohttp
 
 from .config import ModelSpec, RouterConfig
 from .errors import (
+    ConfigError,
     InvalidRequest,
     LlamaRouterError,
     ModelFailed,
@@ -163,7 +164,7 @@ class Supervisor:
         # --models-max 0 it refuses any (a bug we do not copy: 0 means unlimited).
         if limit > 0 and len(startup) > limit:
             names = ", ".join(p.name for p in startup)
-            raise LlamaRouterError(
+            raise ConfigError(
                 f"{len(startup)} models are set to load on startup ({names}) "
                 f"but --models-max is {limit}"
             )
@@ -467,13 +468,17 @@ class Supervisor:
             if proc.state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):
                 proc.stop("reload")
                 waits.append(proc.wait_stopped())
+            elif proc.state == State.FAILED:
+                proc.reset_failed()  # a new definition deserves a new try
             if new is None:
                 del self.models[name]
-                if proc.state != State.STOPPED:
+                if proc.holds_slot:
                     self._retired.add(proc)
+        # The new definitions apply before we wait, so a request arriving meanwhile starts
+        # the model as it is now defined, not as it was.
+        self.apply_specs(specs)
         if waits:
             await asyncio.gather(*waits)
-        self.apply_specs(specs)
         self.events.publish("models_reload", "*")
         self._schedule()
 

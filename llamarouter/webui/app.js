@@ -339,6 +339,7 @@
         report(err, "Could not connect");
         return; // wait for a key
       }
+      refreshModels(); // no live updates for now, but the table can still be listed
     }
     if (ctl.signal.aborted || events !== ctl) return;
     setConn("disconnected, reconnecting…");
