@@ -233,8 +233,22 @@ class _SupervisorCollector(Collector):
             "(0-1; absent when the child does not run with --metrics).",
             labels=("model",),
         )
+        estimated = GaugeMetricFamily(
+            "llamarouter_model_estimated_bytes",
+            "Memory the model needs by the GGUF estimate (with --memory-budget).",
+            labels=("model",),
+        )
+        measured = GaugeMetricFamily(
+            "llamarouter_model_measured_bytes",
+            "Memory the loaded child reported for its buffers (model + KV + compute).",
+            labels=("model",),
+        )
         loaded = 0
         for proc in snap.procs:
+            if proc.estimate is not None:
+                estimated.add_metric((proc.name,), proc.estimate.total)
+            if proc.measured_bytes is not None and proc.state == State.READY:
+                measured.add_metric((proc.name,), proc.measured_bytes)
             name = proc.name
             for s in State:
                 state.add_metric((name, s.value), 1.0 if proc.state == s else 0.0)
@@ -247,7 +261,17 @@ class _SupervisorCollector(Collector):
                 kv.add_metric((name,), child[CHILD_KV_USAGE])
             if proc.state == State.READY:
                 loaded += 1
-        yield from (state, in_flight, queued, total_queued, kv)
+        yield from (state, in_flight, queued, total_queued, kv, estimated, measured)
+        memory = sup.memory
+        if memory is not None:
+            yield GaugeMetricFamily(
+                "llamarouter_memory_budget_bytes", "The --memory-budget in bytes.", value=memory.budget
+            )
+            yield GaugeMetricFamily(
+                "llamarouter_memory_used_bytes",
+                "Budget held by loading and loaded models (measured, else estimated).",
+                value=memory.used(snap.procs),
+            )
         yield GaugeMetricFamily(
             "llamarouter_models_loaded", "Models whose child is ready to serve.", value=loaded
         )
