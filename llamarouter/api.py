@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import re
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -126,6 +128,7 @@ class Api:
         r.add_get("/memory", self.memory)
         r.add_post("/models", self.download)
         r.add_delete("/models", self.delete)
+        r.add_get("/openapi.json", self.openapi)
         for path in PROXIED_POST:
             r.add_post(path, self.proxy_post)
         for path in PROXIED_GET:
@@ -242,12 +245,12 @@ class Api:
         )
 
     async def load(self, request: web.Request) -> web.Response:
-        name = _model_field(await _json_body(request))
+        name = _model_field(await _json_body(request, self.config.limits.max_body_bytes))
         await self.sup.load(name)
         return _json({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:
-        name = _model_field(await _json_body(request))
+        name = _model_field(await _json_body(request, self.config.limits.max_body_bytes))
         self.sup.unload(name)
         return _json({"success": True})
 
@@ -271,6 +274,10 @@ class Api:
         if memory is not None:
             body.update(memory.report(procs))
         return _json(body)
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """docs/openapi.yaml (shipped as llamarouter/openapi.yaml) as JSON."""
+        return _json(openapi_spec())
 
     async def download(self, request: web.Request) -> web.Response:
         raise LlamaRouterError(
@@ -367,18 +374,14 @@ class Api:
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    # The app's client_max_size is the same limit, so a chunked body that grows past it
+    # fails inside read() with 413 as well.
+    return await request.read()
 
 
-async def _json_body(request: web.Request) -> Any:
-    raw = await request.read()
+async def _json_body(request: web.Request, limit: int) -> Any:
+    # Same limit and 413 as proxied POSTs (a Content-Length over it is refused unread).
+    raw = await _read_body(request, limit)
     try:
         return json.loads(raw) if raw else {}
     except (ValueError, UnicodeDecodeError) as exc:
@@ -402,6 +405,14 @@ def _model_from_body(request: web.Request, body: bytes) -> str:
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"invalid JSON in request body: {exc}") from None
     return _model_field(data)
+
+
+@functools.cache
+def openapi_spec() -> dict[str, Any]:
+    import yaml  # noqa: PLC0415  (only this endpoint needs it)
+
+    text = (Path(__file__).with_name("openapi.yaml")).read_text(encoding="utf-8")
+    return yaml.safe_load(text)  # type: ignore[no-any-return]
 
 
 def error_body(exc: LlamaRouterError) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def _error_response(exc: LlamaRouterError) -> web.Response:
     )
 
 
-def _key_ok(config: RouterConfig, request: web.Request) -> bool:
+def _key_ok(config: RouterConfig, request: web.Request, keys: tuple[str, ...] | None = None) -> bool:
     given = request.headers.get("Authorization") or request.headers.get("X-Api-Key") or ""
     if given.startswith("Bearer "):
         given = given[7:]
@@ -74,9 +74,44 @@ def _key_ok(config: RouterConfig, request: web.Request) -> bool:
     # Compare against every key without an early exit, so timing does not tell which
     # prefix matched.
     ok = False
-    for key in config.api_keys:
+    for key in config.api_keys if keys is None else keys:
         ok |= hmac.compare_digest(given_b, key.encode())
     return ok
+
+
+def _is_admin_request(request: web.Request) -> bool:
+    """Endpoints that change or reveal the set of running models (--admin-api-key)."""
+    path, method = request.path, request.method
+    if method == "POST" and path in ("/models/load", "/models/unload"):
+        return True
+    if method == "GET" and path == "/models/logs":
+        return True
+    return method == "GET" and path in ("/models", "/v1/models") and bool(request.query.get("reload", ""))
+
+
+def _authorize(config: RouterConfig, request: web.Request) -> None:
+    if request.path in _PUBLIC_PATHS or request.method == "OPTIONS":
+        return
+    if config.admin_api_keys and _is_admin_request(request):
+        if not _key_ok(config, request, config.admin_api_keys):
+            raise Unauthorized("Invalid API Key")
+        return
+    if config.api_keys:
+        # Both comparisons always run (constant time across key sets too).
+        normal = _key_ok(config, request)
+        admin = _key_ok(config, request, config.admin_api_keys)
+        if not (normal or admin):
+            raise Unauthorized("Invalid API Key")
+
+
+def _cors_origin(config: RouterConfig, request: web.Request) -> str | None:
+    """The Origin to echo in Access-Control-Allow-Origin, or None (CORS off by default)."""
+    origin = request.headers.get("Origin")
+    if not origin or not config.cors_origins:
+        return None
+    if "*" in config.cors_origins or origin in config.cors_origins:
+        return origin
+    return None
 
 
 def build_app(
@@ -88,9 +123,7 @@ def build_app(
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            if config.api_keys and request.path not in _PUBLIC_PATHS and request.method != "OPTIONS":
-                if not _key_ok(config, request):
-                    raise Unauthorized("Invalid API Key")
+            _authorize(config, request)
             return await handler(request)
         except LlamaRouterError as exc:
             return _error_response(exc)
@@ -101,7 +134,7 @@ def build_app(
                 raise
             if request.method == "OPTIONS":
                 # CORS preflight: answered like upstream, without naming an allowed origin.
-                return web.Response(status=200, headers=_PREFLIGHT)
+                return web.Response(status=200, headers=_PREFLIGHT)  # + origin: cors_headers
             if exc.status in (404, 405):
                 # Unknown path or method: upstream answers both with this 404.
                 return _error_response(NotFound("File Not Found"))
@@ -112,7 +145,15 @@ def build_app(
             log.exception("unhandled error on %s %s", request.method, request.path)
             return _error_response(LlamaRouterError(f"internal error: {type(exc).__name__}: {exc}"))
 
+    async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+        if (origin := _cors_origin(config, request)) is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+            response.headers.add("Vary", "Origin")
+
     app = web.Application(middlewares=[errors], client_max_size=config.limits.max_body_bytes)
+    if config.cors_origins:
+        app.on_response_prepare.append(cors_headers)
     app[CONFIG] = config
     metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape)
     api = Api(config, child_args, metrics)
@@ -123,7 +164,10 @@ def build_app(
         if state_dir is not None:
             state_dir.acquire()
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
-        session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        # No cookie jar: children set no cookies, and the jar costs time on every request.
+        session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+        )
         memory = None
         if config.memory_budget is not None:
             memory = MemoryManager.from_setting(

@@ -8,6 +8,8 @@ written with their last (long) spelling; then --host 127.0.0.1 --port P --alias 
 
 from __future__ import annotations
 
+import functools
+
 from .config import ModelSpec, RouterConfig
 from .flags import FORCED_PER_CHILD, RESERVED_ALWAYS, FlagTable, canonical
 
@@ -15,12 +17,33 @@ from .flags import FORCED_PER_CHILD, RESERVED_ALWAYS, FlagTable, canonical
 _HIDDEN_IN_PRESET = frozenset({"--host", "--port", "-a", "--tags"}) | RESERVED_ALWAYS
 
 
+# Specs are immutable and the router flags fixed, so results are cached per spec: GET /models
+# renders every model's preset and would-be command line on each call (1,000 files: 1,000x).
+_CACHE_SIZE = 8192
+
+
 class ChildArgs:
     def __init__(self, config: RouterConfig, table: FlagTable) -> None:
         self._config = config
         self._table = table
+        self._merged = functools.lru_cache(maxsize=_CACHE_SIZE)(self._compute_merged)
+        self._preview = functools.lru_cache(maxsize=_CACHE_SIZE)(self._compute_preview)
+        self.preset_ini = functools.lru_cache(maxsize=_CACHE_SIZE)(self._compute_preset_ini)
 
     def merged(self, spec: ModelSpec) -> dict[str, str]:
+        """The options a child of `spec` gets (before the forced per-child ones); a copy."""
+        return dict(self._merged(spec))
+
+    def argv(self, spec: ModelSpec, port: int) -> list[str]:
+        """The child's command line; port 0 gives the preview /models shows."""
+        if port == 0:
+            return list(self._preview(spec))
+        return self._compute_argv(spec, port)
+
+    def _compute_preview(self, spec: ModelSpec) -> tuple[str, ...]:
+        return tuple(self._compute_argv(spec, 0))
+
+    def _compute_merged(self, spec: ModelSpec) -> dict[str, str]:
         opts = dict(spec.options)
         opts.update(self._config.child_options)
         for reserved in RESERVED_ALWAYS:
@@ -33,7 +56,7 @@ class ChildArgs:
         opts["--log-colors"] = "off"
         return opts
 
-    def argv(self, spec: ModelSpec, port: int) -> list[str]:
+    def _compute_argv(self, spec: ModelSpec, port: int) -> list[str]:
         opts = self.merged(spec)
         for forced in FORCED_PER_CHILD:
             opts.pop(forced, None)
@@ -49,7 +72,7 @@ class ChildArgs:
         argv += self._config.child_extra
         return argv
 
-    def preset_ini(self, spec: ModelSpec) -> str:
+    def _compute_preset_ini(self, spec: ModelSpec) -> str:
         lines = [f"[{spec.name}]"]
         opts = self.merged(spec)
         for opt_key in sorted(opts):

@@ -14,7 +14,7 @@ import os
 import shutil
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +98,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--metrics-scrape-timeout", "LLAMAROUTER_METRICS_SCRAPE_TIMEOUT",
             "timeouts.metrics_scrape", "float",
             "seconds GET /metrics waits for each child's own /metrics (queue and KV-cache gauges)"),
+    Setting("--header-timeout", "LLAMAROUTER_HEADER_TIMEOUT", "timeouts.header_read", "float",
+            "seconds a connection may take to send its request headers (slowloris guard; "
+            "also closes idle keep-alive connections; 0 = never)"),
+    Setting("--admin-api-key", "LLAMAROUTER_ADMIN_API_KEY", "router.admin_api_key", "str",
+            "key(s), comma-separated, required for /models/load, /models/unload, "
+            "/models?reload=1 and /models/logs (also accepted everywhere else)"),
 )
 
 EXTRA_OPTIONS: tuple[Opt, ...] = tuple(Opt((s.flag,), (), s.env, 1) for s in SETTINGS)
@@ -123,6 +129,7 @@ _CHILD_ENV_DROP = frozenset(
         "LLAMA_ARG_NO_MODELS_AUTOLOAD",
         "LLAMA_API_KEY",
         "LLAMA_ARG_API_KEY_FILE",
+        "LLAMAROUTER_ADMIN_API_KEY",
         # The router talks plain HTTP to its children and does not serve TLS itself: a
         # child that inherited these would serve HTTPS and never answer our probes.
         "LLAMA_ARG_SSL_KEY_FILE",
@@ -292,6 +299,9 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         host=host,
         port=port,
         api_keys=tuple(api_keys),
+        admin_api_keys=_csv(router.get("admin_api_key")),
+        # llama-server's own --cors-origins (LLAMA_ARG_CORS_ORIGINS), answered by the router.
+        cors_origins=_csv(get("--cors-origins")),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,
         models_preset=Path(preset) if preset else None,
@@ -316,6 +326,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     return config, discovery, table
 
 
+def _csv(value: object) -> tuple[str, ...]:
+    return tuple(v.strip() for v in str(value or "").split(",") if v.strip())
+
+
 class _Fixed:
     """-m/-hf mode: the one model from the command line, whatever a reload finds."""
 
@@ -338,6 +352,9 @@ async def serve(
         handler_cancellation=True,  # a client that goes away cancels its upstream request
         shutdown_timeout=config.timeouts.shutdown_grace,
         access_log=None,
+        # aiohttp arms this timer at accept and partial header bytes do not reset it: a
+        # client that trickles its headers is dropped after --header-timeout.
+        keepalive_timeout=config.timeouts.header_read,
     )
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -410,6 +427,17 @@ async def serve(
             loop.remove_signal_handler(sig)
 
 
+def _run(main: Coroutine[object, object, int]) -> int:
+    """Run on uvloop when it is installed (about 100 us less CPU per proxied request here),
+    else on asyncio's default loop."""
+    try:
+        import uvloop  # noqa: PLC0415  (optional)
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
 def _setup_logging(environ: Mapping[str, str]) -> None:
     level = environ.get("LLAMAROUTER_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
@@ -461,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config, discovery, table = build_config(args, environ)
         if config.single_model is None:
             discovery()  # fail fast on a bad models dir or preset, before binding the port
-        code = asyncio.run(serve(config, discovery, table, Notifier(environ)))
+        code = _run(serve(config, discovery, table, Notifier(environ)))
     except ConfigError as exc:
         click.echo(f"llamarouter: error: {exc.message}", err=True)
         sys.exit(2)

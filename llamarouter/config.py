@@ -21,7 +21,7 @@ class Timeouts:
     load_stall: float = 120.0
     # /health poll interval while loading. Log lines that announce readiness trigger an
     # immediate probe, so this only bounds how late we notice a quiet child.
-    ready_poll: float = 0.05
+    ready_poll: float = 0.02
     # Liveness of READY children: probe every `health_interval`, each probe may take
     # `health_timeout`; `health_failures` consecutive misses kill and replace the child.
     health_interval: float = 5.0
@@ -44,6 +44,11 @@ class Timeouts:
     # GET /metrics fetches each --metrics child's own /metrics for the Inference Extension
     # gauges; a slow child costs the scrape at most this long and is then left out.
     metrics_scrape: float = 1.0
+    # A client connection must deliver complete request headers within this many seconds
+    # of connecting (or of its previous response); idle keep-alive connections are closed
+    # after the same time. Drops slowloris clients (aiohttp's keepalive_timeout, which
+    # runs from the accept and is not reset by partial header bytes). 0 = never.
+    header_read: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,11 @@ class RouterConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     api_keys: tuple[str, ...] = ()
+    # --admin-api-key: when set, only these keys may load, unload, reload and read logs;
+    # they are accepted on every other endpoint too.
+    admin_api_keys: tuple[str, ...] = ()
+    # --cors-origins: origins answered with Access-Control-Allow-Origin ("*" = any).
+    cors_origins: tuple[str, ...] = ()
     server_bin: str = "llama-server"
     models_dir: Path | None = None
     models_preset: Path | None = None

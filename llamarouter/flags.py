@@ -226,11 +226,12 @@ class FlagTable:
     ``preset_only`` rows are INI keys only (see :data:`PRESET_ONLY`).
     """
 
-    __slots__ = ("options", "preset_only", "_spellings", "_keys", "_envs", "_preset_keys")
+    __slots__ = ("options", "preset_only", "_preset_only_ids", "_spellings", "_keys", "_envs", "_preset_keys")
 
     def __init__(self, options: Iterable[Opt] = OPTIONS, *, preset_only: Iterable[Opt] = PRESET_ONLY) -> None:
         self.options: tuple[Opt, ...] = tuple(options)
         self.preset_only: tuple[Opt, ...] = tuple(preset_only)
+        self._preset_only_ids = frozenset(id(p) for p in self.preset_only)
 
         spellings: dict[str, tuple[Opt, bool]] = {}
         keys: dict[str, Opt] = {}
@@ -353,7 +354,8 @@ class FlagTable:
         return value
 
     def is_preset_only(self, opt: Opt) -> bool:
-        return any(opt is p for p in self.preset_only)
+        # Identity, not equality: a preset-only row may equal an option row by value.
+        return id(opt) in self._preset_only_ids
 
     def to_args(self, opt: Opt, value: str) -> list[str]:
         """Render one stored preset value as child arguments (preset.cpp:37-79).

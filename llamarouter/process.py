@@ -29,7 +29,12 @@ child_log = logging.getLogger("llamarouter.child")
 
 # llama-server prints these once the HTTP server answers; seeing one makes us probe
 # /health at once instead of waiting for the next poll tick.
-_READY_HINTS = (b"server is listening", b"all slots are idle", b"main: model loaded")
+_READY_HINTS = (
+    b"listening on http",  # this build: "llama_server: listening on http://H:P"
+    b"server is listening on",  # older builds: "main: server is listening on http://H:P - ..."
+    b": model loaded",
+    b"all slots are idle",
+)
 # A lost port race (another process bound it between our probe and the child's bind).
 _BIND_FAILURE = re.compile(rb"couldn't bind|address already in use|Address already in use")
 # Load-progress lines carrying buffer sizes; memory accounting parses these later.

@@ -278,7 +278,8 @@ class Supervisor:
         proc.last_used = now
         proc.last_activity = now
         proc.last_used_wall = time.time()
-        if proc.in_flight == 0:
+        # An idle model matters only to queued requests (it may now be evicted for them).
+        if proc.in_flight == 0 and self._queue:
             self._schedule()
 
     def _retry_after(self) -> float:

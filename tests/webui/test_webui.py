@@ -123,7 +123,7 @@ async def test_static_files_are_public_typed_and_cached(tmp_path: Path, start_ro
 async def test_table_is_live_and_load_unload_logs_work(
     tmp_path: Path, start_router: StartRouter, page: Page
 ) -> None:
-    d = models_dir(tmp_path, alpha={"load_secs": 1.0}, beta={})
+    d = models_dir(tmp_path, alpha={"load_secs": 2.0}, beta={})
     r = await start_router("--models-dir", str(d))
     await open_ui(page, r)
     await expect(page.locator("#models tbody tr")).to_have_count(2, timeout=T)
@@ -162,7 +162,7 @@ async def test_table_is_live_and_load_unload_logs_work(
 async def test_chat_loads_on_choice_and_streams_token_by_token(
     tmp_path: Path, start_router: StartRouter, page: Page
 ) -> None:
-    d = models_dir(tmp_path, alpha={}, slow={"load_secs": 1.0, "tokens": 20, "tps": 25})
+    d = models_dir(tmp_path, alpha={}, slow={"load_secs": 2.0, "tokens": 20, "tps": 25})
     r = await start_router("--models-dir", str(d))
     await open_ui(page, r)
     await expect(page.locator("#chat-model option")).to_have_count(2, timeout=T)
