@@ -30,6 +30,19 @@ def child_of(r: Router, name: str) -> psutil.Process | None:
     return None
 
 
+async def kill_and_wait_replaced(r: Router, name: str) -> None:
+    """SIGKILL the model's child and wait until a new child serves it."""
+    first = child_of(r, name)
+    assert first is not None
+    first.kill()
+
+    async def back() -> bool:
+        new = child_of(r, name)
+        return new is not None and new.pid != first.pid and await r.status_of(name) == "loaded"
+
+    await wait_for(back, 15, interval=0.05, message=f"{name} to be restarted")
+
+
 async def read_stream(resp: aiohttp.ClientResponse) -> list[bytes]:
     return [e for e in (await resp.read()).split(b"\n\n") if e]
 
@@ -221,15 +234,7 @@ async def test_pinned_model_survives_eviction_and_restarts(tmp_path: Path, start
     models = await r.models()
     assert models["a"]["status"]["value"] == "loaded" and models["a"]["pinned"] is True
     assert models["b"]["status"]["value"] == "unloaded"  # evicted instead of the pinned one
-    first = child_of(r, "a")
-    assert first is not None
-    first.kill()
-
-    async def back() -> bool:
-        new = child_of(r, "a")
-        return new is not None and new.pid != first.pid and await r.status_of("a") == "loaded"
-
-    await wait_for(back, 15, interval=0.05, message="the pinned model to restart")
+    await kill_and_wait_replaced(r, "a")
 
 
 async def test_logs_endpoint(tmp_path: Path, start_router: StartRouter) -> None:
@@ -276,15 +281,7 @@ async def test_single_model_mode_is_supervised(tmp_path: Path, start_router: Sta
     r = await start_router("-m", str(model), "-c", "256")
     await r.wait_status("solo", "loaded")
     assert (await r.chat("solo", max_tokens=1))[0] == 200
-    first = child_of(r, "solo")
-    assert first is not None
-    first.kill()
-
-    async def back() -> bool:
-        new = child_of(r, "solo")
-        return new is not None and new.pid != first.pid and await r.status_of("solo") == "loaded"
-
-    await wait_for(back, 15, interval=0.05, message="the single model to restart")
+    await kill_and_wait_replaced(r, "solo")
 
 
 async def test_second_signal_forces_exit(tmp_path: Path, start_router: StartRouter) -> None:
