@@ -64,5 +64,17 @@ clean:
 # make bench BENCH_ARGS=--quick  - short run
 BENCH_ARGS ?=
 .PHONY: bench
-bench: $(PY)
+bench: server
 	$(PY) -m bench $(BENCH_ARGS)
+
+# make reliability - issue 9: schemathesis fuzzing (100 examples per operation) and the
+#                    thrash test (3000 requests) against fake children; prints a summary.
+#                    The default test run includes both with smaller numbers.
+RELIABILITY_REPORT ?= .reliability-report.txt
+.PHONY: reliability
+reliability: venv
+	@rm -f $(RELIABILITY_REPORT)
+	LLAMAROUTER_THRASH_REQUESTS=3000 LLAMAROUTER_FUZZ_EXAMPLES=100 \
+	LLAMAROUTER_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) \
+		$(PY) -m pytest -q -m reliability tests/reliability; \
+	status=$$?; echo "== reliability summary =="; cat $(RELIABILITY_REPORT) 2>/dev/null; exit $$status

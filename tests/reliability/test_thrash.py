@@ -31,6 +31,7 @@ REQUEST_TIMEOUT = 30.0  # per request, client side: a hang fails the test
 OVERALL_DEADLINE = 300.0
 MAX_QUEUE = 48
 MAX_WAIT = 3.0
+RETRY_PAUSE = 0.25
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -69,7 +70,7 @@ async def test_thrash_many_models_few_slots(tmp_path: Path, start_router: StartR
     next_index = 0
     timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
 
-    async def one(session: aiohttp.ClientSession, model: str, stream: bool) -> None:
+    async def one(session: aiohttp.ClientSession, model: str, stream: bool) -> int:
         body = {"model": model, "stream": stream, "max_tokens": 6,
                 "messages": [{"role": "user", "content": "x"}]}
         t0 = time.monotonic()
@@ -91,16 +92,21 @@ async def test_thrash_many_models_few_slots(tmp_path: Path, start_router: StartR
                         failures.append(f"{model}: 503 without Retry-After or wrong shape: {raw[:200]!r}")
                 else:
                     failures.append(f"{model}: unexpected {resp.status}: {raw[:200]!r}")
+                return resp.status
         except (TimeoutError, aiohttp.ClientError) as exc:
             outcomes[type(exc).__name__] += 1
             failures.append(f"{model}: {type(exc).__name__}: {exc}")
+            return 0
 
     async def client(session: aiohttp.ClientSession) -> None:
         nonlocal next_index
         while next_index < total:
             model, stream = plan[next_index]
             next_index += 1
-            await one(session, model, stream)
+            if await one(session, model, stream) == 503:
+                # A polite client honours Retry-After (scaled down to keep the test short):
+                # pacing of the load, not synchronisation.
+                await asyncio.sleep(RETRY_PAUSE)
 
     started = time.monotonic()
     connector = aiohttp.TCPConnector(limit=CLIENTS)

@@ -63,6 +63,10 @@ async def test_admin_key_guards_admin_endpoints(tmp_path: Path, start_router: St
     assert (await r.get("/models?reload=1", headers=admin1))[0] == 200
     status, text = await r.get("/models/logs?model=alpha", headers=admin2)
     assert status == 200 and isinstance(text, str)
+    # The admin keys never reach a child (command line or environment).
+    (child,) = await wait_for(r.children, 10, message="alpha's child")
+    assert "admin-1" not in " ".join(child.cmdline())
+    assert "LLAMAROUTER_ADMIN_API_KEY" not in child.environ()
 
 
 async def test_admin_key_alone_leaves_normal_endpoints_open(tmp_path: Path, start_router: StartRouter) -> None:

@@ -133,8 +133,12 @@ async def test_cancelled_waiter_leaves_queue_and_costs_no_slot(tmp_path: Path, s
             return (await r.models())["b"]["queued"] == 0
 
         await wait_for(left, 10, message="the cancelled request to leave the queue")
-    # a is idle now; with nobody waiting for b, nothing was evicted and nothing loaded.
-    assert (await r.models())["a"]["in_flight"] == 0
+    # a goes idle once the router has seen its client leave; with nobody waiting for b,
+    # nothing was evicted and nothing loaded.
+    async def idle() -> bool:
+        return (await r.models())["a"]["in_flight"] == 0
+
+    await wait_for(idle, 10, message="a to go idle")
     models = await r.models()
     assert models["a"]["status"]["value"] == "loaded"
     assert models["b"]["status"]["value"] == "unloaded"
