@@ -13,6 +13,7 @@ import functools
 import json
 import re
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,9 @@ class Api:
         self.config = config
         self.child_args = child_args
         self.metrics = metrics
+        self._item_cache: weakref.WeakKeyDictionary[
+            ModelProcess, tuple[tuple[object, ...], tuple[bytes, bytes]]
+        ] = weakref.WeakKeyDictionary()
 
     def bind(self, supervisor: Supervisor, proxy: Proxy, session: aiohttp.ClientSession) -> None:
         self.sup = supervisor
@@ -173,8 +177,34 @@ class Api:
     async def list_models(self, request: web.Request) -> web.Response:
         if request.query.get("reload", ""):
             await self.sup.reload()
-        now = int(time.time())
-        return _json({"data": [self.model_item(p, now) for p in self.sup.visible()], "object": "list"})
+        created = b'"created":%d,' % int(time.time())
+        items = []
+        for proc in self.sup.visible():
+            head, tail = self._item_json(proc)
+            items.append(head + created + tail)
+        return web.Response(
+            body=b'{"data":[' + b",".join(items) + b'],"object":"list"}',
+            content_type="application/json",
+            charset="utf-8",
+        )
+
+    def _item_json(self, proc: ModelProcess) -> tuple[bytes, bytes]:
+        """A model's /models item as JSON, split around `created` (the only field that
+        changes every second). Cached until something the item shows changes: a listing of
+        1,000 models would otherwise rebuild and re-encode 1,000 items on every call."""
+        key = (
+            proc.spec, proc.state, proc.port, proc.in_flight, self.sup.queued_for(proc),
+            proc.restarts, proc.last_used_wall, proc.crashed, proc.exit_code, proc.failure,
+            proc.stop_reason, proc.estimate, proc.measured_bytes, id(proc.loaded_info),
+        )
+        cached = self._item_cache.get(proc)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        text = json.dumps(self.model_item(proc, 0), separators=(",", ":")).encode()
+        # Keys before `created` are fixed and strings are escaped, so this is the field.
+        head, _, tail = text.partition(b'"created":0,')
+        self._item_cache[proc] = (key, (head, tail))
+        return head, tail
 
     def model_item(self, proc: ModelProcess, now: int) -> dict[str, Any]:
         spec = proc.spec

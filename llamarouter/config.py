@@ -22,6 +22,9 @@ class Timeouts:
     # /health poll interval while loading. Log lines that announce readiness trigger an
     # immediate probe, so this only bounds how late we notice a quiet child.
     ready_poll: float = 0.02
+    # After a readiness line, probe every `hint_poll` for up to `hint_window` seconds.
+    hint_poll: float = 0.002
+    hint_window: float = 0.5
     # Liveness of READY children: probe every `health_interval`, each probe may take
     # `health_timeout`; `health_failures` consecutive misses kill and replace the child.
     health_interval: float = 5.0

@@ -97,6 +97,7 @@ class ModelProcess:
         self._stopped = asyncio.Event()
         self._stopped.set()
         self._probe_now = asyncio.Event()
+        self._hinted_at = float("-inf")
         self._last_progress = 0.0
         self._bind_failed = False
         self._cause: str | None = None
@@ -410,12 +411,16 @@ class ModelProcess:
                         f"load stalled: no output and no answer for {timeouts.load_stall:g}s; killed"
                     )
                     return None
+                # A readiness line comes just before the child accepts connections: right
+                # after one, probe at a fast pace instead of waiting a whole poll interval.
+                hinted = now - self._hinted_at < timeouts.hint_window
+                interval = timeouts.hint_poll if hinted else timeouts.ready_poll
                 self._probe_now.clear()
                 probe_wait = asyncio.ensure_future(self._probe_now.wait())
                 try:
                     await asyncio.wait(
                         {exit_wait, stop_wait, probe_wait},
-                        timeout=timeouts.ready_poll,
+                        timeout=interval,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                 finally:
@@ -513,6 +518,7 @@ class ModelProcess:
             self._last_progress = time.monotonic()
             if self.state == State.STARTING:
                 if any(hint in line for hint in _READY_HINTS):
+                    self._hinted_at = time.monotonic()
                     self._probe_now.set()
                 elif _BIND_FAILURE.search(line):
                     self._bind_failed = True
