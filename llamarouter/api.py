@@ -296,6 +296,9 @@ class Api:
             if proc.estimate is not None:
                 entry["estimated_bytes"] = proc.estimate.total
                 entry["estimate"] = proc.estimate.as_dict()
+            rss = self.sup.rss_of(proc)
+            if rss is not None:
+                entry["rss_bytes"] = rss
             if proc.measured_bytes is not None:
                 entry["measured_bytes"] = proc.measured_bytes
                 entry["measured"] = {f"{dev}:{kind}": n for (dev, kind), n in proc.measured.items()}

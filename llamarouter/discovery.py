@@ -367,8 +367,31 @@ class Discovery:
         for name, (source, opts) in sorted(merged.items()):
             full = {**global_opts, **opts}
             specs[name] = self._spec(name, source, full)
+        self._hide_covered_cache_models(specs)
         self._check_names(specs)
         return specs
+
+    def _hide_covered_cache_models(self, specs: dict[str, ModelSpec]) -> None:
+        """`dedup-cache-models = true` in a preset hides the cache entry for the same model
+        (same `hf-repo` id or same file), so it is listed once, under the preset's name."""
+        ids: set[str] = set()
+        paths: set[str] = set()
+        for spec in specs.values():
+            opts = dict(spec.options)
+            if spec.source != "preset" or not is_truthy(opts.get("dedup-cache-models", "")):
+                continue
+            if self._hf_key in opts:
+                ids.add(canonical_tag(opts[self._hf_key]))
+            if spec.model_path:
+                paths.add(os.path.realpath(spec.model_path))
+        if not ids and not paths:
+            return
+        for name, spec in specs.items():
+            if spec.source != "cache":
+                continue
+            path = os.path.realpath(spec.model_path) if spec.model_path else None
+            if name in ids or path in paths:
+                specs[name] = spec.with_changes(hidden=True)
 
     def _spec(self, name: str, source: str, opts: Options) -> ModelSpec:
         aliases = tuple(a.strip() for a in opts.get(self._alias_key, "").split(",") if a.strip())

@@ -189,6 +189,12 @@ class Supervisor:
         except ModelNotFound:
             return None
 
+    def rss_of(self, proc: ModelProcess) -> int | None:
+        """Resident memory of the model's child, if it runs (informational: shared pages and
+        the mapped model file count too)."""
+        child = proc.child
+        return self._launcher.rss_bytes(child) if child is not None else None
+
     def queued_for(self, proc: ModelProcess) -> int:
         """Requests waiting for this model: in the admission queue or for its load."""
         entry = self._queue.get(proc.name)

@@ -114,6 +114,7 @@ async def test_budget_evicts_lru_idle_skips_busy_and_refuses_too_large(
     status, mem = await r.get("/memory")
     assert status == 200 and mem["budget"] == budget and 0 < mem["used"] <= budget
     assert mem["models"]["huge"]["estimated_bytes"] > budget
+    assert mem["models"]["m1"]["rss_bytes"] > 0 and "rss_bytes" not in mem["models"]["m3"]
 
 
 async def test_measured_bytes_from_the_load_report(

@@ -768,3 +768,28 @@ def test_merged_router_options_win(table: FlagTable) -> None:
     assert merged["-c"] == "2"
     assert merged["--temp"] == "0.1"
     assert merged["--log-colors"] == "off"
+
+
+def test_dedup_cache_models_hides_the_cache_entry_a_preset_covers(tmp_path: Path) -> None:
+    from llamarouter.cli import flag_tables
+    from llamarouter.discovery import Discovery, Sources
+
+    commit = "a" * 40
+    repo = tmp_path / "cache" / "models--owner--repo"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    (snap / "model-Q4_K_M.gguf").write_bytes(b"GGUF")
+    (snap / "other-Q8_0.gguf").write_bytes(b"GGUF")
+    preset = tmp_path / "p.ini"
+    preset.write_text(
+        "[mine]\nhf-repo = owner/repo:q4_k_m\ndedup-cache-models = true\n\n"
+        f"[byfile]\nmodel = {snap / 'other-Q8_0.gguf'}\ndedup-cache-models = 1\n"
+    )
+    specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
+    assert specs["owner/repo:Q4_K_M"].hidden and specs["owner/repo:Q8_0"].hidden
+    assert not specs["mine"].hidden and not specs["byfile"].hidden
+    preset.write_text("[mine]\nhf-repo = owner/repo:Q4_K_M\n")
+    specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
+    assert not specs["owner/repo:Q4_K_M"].hidden  # without the key both stay listed
