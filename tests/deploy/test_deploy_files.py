@@ -62,7 +62,8 @@ def test_systemd_unit_settings() -> None:
     }
     for want in (
         "Type=notify", "KillMode=mixed", "WatchdogSec=30", "Restart=on-failure",
-        "StateDirectory=llamarouter llamarouter/models llamarouter/cache",
+        "StateDirectory=llamarouter llamarouter/state llamarouter/models llamarouter/cache",
+        "--state-dir /var/lib/llamarouter/state \\",
         "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only",
         "PrivateTmp=yes", "Environment=LLAMAROUTER_LOG_LEVEL=INFO",
         "DeviceAllow=char-nvidia* rw", "SupplementaryGroups=video render",
