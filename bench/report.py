@@ -181,7 +181,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         targets_table(r),
         "## Method",
         "",
-        f"- small request: `POST /tokenize` `{{\"model\":\"alpha\",\"content\":\"hello world\"}}` (the",
+        "- small request: `POST /tokenize` `{\"model\":\"alpha\",\"content\":\"hello world\"}` (the",
         "  direct server ignores `model`), sequential on one keep-alive connection,",
         f"  {plan['small_rounds']} rounds x {plan['small_per_round']} requests per target after {plan['warmup']} warm-up requests;",
         "  p50/p99 over all samples.",

@@ -22,7 +22,14 @@ from aiohttp import web
 
 from .childargs import ChildArgs
 from .config import RouterConfig
-from .errors import InvalidRequest, LlamaRouterError, ModelNotFound, PayloadTooLarge
+from .errors import (
+    ChildUnreachable,
+    InvalidRequest,
+    LlamaRouterError,
+    ModelNotFound,
+    PayloadTooLarge,
+    UpstreamError,
+)
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .process import ModelProcess
 from .proxy import Proxy
@@ -382,15 +389,30 @@ class Api:
         timing = RequestTiming()
         code = 500
         try:
-            await self.sup.acquire(proc, autoload)
-            try:
-                if self.config.fake_timing:
-                    await asyncio.sleep(self.config.fake_timing_secs)
-                resp = await self.proxy.forward(request, proc, body, timing)
-                code = resp.status
-                return resp
-            finally:
-                self.sup.release(proc)
+            retried = False
+            while True:
+                await self.sup.acquire(proc, autoload)
+                port = proc.port
+                try:
+                    if self.config.fake_timing:
+                        await asyncio.sleep(self.config.fake_timing_secs)
+                    resp = await self.proxy.forward(request, proc, body, timing)
+                    code = resp.status
+                    return resp
+                except UpstreamError as exc:
+                    # Nothing reached our client yet. Typically the child died and its exit
+                    # is not processed yet (a request right after a crash, on a dead pooled
+                    # connection). Send it once more when the child that may have seen it
+                    # is gone, or when it never reached the child at all.
+                    if retried:
+                        raise
+                    retried, failed = True, exc
+                finally:
+                    self.sup.release(proc)
+                await proc.wait_changed_from(port, self.config.timeouts.health_timeout)
+                gone = proc.state != State.READY or proc.port != port
+                if not (gone or isinstance(failed, ChildUnreachable)):
+                    raise failed
         except LlamaRouterError as exc:
             code = exc.status
             raise

@@ -8,11 +8,9 @@ instance lock released.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import logging
-import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
@@ -134,7 +132,7 @@ def build_app(
                 raise
             if request.method == "OPTIONS":
                 # CORS preflight: answered like upstream, without naming an allowed origin.
-                return web.Response(status=200, headers=_PREFLIGHT)  # + origin: cors_headers
+                return web.Response(status=200, headers=_PREFLIGHT)
             if exc.status in (404, 405):
                 # Unknown path or method: upstream answers both with this 404.
                 return _error_response(NotFound("File Not Found"))

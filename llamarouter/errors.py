@@ -82,3 +82,7 @@ class ShuttingDown(Unavailable):
 
 class UpstreamError(LlamaRouterError):
     """The child broke the connection or could not be reached."""
+
+
+class ChildUnreachable(UpstreamError):
+    """Connecting to the child failed, so it never saw the request: safe to send again."""

@@ -37,7 +37,7 @@ _READY_HINTS = (
 )
 # A lost port race (another process bound it between our probe and the child's bind).
 _BIND_FAILURE = re.compile(rb"couldn't bind|address already in use|Address already in use")
-# Load-progress lines carrying buffer sizes; memory accounting parses these later.
+# Fresh ports to try after lost races before the load counts as failed.
 _BIND_RETRIES = 5
 
 StateListener = Callable[["ModelProcess", State, State], None]
@@ -98,6 +98,7 @@ class ModelProcess:
         self._stopped.set()
         self._probe_now = asyncio.Event()
         self._hinted_at = float("-inf")
+        self._changed = asyncio.Event()  # set and replaced on every state change
         self._last_progress = 0.0
         self._bind_failed = False
         self._cause: str | None = None
@@ -194,6 +195,14 @@ class ModelProcess:
         else:
             self.stop("shutdown")
 
+    async def wait_changed_from(self, port: int | None, timeout: float) -> None:
+        """Return once the model is no longer READY on `port` (it crashed, restarted or
+        stopped), or after `timeout`."""
+        if self.state != State.READY or self.port != port:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
+
     def kill_now(self) -> None:
         if self.child is not None and self.child.returncode is None:
             self._launcher.kill(self.child)
@@ -224,6 +233,8 @@ class ModelProcess:
             self._ready = asyncio.get_running_loop().create_future()
         self.state = new
         self.state_changed_at = time.monotonic()
+        self._changed.set()
+        self._changed = asyncio.Event()
         log.info("[%s] %s -> %s", self.name, old, new)
         if new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
             self._stopped.set()
@@ -318,7 +329,6 @@ class ModelProcess:
 
     async def _one_life(self) -> str:
         """Spawn, wait ready, watch. Returns "stopped" (asked to), "crash" or "bind"."""
-        timeouts = self._config.timeouts
         if self._config.fake_timing:
             # Upstream's LLAMA_SERVER_DEBUG_FAKE_TIMING sleeps before every load.
             await asyncio.sleep(self._config.fake_timing_secs)

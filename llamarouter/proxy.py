@@ -17,7 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import UpstreamError
+from .errors import ChildUnreachable, UpstreamError
 from .metrics import RequestTiming
 from .process import ModelProcess
 
@@ -99,6 +99,8 @@ class Proxy:
                 auto_decompress=False,
             )
             upstream = await upstream_cm.__aenter__()
+        except aiohttp.ClientConnectorError as exc:
+            raise ChildUnreachable(f"proxy error: {_describe(exc)}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise UpstreamError(f"proxy error: {_describe(exc)}") from exc
         now = proc.last_activity = time.monotonic()
