@@ -239,11 +239,8 @@ class ModelProcess:
         if new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
             self._stopped.set()
             self.port = None
-            self._settle_ready(new)
-        elif new == State.READY:
-            self._settle_ready(new)
-        elif new == State.STOPPING:
-            self._settle_ready(new)
+        if new not in (State.STARTING, State.BACKOFF):
+            self._settle_ready(new)  # waiters learn the outcome of the load they wait for
         self._on_state(self, old, new)
 
     def _settle_ready(self, new: State) -> None:
