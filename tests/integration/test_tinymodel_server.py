@@ -6,7 +6,6 @@ import asyncio
 import base64
 import socket
 import struct
-import time
 import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from llamarouter.devtools.tinymodel import (
     write_mmproj,
     write_model,
 )
+from tests.fakes.helpers import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -111,20 +111,19 @@ async def llama_server(model: Path, *extra: str, log_dir: Path) -> AsyncIterator
 
 
 async def wait_healthy(server: Server, proc: asyncio.subprocess.Process) -> None:
-    deadline = time.monotonic() + STARTUP_DEADLINE_S
-    while time.monotonic() < deadline:
+    async def healthy() -> bool:
         if proc.returncode is not None:
             pytest.fail(f"llama-server exited with {proc.returncode}:\n{server.log.read_text(errors='replace')[-3000:]}")
-        try:
-            async with server.session.get(server.url + "/health",
-                                          timeout=aiohttp.ClientTimeout(total=2)) as resp:
-                if resp.status == 200:
-                    return
-        except (aiohttp.ClientError, TimeoutError):
-            pass  # not listening yet
-        await asyncio.sleep(0.05)
-    pytest.fail(f"llama-server not healthy after {STARTUP_DEADLINE_S}s:\n"
-                f"{server.log.read_text(errors='replace')[-3000:]}")
+        async with server.session.get(server.url + "/health",
+                                      timeout=aiohttp.ClientTimeout(total=2)) as resp:
+            return resp.status == 200
+
+    try:
+        await wait_for(healthy, STARTUP_DEADLINE_S, interval=0.05,
+                       ignore=(aiohttp.ClientError, TimeoutError))  # not listening yet
+    except TimeoutError:
+        pytest.fail(f"llama-server not healthy after {STARTUP_DEADLINE_S}s:\n"
+                    f"{server.log.read_text(errors='replace')[-3000:]}")
 
 
 async def assert_completes(server: Server, n_predict: int = 8) -> dict[str, Any]:

@@ -147,7 +147,8 @@ async def test_fifo_and_one_entry_per_model() -> None:
     assert m["b"].state == State.STARTING and m["c"].state == State.STOPPED
     await asyncio.gather(tb1, tb2)
     m["b"].ready()
-    # c is next; b stays until idle (b is "wanted" only while its waiters wait)
+    # b's waiters were granted (stand-ins count no request in flight), so b is idle and
+    # no longer wanted: it is evicted for c, the next in line.
     assert m["b"].state == State.STOPPING
     m["b"].exited()
     assert m["c"].state == State.STARTING
