@@ -22,13 +22,13 @@ import click
 from aiohttp import web
 
 from . import __version__
-from .app import SUPERVISOR, build_app
-from .supervisor import Supervisor
-from .childargs import ChildArgs
-from .config import Limits, ModelSpec, RouterConfig, Timeouts
-from .discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
+from .web.app import SUPERVISOR, build_app
+from .core.supervisor import Supervisor
+from .settings.childargs import ChildArgs
+from .settings.config import Limits, ModelSpec, RouterConfig, Timeouts
+from .settings.discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
 from .errors import BinaryNotFound, ConfigError, LlamaRouterError
-from .flags import (
+from .settings.flags import (
     PRESET_ONLY,
     ROUTER_ONLY,
     FlagTable,
@@ -37,8 +37,8 @@ from .flags import (
     key,
     split_argv,
 )
-from .flagtable import OPTIONS
-from .memory import parse_bytes
+from .settings.flagtable import OPTIONS
+from .core.memory import parse_bytes
 from .sdnotify import Notifier
 
 log = logging.getLogger("llamarouter")

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 
 from llamarouter.devtools.tinymodel import ModelShape, shape_for_size, write_model
-from llamarouter.gguf_info import RunSettings, estimate, parse_buffer_line, read_facts
+from llamarouter.core.gguf_info import RunSettings, estimate, parse_buffer_line, read_facts
 from tests.conftest import StartRouter
 from tests.fakes.helpers import free_port
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from llamarouter import app as app_module
-from llamarouter.config import RouterConfig
+from llamarouter.web import app as app_module
+from llamarouter.settings.config import RouterConfig
 from tests.conftest import StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
 

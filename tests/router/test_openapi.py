@@ -8,9 +8,9 @@ from pathlib import Path
 import yaml
 from openapi_spec_validator import validate as validate_spec
 
-from llamarouter.api import PROXIED_GET, PROXIED_POST
-from llamarouter.app import build_app
-from llamarouter.childargs import ChildArgs
+from llamarouter.web.api import PROXIED_GET, PROXIED_POST
+from llamarouter.web.app import build_app
+from llamarouter.settings.childargs import ChildArgs
 from llamarouter.cli import build_config
 from tests import openapi_check
 from tests.conftest import StartRouter
@@ -21,7 +21,7 @@ def test_spec_is_valid_openapi_31_and_shipped_with_the_package() -> None:
     spec = openapi_check.spec()
     assert spec["openapi"].startswith("3.1")
     validate_spec(spec)
-    packaged = Path(__file__).resolve().parents[2] / "llamarouter" / "openapi.yaml"
+    packaged = Path(__file__).resolve().parents[2] / "llamarouter" / "web" / "openapi.yaml"
     assert yaml.safe_load(packaged.read_text()) == spec
 
 

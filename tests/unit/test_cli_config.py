@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from llamarouter.cli import SETTINGS, build_config, find_server_bin
-from llamarouter.config import Limits, RouterConfig, Timeouts
+from llamarouter.settings.config import Limits, RouterConfig, Timeouts
 from llamarouter.errors import BinaryNotFound, ConfigError
-from llamarouter.flags import ROUTER_ONLY, env_names, key
-from llamarouter.flagtable import OPTIONS
+from llamarouter.settings.flags import ROUTER_ONLY, env_names, key
+from llamarouter.settings.flagtable import OPTIONS
 
 
 def make_exe(path: Path) -> Path:

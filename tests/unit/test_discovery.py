@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from llamarouter.childargs import ChildArgs
+from llamarouter.settings.childargs import ChildArgs
 from llamarouter.cli import flag_tables
-from llamarouter.config import ModelSpec, RouterConfig
+from llamarouter.settings.config import ModelSpec, RouterConfig
 from llamarouter.devtools.tinymodel import write_model
-from llamarouter.discovery import (
+from llamarouter.settings.discovery import (
     Discovery,
     Sources,
     cache_dir_from_env,
@@ -26,7 +26,7 @@ from llamarouter.discovery import (
     split_info,
 )
 from llamarouter.errors import ConfigError
-from llamarouter.flags import FlagTable, key
+from llamarouter.settings.flags import FlagTable, key
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 OTHER_COMMIT = "fedcba9876543210fedcba9876543210fedcba98"
@@ -116,7 +116,7 @@ def test_top_level_shards_form_one_model_at_the_first_shard(tmp_path: Path) -> N
 def test_top_level_shards_without_first_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     touch(tmp_path / "big-00002-of-00003.gguf")
     touch(tmp_path / "big-00003-of-00003.gguf")
-    with caplog.at_level(logging.WARNING, logger="llamarouter.discovery"):
+    with caplog.at_level(logging.WARNING, logger="llamarouter.settings.discovery"):
         assert scan_models_dir(tmp_path) == []
     assert "big" in caplog.text
 
@@ -164,7 +164,7 @@ def test_subdirectory_with_two_candidates_picks_first_by_name_and_warns(
     sub = tmp_path / "m"
     touch(sub / "b-model.gguf")
     a = touch(sub / "a-model.gguf")
-    with caplog.at_level(logging.WARNING, logger="llamarouter.discovery"):
+    with caplog.at_level(logging.WARNING, logger="llamarouter.settings.discovery"):
         models = scan_models_dir(tmp_path)
     assert [(m.name, m.path) for m in models] == [("m", a)]
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -772,7 +772,7 @@ def test_merged_router_options_win(table: FlagTable) -> None:
 
 def test_dedup_cache_models_hides_the_cache_entry_a_preset_covers(tmp_path: Path) -> None:
     from llamarouter.cli import flag_tables
-    from llamarouter.discovery import Discovery, Sources
+    from llamarouter.settings.discovery import Discovery, Sources
 
     commit = "a" * 40
     repo = tmp_path / "cache" / "models--owner--repo"

@@ -1,4 +1,4 @@
-"""Tests for the llama-server option table (llamarouter.flagtable / llamarouter.flags)."""
+"""Tests for the llama-server option table (llamarouter.settings.flagtable / llamarouter.settings.flags)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from llamarouter import flagtable
-from llamarouter.flags import (
+from llamarouter.settings import flagtable
+from llamarouter.settings.flags import (
     FORCED_PER_CHILD,
     OPTIONS,
     PRESET_ONLY,

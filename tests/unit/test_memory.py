@@ -8,8 +8,8 @@ import pytest
 
 from llamarouter.devtools.tinymodel import ModelShape, write_model
 from llamarouter.errors import ConfigError
-from llamarouter.eviction import Candidate, plan_evictions
-from llamarouter.gguf_info import (
+from llamarouter.core.scheduler import Candidate, plan_evictions
+from llamarouter.core.gguf_info import (
     FactsCache,
     RunSettings,
     effective_ctx,
@@ -17,7 +17,7 @@ from llamarouter.gguf_info import (
     parse_buffer_line,
     read_facts,
 )
-from llamarouter.memory import Device, MemoryManager, parse_bytes
+from llamarouter.core.memory import Device, MemoryManager, parse_bytes
 
 SHAPE = ModelShape(n_embd=128, n_layer=3, n_head=4, n_head_kv=2, n_ff=256, n_ctx_train=2048)
 

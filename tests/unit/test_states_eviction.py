@@ -6,8 +6,8 @@ import itertools
 
 import pytest
 
-from llamarouter.eviction import Candidate, plan_evictions
-from llamarouter.states import (
+from llamarouter.core.scheduler import Candidate, plan_evictions
+from llamarouter.core.states import (
     LIVE_STATES,
     SLOT_STATES,
     TERMINAL_STATES,

@@ -9,12 +9,12 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from llamarouter.config import Limits, ModelSpec, RouterConfig
+from llamarouter.settings.config import Limits, ModelSpec, RouterConfig
 from llamarouter.errors import BudgetExceeded, InvalidRequest, LlamaRouterError
-from llamarouter.gguf_info import Estimate
-from llamarouter.memory import Device, MemoryManager
-from llamarouter.states import SLOT_STATES, State
-from llamarouter.supervisor import Supervisor
+from llamarouter.core.gguf_info import Estimate
+from llamarouter.core.memory import Device, MemoryManager
+from llamarouter.core.states import SLOT_STATES, State
+from llamarouter.core.supervisor import Supervisor
 from tests.fakes.helpers import wait_for
 
 

@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from .childargs import ChildArgs
-from .config import RouterConfig
-from .errors import (
+from ..settings.childargs import ChildArgs
+from ..settings.config import RouterConfig
+from ..errors import (
     ChildUnreachable,
     InvalidRequest,
     LlamaRouterError,
@@ -31,10 +31,10 @@ from .errors import (
     UpstreamError,
 )
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
-from .process import ModelProcess
+from ..core.process import ModelProcess
 from .proxy import Proxy
-from .states import State
-from .supervisor import Supervisor
+from ..core.states import State
+from ..core.supervisor import Supervisor
 from . import webui
 
 # Routes upstream proxies by the body's "model" (server.cpp, router branch).
@@ -316,7 +316,7 @@ class Api:
         return _json(body)
 
     async def openapi(self, request: web.Request) -> web.Response:
-        """docs/openapi.yaml (shipped as llamarouter/openapi.yaml) as JSON."""
+        """docs/openapi.yaml (shipped as llamarouter/web/openapi.yaml) as JSON."""
         return _json(openapi_spec())
 
     async def download(self, request: web.Request) -> web.Response:

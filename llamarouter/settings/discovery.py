@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import ModelSpec
-from .errors import ConfigError
+from ..errors import ConfigError
 from .flags import FlagTable, Opt, is_falsey, is_truthy, key
 
-log = logging.getLogger("llamarouter.discovery")
+log = logging.getLogger("llamarouter.settings.discovery")
 
 _DRAFT_PREFIXES = ("mtp-", "dspark-", "dflash-")
 _CACHE_SKIP = ("mmproj", "mtp-", "eagle3-", "dflash-", "dspark-")

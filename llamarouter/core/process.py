@@ -18,13 +18,13 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import aiohttp
 
-from .config import RouterConfig, ModelSpec
-from .errors import ModelFailed, StartAborted, StartFailed
+from ..settings.config import RouterConfig, ModelSpec
+from ..errors import ModelFailed, StartAborted, StartFailed
 from .gguf_info import Estimate, parse_buffer_line
 from .launcher import Child, Launcher
 from .states import SLOT_STATES, State, api_status, check_transition
 
-log = logging.getLogger("llamarouter.process")
+log = logging.getLogger("llamarouter.core.process")
 child_log = logging.getLogger("llamarouter.child")
 
 # llama-server prints these once the HTTP server answers; seeing one makes us probe

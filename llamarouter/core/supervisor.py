@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from .config import ModelSpec, RouterConfig
-from .errors import (
+from ..settings.config import ModelSpec, RouterConfig
+from ..errors import (
     ConfigError,
     InvalidRequest,
     LlamaRouterError,
@@ -33,14 +33,14 @@ from .errors import (
     BudgetExceeded,
     Unavailable,
 )
-from .eviction import Candidate, plan_evictions
+from .scheduler import Candidate, plan_evictions
 from .launcher import Launcher
 from .memory import MemoryManager
 from .process import ModelProcess
 from .states import State, api_status
 from .statedir import StateDir
 
-log = logging.getLogger("llamarouter.supervisor")
+log = logging.getLogger("llamarouter.core.supervisor")
 
 Discover = Callable[[], dict[str, ModelSpec]]
 ArgvBuilder = Callable[[ModelSpec, int], Sequence[str]]

@@ -17,11 +17,11 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
-from .errors import ChildUnreachable, UpstreamError
+from ..errors import ChildUnreachable, UpstreamError
 from .metrics import RequestTiming
-from .process import ModelProcess
+from ..core.process import ModelProcess
 
-log = logging.getLogger("llamarouter.proxy")
+log = logging.getLogger("llamarouter.web.proxy")
 
 # Request headers not forwarded: hop-by-hop ones, plus what upstream drops
 # (Accept-Encoding, Transfer-Encoding, Content-Length) and Host, which the client sets.

@@ -18,17 +18,17 @@ from aiohttp import web
 
 from . import webui
 from .api import Api, error_body
-from .childargs import ChildArgs
-from .config import ModelSpec, RouterConfig
-from .errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
-from .launcher import Launcher, OsLauncher
-from .memory import MemoryManager
+from ..settings.childargs import ChildArgs
+from ..settings.config import ModelSpec, RouterConfig
+from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
+from ..core.launcher import Launcher, OsLauncher
+from ..core.memory import MemoryManager
 from .metrics import RouterMetrics
 from .proxy import Proxy
-from .statedir import StateDir
-from .supervisor import Supervisor
+from ..core.statedir import StateDir
+from ..core.supervisor import Supervisor
 
-log = logging.getLogger("llamarouter.app")
+log = logging.getLogger("llamarouter.web.app")
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 CONFIG = web.AppKey("config", RouterConfig)

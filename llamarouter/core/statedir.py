@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING
 
 import filelock
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .launcher import kill_leftover, process_create_time
 
 if TYPE_CHECKING:
     from .process import ModelProcess
 
-log = logging.getLogger("llamarouter.statedir")
+log = logging.getLogger("llamarouter.core.statedir")
 
 
 class StateDir:

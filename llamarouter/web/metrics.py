@@ -22,11 +22,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .states import State
+from ..core.states import State
 
 if TYPE_CHECKING:
-    from .process import ModelProcess
-    from .supervisor import Supervisor
+    from ..core.process import ModelProcess
+    from ..core.supervisor import Supervisor
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

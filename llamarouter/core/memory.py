@@ -19,13 +19,13 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .gguf_info import Estimate, FactsCache, RunSettings, estimate
 
 if TYPE_CHECKING:
     from .process import ModelProcess
 
-log = logging.getLogger("llamarouter.memory")
+log = logging.getLogger("llamarouter.core.memory")
 
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 

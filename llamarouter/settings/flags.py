@@ -1,6 +1,6 @@
 """llama-server option lookups, command-line tokenising and preset-key rules.
 
-Built on the generated :mod:`llamarouter.flagtable` (see ``bin/gen-flag-table``).
+Built on the generated :mod:`llamarouter.settings.flagtable` (see ``bin/gen-flag-table``).
 Upstream behaviour that is mirrored here is cited as ``file:line`` of the
 llama.cpp sources the table was generated from (common/arg.cpp,
 common/preset.cpp, tools/server/server-models.cpp).
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import NamedTuple
 
-from llamarouter.flagtable import OPTIONS, Opt
+from llamarouter.settings.flagtable import OPTIONS, Opt
 
 __all__ = [
     "OPTIONS",
