@@ -13,8 +13,11 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
-from collections.abc import Coroutine, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +25,7 @@ import click
 from aiohttp import web
 
 from . import __version__
-from .web.app import SUPERVISOR, build_app
+from .web.app import ACTIVE, SUPERVISOR, build_app
 from .core.supervisor import Supervisor
 from .settings.childargs import ChildArgs
 from .settings.config import Limits, ModelSpec, RouterConfig, Timeouts
@@ -342,33 +345,88 @@ class _Fixed:
 
 
 # --------------------------------------------------------------------------- running
+def bind_listeners(host: str, port: int) -> list[socket.socket]:
+    """Bind every address `host` resolves to, before anything else starts: a taken port is
+    a startup error in every mode, with no child spawned and nothing to clean up."""
+    socks: list[socket.socket] = []
+    try:
+        infos = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        seen: set[tuple[object, ...]] = set()
+        for family, kind, proto, _, addr in infos:
+            if (family, addr) in seen:
+                continue
+            seen.add((family, addr))
+            sock = socket.socket(family, kind, proto)
+            socks.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            sock.setblocking(False)
+    except OSError as exc:
+        for sock in socks:
+            sock.close()
+        raise OSError(exc.errno, f"couldn't bind HTTP server socket, hostname: {host}, port: {port}: {exc.strerror or exc}") from None
+    return socks
+
+
+class _Stop:
+    """Signals only flip state here (uvicorn's rule); the serve loop acts on it."""
+
+    def __init__(self, on_force: Callable[[], None]) -> None:
+        self.requested = asyncio.Event()
+        self._on_force = on_force
+        self.count = 0
+
+    def signal(self) -> None:
+        self.count += 1
+        if self.count == 1:
+            log.info("shutting down: finishing in-flight requests (signal again to force)")
+            self.requested.set()
+        else:
+            self._on_force()
+
+
 async def serve(
     config: RouterConfig, discovery: Discovery, table: FlagTable, notifier: Notifier | None = None
 ) -> int:
+    """Run until SIGTERM/SIGINT. Shutdown: stop accepting, 503 for new work, in-flight
+    responses get `--shutdown-grace`, then the rest are cancelled, children stopped in
+    parallel (each bounded), the session closed and the lock released. A second signal
+    kills every child's process group and exits at once with code 1."""
     notifier = notifier or Notifier({})
+    socks = bind_listeners(config.host, config.port)
     app = build_app(config, discovery, ChildArgs(config, table))
     runner = web.AppRunner(
         app,
         handler_cancellation=True,  # a client that goes away cancels its upstream request
-        shutdown_timeout=config.timeouts.shutdown_grace,
+        # Our own drain below waits the grace; by the time aiohttp's shutdown runs, what is
+        # left is being cancelled and only needs this long to unwind.
+        shutdown_timeout=config.timeouts.shutdown_cancel,
         access_log=None,
         # aiohttp arms this timer at accept and partial header bytes do not reset it: a
         # client that trickles its headers is dropped after --header-timeout.
         keepalive_timeout=config.timeouts.header_read,
     )
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    force = asyncio.Event()
-    signals_seen = 0
 
-    def on_stop_signal() -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen == 1:
-            log.info("shutting down: finishing in-flight requests (signal again to force)")
-            stop.set()
-        else:
-            force.set()
+    def force() -> None:
+        log.warning("forced exit: killing every child now")
+        sup = app.get(SUPERVISOR)
+        if sup is not None:
+            sup.kill_all()
+        # Whatever is still running (streams, loads, executor threads) must not hold the
+        # process: children are SIGKILLed above (and die with us via PDEATHSIG anyway).
+        logging.shutdown()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(1)
+
+    stop = _Stop(force)
 
     async def reload(sup: Supervisor) -> None:
         try:
@@ -379,7 +437,7 @@ async def serve(
 
     def on_hup() -> None:
         sup = app.get(SUPERVISOR)
-        if sup is not None:
+        if sup is not None and not sup.closing:
             task = loop.create_task(reload(sup))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
@@ -387,37 +445,41 @@ async def serve(
     reloads: set[asyncio.Task[None]] = set()
     watchdog: asyncio.Task[None] | None = None
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, on_stop_signal)
+        loop.add_signal_handler(sig, stop.signal)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
-        await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-        await site.start()
+        try:
+            await runner.setup()
+            sites = [web.SockSite(runner, sock) for sock in socks]
+            for site in sites:
+                await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         log.info("llamarouter %s listening on http://%s:%d", __version__, config.host, config.port)
         if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
             log.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
         notifier.ready(f"listening on {config.host}:{config.port}")
         watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
-        await stop.wait()
+        await stop.requested.wait()
         notifier.stopping("finishing in-flight requests")
         sup = app.get(SUPERVISOR)
         if sup is not None:
             sup.begin_shutdown()
-        cleanup = asyncio.ensure_future(runner.cleanup())
-        force_wait = asyncio.ensure_future(force.wait())
-        await asyncio.wait({cleanup, force_wait}, return_when=asyncio.FIRST_COMPLETED)
-        if not cleanup.done():
-            log.warning("forced exit: killing every child now")
-            if sup is not None:
-                sup.kill_all()
-            cleanup.cancel()
-            with contextlib.suppress(BaseException):
-                await cleanup
-            return 1
-        force_wait.cancel()
-        cleanup.result()
+        for site in sites:
+            await site.stop()  # no new connections; open ones finish their request
+        active = app[ACTIVE]
+        if not await active.wait_idle(config.timeouts.shutdown_grace):
+            log.warning(
+                "shutdown grace of %gs over: cancelling %d request(s) in flight",
+                config.timeouts.shutdown_grace, active.count,
+            )
+            await active.cancel_all(config.timeouts.shutdown_cancel)
+        await runner.cleanup()
         return 0
     finally:
+        for task in reloads:
+            task.cancel()
         if watchdog is not None:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -425,17 +487,52 @@ async def serve(
         notifier.close()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        for sock in socks:
+            sock.close()
 
 
-def _run(main: Coroutine[object, object, int]) -> int:
+def _run(main: Coroutine[object, object, int], settle: float) -> int:
     """Run on uvloop when it is installed (about 100 us less CPU per proxied request here),
-    else on asyncio's default loop."""
+    else on asyncio's default loop. Unlike asyncio.run, the teardown is bounded: leftover
+    tasks get `settle` seconds, and executor threads are not waited for here (see main)."""
     try:
         import uvloop  # noqa: PLC0415  (optional)
+
+        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     except ImportError:
-        return asyncio.run(main)
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(main)
+        factory = asyncio.new_event_loop
+    loop = factory()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        try:
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=settle))
+            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), settle))
+        except (TimeoutError, RuntimeError) as exc:
+            log.warning("teardown did not finish cleanly: %r", exc)
+        finally:
+            loop.close()  # shuts the default executor down without waiting for its threads
+
+
+def _exit(code: int, settle: float) -> None:
+    """Exit with `code` within `settle` seconds even if a worker thread is stuck (a file read
+    on a hung mount, a slow name lookup): the interpreter would otherwise join it forever."""
+    deadline = time.monotonic() + settle
+    for thread in threading.enumerate():
+        if thread is threading.main_thread() or thread.daemon:
+            continue
+        thread.join(max(0.0, deadline - time.monotonic()))
+    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
+        log.warning("exiting with worker threads still running")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def _setup_logging(environ: Mapping[str, str]) -> None:
@@ -489,7 +586,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         config, discovery, table = build_config(args, environ)
         if config.single_model is None:
             discovery()  # fail fast on a bad models dir or preset, before binding the port
-        code = _run(serve(config, discovery, table, Notifier(environ)))
+        code = _run(serve(config, discovery, table, Notifier(environ)), config.timeouts.force_exit)
     except ConfigError as exc:
         click.echo(f"llamarouter: error: {exc.message}", err=True)
         sys.exit(2)
@@ -499,5 +596,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:
         click.echo(f"llamarouter: error: {exc}", err=True)
         sys.exit(1)
-    sys.exit(code)
+    _exit(code, config.timeouts.force_exit)
 

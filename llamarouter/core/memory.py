@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from ..errors import ConfigError
+from ..settings.config import ModelSpec
 from .gguf_info import Estimate, FactsCache, RunSettings, estimate
 
 if TYPE_CHECKING:
@@ -87,6 +88,8 @@ class MemoryManager:
         self._recovery_wait = recovery_wait
         self._poll = poll
         self._facts = FactsCache()
+        # Estimates are the memory manager's, keyed by model and valid for one spec.
+        self._estimates: dict[str, tuple[ModelSpec, Estimate]] = {}
 
     @classmethod
     def from_setting(
@@ -103,8 +106,9 @@ class MemoryManager:
 
     async def estimate_for(self, proc: ModelProcess, options: dict[str, str]) -> Estimate | None:
         """Estimate once per spec; None when the model file is unknown or unreadable."""
-        if proc.estimate is not None and proc.estimate_spec is proc.spec:
-            return proc.estimate
+        known = self._estimates.get(proc.name)
+        if known is not None and known[0] == proc.spec:
+            return known[1]
         path = proc.spec.model_path
         if not path:
             return None
@@ -114,17 +118,21 @@ class MemoryManager:
             log.warning("[%s] cannot read %s for a memory estimate: %s", proc.name, path, exc)
             return None
         est = estimate(facts, RunSettings.from_options(options), self.probe.gpu)
-        proc.estimate = est
-        proc.estimate_spec = proc.spec
+        self._estimates[proc.name] = (proc.spec, est)
         return est
 
-    @staticmethod
-    def footprint(proc: ModelProcess) -> int:
+    def estimate_of(self, proc: ModelProcess) -> Estimate | None:
+        """The estimate made for the model's current spec, if any (no file access)."""
+        known = self._estimates.get(proc.name)
+        return known[1] if known is not None and known[0] == proc.spec else None
+
+    def footprint(self, proc: ModelProcess) -> int:
         """What a model counts against the budget: its measured load report when we have
         one, else the estimate (RSS is shown but not used: it counts shared pages)."""
         if proc.measured_bytes:
             return proc.measured_bytes
-        return proc.estimate.total if proc.estimate is not None else 0
+        est = self.estimate_of(proc)
+        return est.total if est is not None else 0
 
     def used(self, procs: Iterable[ModelProcess]) -> int:
         return sum(self.footprint(p) for p in procs if p.holds_slot)

@@ -1,9 +1,15 @@
-"""One supervised llama-server child.
+"""One supervised llama-server child, owned by one task.
 
-A ModelProcess owns at most one OS process at a time and one run task per lifecycle
-(spawn -> wait ready -> watch -> exit). State changes only through `_set_state`, which
-checks the transition table and tells the supervisor. Public methods never await between
-reading the state and changing it, so asyncio's interleaving cannot split a decision.
+`ModelProcess` is an actor (llama-swap's single-writer `run()`): its owner task reads
+messages from one inbox and is the only code that changes the model's state. Callers send
+commands (`start`, `stop`, `shutdown`) that return at once with a future; the slow parts of
+a child's life (spawn, load, liveness, terminate, reap) run in a side task, the *life*,
+which never changes state: it reports what happened (`_Loaded`, `_Exited`) to the inbox.
+Messages from an older life carry an older generation number and are ignored, so a late
+report can never move a newer life's state.
+
+Handlers of messages never await: a decision and its effect happen in one step. Every
+await in a life is bounded by a named setting (`Timeouts`).
 """
 
 from __future__ import annotations
@@ -11,20 +17,23 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import enum
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
-import aiohttp
-
-from ..settings.config import RouterConfig, ModelSpec
-from ..errors import ModelFailed, StartAborted, StartFailed
-from .gguf_info import Estimate, parse_buffer_line
+from ..errors import ShuttingDown
+from ..settings.config import ModelSpec, RouterConfig
+from .gguf_info import parse_buffer_line
 from .launcher import Child, Launcher
-from .states import SLOT_STATES, State, api_status, check_transition
+from .logring import LogRing
+from .probes import Probe
+from .states import SLOT_STATES, State, check_transition
 
-log = logging.getLogger("llamarouter.core.process")
+log = logging.getLogger("llamarouter.process")
 child_log = logging.getLogger("llamarouter.child")
 
 # llama-server prints these once the HTTP server answers; seeing one makes us probe
@@ -44,74 +53,182 @@ StateListener = Callable[["ModelProcess", State, State], None]
 ArgvBuilder = Callable[[ModelSpec, int], Sequence[str]]
 
 
+class Demand(Protocol):
+    """What the supervisor knows about a model's requests (the process only reads it)."""
+
+    def in_flight(self, name: str) -> int: ...
+
+    def wanted(self, name: str) -> bool: ...
+
+    def last_activity(self, name: str) -> float: ...
+
+    def set_activity(self, name: str, when: float) -> None: ...
+
+
+class _NoDemand:
+    def in_flight(self, name: str) -> int:
+        return 0
+
+    def wanted(self, name: str) -> bool:
+        return False
+
+    def last_activity(self, name: str) -> float:
+        return 0.0
+
+    def set_activity(self, name: str, when: float) -> None:
+        pass
+
+
+class _Cmd(enum.Enum):
+    START = "start"
+    STOP = "stop"
+    SHUTDOWN = "shutdown"
+    CLOSE = "close"  # the owner task ends (the model left the supervisor)
+
+
+@dataclass
+class _Command:
+    cmd: _Cmd
+    reason: str = ""
+    fut: asyncio.Future[None] | None = None
+
+
+@dataclass
+class _Loaded:
+    gen: int
+    info: dict[str, Any]
+
+
+@dataclass
+class _Exited:
+    gen: int
+    code: int | None = None
+    asked: bool = False  # it exited because we stopped it
+    bind_failed: bool = False
+    loaded: bool = False  # it reached READY in this life
+    cause: str | None = None
+
+
+@dataclass
+class _BackoffDone:
+    gen: int
+
+
+_Message = _Command | _Loaded | _Exited | _BackoffDone
+
+
+@dataclass
+class _Life:
+    """What the owner keeps of the current attempt: its task and how to stop it."""
+
+    gen: int
+    task: asyncio.Task[None] | None = None
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    kill_at_once: bool = False
+
+
 class ModelProcess:
     def __init__(
         self,
         spec: ModelSpec,
         config: RouterConfig,
         launcher: Launcher,
-        session: aiohttp.ClientSession,
+        probe: Probe,
         build_argv: ArgvBuilder,
         on_state: StateListener,
+        demand: Demand | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
         self._config = config
         self._launcher = launcher
-        self._session = session
+        self._probe = probe
         self._build_argv = build_argv
         self._on_state = on_state
+        self._demand: Demand = demand or _NoDemand()
 
         self.state = State.STOPPED
         self.state_changed_at = time.monotonic()
         self.port: int | None = None
         self.child: Child | None = None
         self.argv: list[str] = []
-        self.in_flight = 0
-        self.last_used = 0.0  # monotonic; stamped when a request finishes
-        self.last_used_wall = 0.0
-        self.last_activity = 0.0  # a proxied response started or ended (liveness hint)
         self.exit_code: int | None = None
         self.crashed = False  # last exit was not asked for (upstream's failed: true)
         self.failure: str | None = None  # why FAILED / why the last load failed
         self.stop_reason: str | None = None
         self.restarts = 0
         self.crash_times: collections.deque[float] = collections.deque()
-        self.loaded_info: dict[str, object] = {}
-        self.logs: collections.deque[str] = collections.deque(maxlen=config.limits.log_lines)
-        self.log_listeners: set[asyncio.Queue[str | None]] = set()
-        self.waiters = 0  # requests blocked in wait_ready(): the model is wanted
+        self.loaded_info: dict[str, Any] = {}
+        self.logs = LogRing(config.limits.log_lines, config.limits.log_lines)
         self.load_started_at: float | None = None
-        # Memory accounting (used only with a budget): the estimate for `estimate_spec`,
-        # and the buffer sizes the child reported while loading, by (device, kind).
-        self.estimate: Estimate | None = None
-        self.estimate_spec: ModelSpec | None = None
-        self.measured: dict[tuple[str, str], int] = {}
-        # Awaited before each spawn (the supervisor waits there for freed memory to return).
-        self.before_spawn: Callable[[], Awaitable[None]] | None = None
         self.ready_at: float | None = None
+        self.ever_ready = False  # this life reached READY (STOPPING shows "loaded" only then)
+        # Buffer sizes the child reported while loading, by (device, kind).
+        self.measured: dict[tuple[str, str], int] = {}
+        # Awaited (bounded by the memory manager) before each spawn: freed VRAM shows up late.
+        self.before_spawn: Callable[[], Awaitable[None]] | None = None
 
-        self._task: asyncio.Task[None] | None = None
-        self._ready: asyncio.Future[None] | None = None
-        self._stop_evt = asyncio.Event()
+        self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
+        self._owner: asyncio.Task[None] | None = None
+        self._life: _Life | None = None
+        self._gen = 0
+        self._backoff_delay = config.timeouts.backoff_initial
+        self._backoff_timer: asyncio.TimerHandle | None = None
+        self._bind_retries = 0
+        self._start_after_stop = False
+        self._shutting_down = False
+        # Commands sent but not handled yet: the scheduler counts them as done already, so
+        # two passes in a row never start (or evict) the same model twice.
+        self._pending: collections.deque[_Cmd] = collections.deque()
         self._stopped = asyncio.Event()
         self._stopped.set()
+        self._shut = asyncio.Event()  # reached SHUTDOWN: nothing runs and nothing will
+        self._changed = asyncio.Event()  # set and replaced on every state change
         self._probe_now = asyncio.Event()
         self._hinted_at = float("-inf")
-        self._changed = asyncio.Event()  # set and replaced on every state change
         self._last_progress = 0.0
-        self._bind_failed = False
-        self._cause: str | None = None
-        self._served = False
 
     # ----------------------------------------------------------------- queries
     @property
     def holds_slot(self) -> bool:
-        return self.state in SLOT_STATES
+        return self.expected_state in SLOT_STATES
+
+    @property
+    def expected_state(self) -> State:
+        """The state once the commands already sent are handled (what scheduling uses)."""
+        state = self.state
+        for cmd in self._pending:
+            if cmd == _Cmd.START and state in (State.STOPPED, State.FAILED):
+                state = State.STARTING
+            elif cmd != _Cmd.START and state in (State.STARTING, State.READY, State.BACKOFF):
+                state = State.STOPPING
+        return state
 
     @property
     def api_status(self) -> str:
-        return api_status(self.state)
+        """The upstream status word. A model being stopped stays "loaded" only if it was;
+        a start that is being cancelled stays "loading" until it is gone."""
+        state = self.state
+        if state in (State.STARTING, State.BACKOFF):
+            return "loading"
+        if state == State.READY:
+            return "loaded"
+        if state == State.STOPPING:
+            return "loaded" if self.ever_ready else "loading"
+        return "unloaded"
+
+    @property
+    def in_flight(self) -> int:
+        return self._demand.in_flight(self.name)
+
+    @property
+    def last_activity(self) -> float:
+        return self._demand.last_activity(self.name)
+
+    @last_activity.setter
+    def last_activity(self, when: float) -> None:
+        # The relay stamps this when a response starts: a liveness hint kept by the supervisor.
+        self._demand.set_activity(self.name, when)
 
     @property
     def stop_timeout(self) -> float:
@@ -129,71 +246,63 @@ class ModelProcess:
     def measured_bytes(self) -> int | None:
         return sum(self.measured.values()) if self.measured else None
 
+    @property
+    def stop_bound(self) -> float:
+        """The longest a stop can take: SIGTERM, stop-timeout, SIGKILL, reap, drain."""
+        t = self._config.timeouts
+        return self.stop_timeout + t.reap + t.drain + t.spawn
+
     def log_tail(self, n: int) -> list[str]:
-        if n <= 0:
-            return []
-        return list(self.logs)[-n:]
+        return self.logs.tail(n)
+
+    def failure_message(self) -> str:
+        detail = self.failure or "unknown error"
+        return f"model name={self.name} failed to load: {detail}"
 
     # ----------------------------------------------------------------- commands
-    def start(self) -> None:
-        """STOPPED/FAILED -> STARTING and spawn. No-op when already starting or running.
+    def open(self) -> asyncio.Task[None]:
+        """Start the owner task (once). The supervisor keeps and observes it."""
+        if self._owner is None:
+            self._owner = asyncio.create_task(self._own(), name=f"owner:{self.name}")
+        return self._owner
 
-        Raises InvalidTransition from STOPPING/SHUTDOWN: the caller waits for the stop.
-        """
-        if self.state in (State.STARTING, State.READY, State.BACKOFF):
-            return
-        if self.state == State.FAILED:
-            self.crash_times.clear()  # an explicit retry gets a fresh crash budget
-        self.failure = None
-        self.stop_reason = None
-        self._stop_evt = asyncio.Event()
-        self._stopped = asyncio.Event()
-        self._ready = asyncio.get_running_loop().create_future()
-        self._set_state(State.STARTING)
-        self._task = asyncio.create_task(self._run(), name=f"model:{self.name}")
+    def start(self) -> asyncio.Future[None]:
+        """Load the model. STOPPED/FAILED: start; STARTING/READY/BACKOFF: nothing to do;
+        STOPPING: start again once stopped; SHUTDOWN: fails with ShuttingDown."""
+        return self._send(_Command(_Cmd.START))
 
-    async def wait_ready(self) -> None:
-        """Return once READY.
+    def stop(self, reason: str) -> asyncio.Future[None]:
+        """Unload. STARTING: the load is cancelled (the child killed at once); READY:
+        SIGTERM, stop-timeout, SIGKILL, reap; BACKOFF/FAILED: to STOPPED. The future
+        resolves when the command is handled; `wait_stopped()` waits for the reap."""
+        return self._send(_Command(_Cmd.STOP, reason))
 
-        STARTING/BACKOFF: wait (the model counts as wanted, so a crash is retried).
-        FAILED: raise ModelFailed. STOPPED/STOPPING/SHUTDOWN: raise StartAborted.
-        """
-        if self.state == State.READY:
-            return
-        if self.state == State.FAILED:
-            raise ModelFailed(self.failure_message())
-        if self.state not in (State.STARTING, State.BACKOFF) or self._ready is None:
-            raise StartAborted(f"model name={self.name} is not loading")
-        fut = self._ready
-        self.waiters += 1
+    def shutdown(self) -> asyncio.Future[None]:
+        """Final stop for router exit: afterwards the model never starts again."""
+        return self._send(_Command(_Cmd.SHUTDOWN, "shutdown"))
+
+    def close(self) -> asyncio.Future[None]:
+        """End the owner task; only for a model that is stopped and no longer listed."""
+        return self._send(_Command(_Cmd.CLOSE))
+
+    async def wait_stopped(self, timeout: float | None = None) -> bool:
+        """True once no process runs (STOPPED, FAILED or SHUTDOWN); False after timeout."""
         try:
-            await asyncio.shield(fut)
-        finally:
-            self.waiters -= 1
+            async with asyncio.timeout(timeout):
+                await self._stopped.wait()
+            return True
+        except TimeoutError:
+            return False
 
-    def stop(self, reason: str) -> None:
-        """Ask the child to exit. Returns at once; `wait_stopped()` waits for the reap.
-
-        STARTING/READY/BACKOFF -> STOPPING; FAILED -> STOPPED; otherwise nothing to do.
-        """
-        if self.state == State.FAILED:
-            self._set_state(State.STOPPED)
-            return
-        if self.state not in (State.STARTING, State.READY, State.BACKOFF):
-            return
-        self.stop_reason = reason
-        self._set_state(State.STOPPING)
-        self._stop_evt.set()
-
-    async def wait_stopped(self) -> None:
-        await self._stopped.wait()
-
-    def shutdown(self) -> None:
-        """Final stop for router exit: after this the model never starts again."""
-        if self.state in (State.STOPPED, State.FAILED):
-            self._set_state(State.SHUTDOWN)
-        else:
-            self.stop("shutdown")
+    async def wait_shutdown(self, timeout: float) -> bool:
+        """True once SHUTDOWN (every command sent before `shutdown()` handled, the child
+        reaped); False after timeout."""
+        try:
+            async with asyncio.timeout(timeout):
+                await self._shut.wait()
+            return True
+        except TimeoutError:
+            return False
 
     async def wait_changed_from(self, port: int | None, timeout: float) -> None:
         """Return once the model is no longer READY on `port` (it crashed, restarted or
@@ -204,226 +313,348 @@ class ModelProcess:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     def kill_now(self) -> None:
-        if self.child is not None and self.child.returncode is None:
-            self._launcher.kill(self.child)
+        """Forced exit: SIGKILL the child's group. Not a state change: the life still
+        reaps it and reports the exit."""
+        child = self.child
+        if child is not None and child.returncode is None:
+            self._launcher.kill(child)
 
-    def close_log_listeners(self) -> None:
-        for q in self.log_listeners:
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(None)
+    def _send(self, command: _Command) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        command.fut = fut
+        if command.cmd in (_Cmd.START, _Cmd.STOP, _Cmd.SHUTDOWN):
+            self._pending.append(command.cmd)
+        self._inbox.put_nowait(command)
+        return fut
 
-    def reset_failed(self) -> None:
-        if self.state == State.FAILED:
-            self.crash_times.clear()
+    def _post(self, msg: _Message) -> None:
+        self._inbox.put_nowait(msg)
+
+    # ----------------------------------------------------------------- the owner
+    async def _own(self) -> None:
+        try:
+            await self._own_messages()
+        finally:
+            life = self._life
+            if life is not None and life.task is not None and not life.task.done():
+                # Router teardown: the life kills and reaps its child on cancellation.
+                life.task.cancel()
+
+    async def _own_messages(self) -> None:
+        while True:
+            msg = await self._inbox.get()
+            try:
+                done = self._handle(msg)
+            except Exception as exc:  # a bug of ours: never leave the model undefined
+                log.exception("[%s] internal error handling %s", self.name, type(msg).__name__)
+                self._recover(exc)
+                done = False
+            if isinstance(msg, _Command):
+                if self._pending and msg.cmd != _Cmd.CLOSE:
+                    self._pending.popleft()
+                if msg.fut is not None and not msg.fut.done():
+                    if msg.cmd == _Cmd.START and self.state == State.SHUTDOWN:
+                        msg.fut.set_exception(ShuttingDown("server is shutting down"))
+                        msg.fut.exception()
+                    else:
+                        msg.fut.set_result(None)
+            if done:
+                return
+
+    def _recover(self, exc: BaseException) -> None:
+        """After an unexpected error: stop what runs and settle in FAILED or STOPPED."""
+        self.failure = f"internal error: {type(exc).__name__}: {exc}"
+        life = self._life
+        if life is not None:
+            life.kill_at_once = True
+            life.stop.set()
+            if self.state in (State.STARTING, State.READY, State.BACKOFF):
+                self._set_state(State.STOPPING)
+            return
+        if self.state in (State.STARTING, State.READY, State.BACKOFF):
+            self._set_state(State.FAILED)
+
+    def _handle(self, msg: _Message) -> bool:
+        """Handle one message; never awaits. Returns True when the owner should end."""
+        if isinstance(msg, _Command):
+            return self._on_command(msg)
+        if isinstance(msg, _Loaded):
+            if msg.gen == self._gen and self.state == State.STARTING:
+                self.loaded_info = msg.info
+                self.ready_at = time.monotonic()
+                self.ever_ready = True
+                self._bind_retries = 0
+                self._set_state(State.READY)
+                log.info(
+                    "[%s] ready on port %s in %.2fs", self.name, self.port,
+                    self.ready_at - (self.load_started_at or self.ready_at),
+                )
+            # Otherwise a stop got there first: the life is already being told to end.
+        elif isinstance(msg, _Exited):
+            if msg.gen == self._gen:
+                self._on_exit(msg)
+        elif isinstance(msg, _BackoffDone):
+            if msg.gen == self._gen and self.state == State.BACKOFF:
+                self._backoff_timer = None
+                self.restarts += 1
+                self._set_state(State.STARTING)
+                self._begin_life()
+        return False
+
+    def _on_command(self, msg: _Command) -> bool:
+        state = self.state
+        if msg.cmd == _Cmd.START:
+            if state in (State.STOPPED, State.FAILED):
+                if state == State.FAILED:
+                    self.crash_times.clear()  # an explicit retry gets a fresh crash budget
+                self._begin(State.STARTING)
+            elif state == State.STOPPING:
+                self._start_after_stop = True
+        elif msg.cmd in (_Cmd.STOP, _Cmd.SHUTDOWN):
+            if msg.cmd == _Cmd.SHUTDOWN:
+                self._shutting_down = True
+                self._start_after_stop = False
+            elif state == State.STOPPING:
+                self._start_after_stop = False  # a later stop wins over an earlier start
+            self._stop(msg.reason)
+            if self._shutting_down and self.state in (State.STOPPED, State.FAILED):
+                self._set_state(State.SHUTDOWN)
+        elif msg.cmd == _Cmd.CLOSE:
+            if self._life is None and self.state in (State.STOPPED, State.FAILED, State.SHUTDOWN):
+                self.logs.close()
+                return True
+            log.warning("[%s] close refused in state %s", self.name, self.state)
+        return False
+
+    def _begin(self, state: State) -> None:
+        self.failure = None
+        self.stop_reason = None
+        self.crashed = False
+        self._bind_retries = 0
+        self._backoff_delay = self._config.timeouts.backoff_initial
+        self._set_state(state)
+        self._begin_life()
+
+    def _stop(self, reason: str) -> None:
+        state = self.state
+        if state == State.FAILED:
             self._set_state(State.STOPPED)
+        elif state == State.BACKOFF:
+            if self._backoff_timer is not None:
+                self._backoff_timer.cancel()
+                self._backoff_timer = None
+            self._gen += 1  # a timer that already fired is stale now
+            self.stop_reason = reason
+            self._set_state(State.STOPPED)
+        elif state in (State.STARTING, State.READY):
+            self.stop_reason = reason
+            life = self._life
+            self._set_state(State.STOPPING)
+            if life is not None:
+                # A child still loading cannot serve and llama-server does not act on
+                # SIGTERM until its load ends: kill it at once, as upstream does.
+                life.kill_at_once = state == State.STARTING
+                life.stop.set()
 
-    def failure_message(self) -> str:
-        detail = self.failure or "unknown error"
-        return f"model name={self.name} failed to load: {detail}"
+    def _begin_life(self) -> None:
+        self._gen += 1
+        life = _Life(self._gen)
+        self._life = life
+        life.task = asyncio.create_task(self._live(life), name=f"life:{self.name}:{life.gen}")
+        life.task.add_done_callback(self._life_done)
 
-    # ----------------------------------------------------------------- internals
+    def _life_done(self, task: asyncio.Task[None]) -> None:
+        # A life catches its own errors and reports them; anything else is a bug to see.
+        if not task.cancelled() and task.exception() is not None:
+            log.error("[%s] %s ended with an error", self.name, task.get_name(), exc_info=task.exception())
+
+    def _on_exit(self, ex: _Exited) -> None:
+        self._life = None
+        self.child = None
+        self.port = None
+        self.exit_code = ex.code
+        state = self.state
+        if state == State.STOPPING or ex.asked:
+            self.crashed = False
+            if state in (State.STARTING, State.READY, State.BACKOFF):
+                self._set_state(State.STOPPING)  # asked to stop by recovery: pass through
+            if self._shutting_down:
+                self._set_state(State.SHUTDOWN)
+                return
+            self._set_state(State.STOPPED)
+            if self._start_after_stop:
+                self._start_after_stop = False
+                self._begin(State.STARTING)
+            return
+        if ex.bind_failed and state == State.STARTING:
+            self._bind_retries += 1
+            if self._bind_retries <= _BIND_RETRIES:
+                log.warning("[%s] port taken before the child bound it; retrying", self.name)
+                self._begin_life()
+                return
+            ex.cause = "could not bind a port for the child"
+        now = time.monotonic()
+        limits = self._config.limits
+        self.crashed = True
+        self.failure = ex.cause or "child exited"
+        self.crash_times.append(now)
+        while self.crash_times and now - self.crash_times[0] > limits.restart_window:
+            self.crash_times.popleft()
+        log.warning("[%s] %s", self.name, self.failure)
+        if len(self.crash_times) >= limits.restart_max:
+            log.error(
+                "[%s] giving up after %d failures in %.0fs: %s",
+                self.name, len(self.crash_times), limits.restart_window, self.failure,
+            )
+            self._set_state(State.FAILED)
+            return
+        # A model that was serving is replaced (users expect a loaded model to stay
+        # loaded); one that failed while loading is retried only while wanted.
+        if not (ex.loaded or self.spec.pin or self._demand.wanted(self.name)):
+            self._set_state(State.STOPPED)
+            return
+        if ex.loaded:
+            # It served for a while: a fresh crash budget for the backoff too.
+            self._backoff_delay = self._config.timeouts.backoff_initial
+        delay = self._backoff_delay
+        self._backoff_delay = min(delay * 2, self._config.timeouts.backoff_max)
+        self._set_state(State.BACKOFF)
+        log.warning("[%s] restarting in %.2fs", self.name, delay)
+        gen = self._gen
+        self._backoff_timer = asyncio.get_running_loop().call_later(
+            delay, self._post, _BackoffDone(gen)
+        )
+
     def _set_state(self, new: State) -> None:
         old = self.state
         if old == new:
             return
         check_transition(old, new)
-        if new in (State.STARTING, State.BACKOFF) and (self._ready is None or self._ready.done()):
-            # A restart after a crash of a READY child: waiters need a future that is
-            # still pending, or they would spin on the old, settled one.
-            self._ready = asyncio.get_running_loop().create_future()
         self.state = new
         self.state_changed_at = time.monotonic()
+        if new == State.STARTING:
+            self.ever_ready = False
+            self._stopped.clear()
+        elif new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
+            self._stopped.set()
+            if new == State.SHUTDOWN:
+                self._shut.set()
         self._changed.set()
         self._changed = asyncio.Event()
         log.info("[%s] %s -> %s", self.name, old, new)
-        if new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
-            self._stopped.set()
-            self.port = None
-        if new not in (State.STARTING, State.BACKOFF):
-            self._settle_ready(new)  # waiters learn the outcome of the load they wait for
-        self._on_state(self, old, new)
+        try:
+            self._on_state(self, old, new)
+        except Exception:  # the listener is the supervisor's; it must not break the owner
+            log.exception("[%s] state listener failed on %s -> %s", self.name, old, new)
 
-    def _settle_ready(self, new: State) -> None:
-        fut = self._ready
-        if fut is None or fut.done():
-            return
-        if new == State.READY:
-            fut.set_result(None)
-            return
-        if new == State.FAILED:
-            exc: Exception = ModelFailed(self.failure_message())
-        elif new == State.STOPPED and self.crashed:
-            exc = StartFailed(self.failure_message())
-        else:
-            exc = StartAborted(
-                f"model name={self.name} stopped while loading ({self.stop_reason or 'stopped'})"
-            )
-        fut.set_exception(exc)
-        # Nobody may be waiting; don't let asyncio report the exception as never retrieved.
-        fut.exception()
-
-    def _wanted(self) -> bool:
-        return self.spec.pin or self.waiters > 0
-
-    async def _run(self) -> None:
+    # ----------------------------------------------------------------- one life
+    async def _live(self, life: _Life) -> None:
+        """Spawn, load, watch, terminate, reap; always report the exit to the owner."""
+        result = _Exited(life.gen)
+        child: Child | None = None
+        reader: asyncio.Task[None] | None = None
+        exit_wait: asyncio.Task[int] | None = None
         timeouts = self._config.timeouts
-        limits = self._config.limits
-        backoff = timeouts.backoff_initial
-        bind_retries = 0
         try:
-            while True:
-                outcome = await self._one_life()
-                if self._served:
-                    backoff = timeouts.backoff_initial  # it worked for a while: start afresh
-                if outcome == "stopped":
-                    self.crashed = False
-                    self._set_state(State.STOPPED)
-                    return
-                if outcome == "bind":
-                    bind_retries += 1
-                    if bind_retries <= _BIND_RETRIES:
-                        log.warning("[%s] port taken before the child bound it; retrying", self.name)
-                        continue
-                    self.failure = "could not bind a port for the child"
-                # A crash (or a failed load): count it in the restart window.
-                now = time.monotonic()
-                self.crashed = True
-                self.crash_times.append(now)
-                while self.crash_times and now - self.crash_times[0] > limits.restart_window:
-                    self.crash_times.popleft()
-                if self.state == State.STOPPING:
-                    self._set_state(State.STOPPED)
-                    return
-                if len(self.crash_times) >= limits.restart_max:
-                    log.error(
-                        "[%s] giving up after %d failures in %.0fs: %s",
-                        self.name, len(self.crash_times), limits.restart_window, self.failure,
-                    )
-                    self._set_state(State.FAILED)
-                    return
-                # A model that was serving is replaced (users expect a loaded model to stay
-                # loaded); one that failed while loading is retried only while wanted.
-                if not (self._wanted() or self._served):
-                    self._set_state(State.STOPPED)
-                    return
-                self._set_state(State.BACKOFF)
-                log.warning("[%s] restarting in %.1fs: %s", self.name, backoff, self.failure)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stop_evt.wait(), backoff)
-                if self._stop_evt.is_set():
-                    self._set_state(State.STOPPED)
-                    return
-                backoff = min(backoff * 2, timeouts.backoff_max)
-                self.restarts += 1
-                self._set_state(State.STARTING)
-        except asyncio.CancelledError:
-            # Router teardown cancelled us: never leave a process behind.
-            if self.child is not None and self.child.returncode is None:
-                self._launcher.kill(self.child)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(self.child.wait(), self.stop_timeout)
-            raise
-
-    async def _one_life(self) -> str:
-        """Spawn, wait ready, watch. Returns "stopped" (asked to), "crash" or "bind"."""
-        if self._config.fake_timing:
-            # Upstream's LLAMA_SERVER_DEBUG_FAKE_TIMING sleeps before every load.
-            await asyncio.sleep(self._config.fake_timing_secs)
-            if self._stop_evt.is_set():
-                return "stopped"
-        if self.before_spawn is not None:
-            await self.before_spawn()
-        port = self._launcher.free_port("127.0.0.1")
-        self.argv = list(self._build_argv(self.spec, port))
-        self.measured = {}
-        self._bind_failed = False
-        self._cause = None
-        self._served = False
-        self.exit_code = None
-        self.load_started_at = time.monotonic()
-        self._last_progress = self.load_started_at
-        self._note(f"[llamarouter] starting: {' '.join(self.argv)}")
-        try:
-            child = await self._launcher.spawn(self.argv, dict(self._config.child_env))
-        except OSError as exc:
-            self.failure = f"could not start {self.argv[0]}: {exc}"
-            self._note(f"[llamarouter] {self.failure}")
-            return "crash"
-        self.child = child
-        self.port = port
-        reader = asyncio.create_task(self._read_output(child), name=f"logs:{self.name}")
-        exit_wait = asyncio.ensure_future(child.wait())
-        try:
-            ready = await self._wait_loaded(child, exit_wait)
-            if ready is True:
-                await self._fetch_info()
-                self.ready_at = time.monotonic()
-                self._served = True
-                self._set_state(State.READY)
-                log.info(
-                    "[%s] ready on port %d in %.2fs",
-                    self.name, port, self.ready_at - (self.load_started_at or self.ready_at),
-                )
-                await self._watch(child, exit_wait)
-            if self._stop_evt.is_set():
-                await self._terminate(child, exit_wait, loading=ready is not True)
-                return "stopped"
-            if not exit_wait.done():
+            if not await self._before_spawn(life):
+                result.asked = True
+                return
+            port = self._launcher.free_port("127.0.0.1")
+            self.argv = list(self._build_argv(self.spec, port))
+            self.measured = {}
+            self.load_started_at = self._last_progress = time.monotonic()
+            self._note(f"[llamarouter] starting: {' '.join(self.argv)}")
+            try:
+                async with asyncio.timeout(timeouts.spawn):
+                    child = await self._launcher.spawn(self.argv, dict(self._config.child_env))
+            except (OSError, TimeoutError) as exc:
+                result.cause = f"could not start {self.argv[0] if self.argv else '?'}: {exc}"
+                self._note(f"[llamarouter] {result.cause}")
+                return
+            self.child = child
+            self.port = port
+            reader = asyncio.create_task(self._read_output(child, result), name=f"logs:{self.name}")
+            exit_wait = asyncio.create_task(child.wait(), name=f"exit:{self.name}")
+            loaded = await self._wait_loaded(life, exit_wait, port, result)
+            if loaded:
+                info = await self._probe.info(port, timeouts.info)
+                result.loaded = True
+                self._post(_Loaded(life.gen, info))
+                await self._watch(life, exit_wait, port, result)
+            if life.stop.is_set():
+                result.asked = True
+                await self._terminate(child, exit_wait, kill=life.kill_at_once or not loaded)
+            elif not exit_wait.done():
                 # Stalled load or failed liveness: the child is alive but useless.
                 self._launcher.kill(child)
-                await exit_wait
-            await self._drain(reader)
-            code = exit_wait.result()
-            self.exit_code = code
-            if self._bind_failed:
-                return "bind"
-            self.failure = self._cause or self._exit_text(code)
-            log.warning("[%s] %s", self.name, self.failure)
-            return "crash"
+                await self._reap(exit_wait)
+        except Exception as exc:
+            log.exception("[%s] internal error in the child's life", self.name)
+            result.cause = f"internal error: {type(exc).__name__}: {exc}"
         finally:
-            if child.returncode is None:
+            if child is not None and child.returncode is None:
+                # Cancelled (router teardown) or broken: never leave a process behind.
                 self._launcher.kill(child)
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(asyncio.shield(exit_wait), self.stop_timeout)
-            if not reader.done():
-                await self._drain(reader)
-            exit_wait.cancel()
-            self.child = None
+                if exit_wait is not None:
+                    with contextlib.suppress(BaseException):
+                        await self._reap(exit_wait)
+            if reader is not None:
+                with contextlib.suppress(BaseException):
+                    await self._drain(reader)
+            if exit_wait is not None:
+                if exit_wait.done() and not exit_wait.cancelled() and exit_wait.exception() is None:
+                    result.code = exit_wait.result()
+                exit_wait.cancel()
+            if result.cause is None and not result.asked and result.code is not None:
+                result.cause = self._exit_text(result.code)
+            self._post(result)
 
-    def _exit_text(self, code: int) -> str:
-        what = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
-        tail = " | ".join(line for line in self.log_tail(3))
-        return f"child {what}" + (f"; last output: {tail}" if tail else "")
+    async def _before_spawn(self, life: _Life) -> bool:
+        """Upstream's fake-timing sleep and the wait for freed memory; False when stopped."""
+        waits: list[Awaitable[object]] = []
+        if self._config.fake_timing and self._config.single_model is None:
+            # Upstream's LLAMA_SERVER_DEBUG_FAKE_TIMING sleeps before every load.
+            waits.append(asyncio.sleep(self._config.fake_timing_secs))
+        if self.before_spawn is not None:
+            waits.append(self.before_spawn())
+        for aw in waits:
+            if not await _unless_stopped(aw, life.stop):
+                return False
+        return not life.stop.is_set()
 
-    async def _drain(self, reader: asyncio.Task[None]) -> None:
-        # The pipe closes when the whole process group is gone; a grandchild holding it open
-        # must not keep us here forever.
-        with contextlib.suppress(TimeoutError, asyncio.CancelledError):
-            await asyncio.wait_for(reader, self._config.timeouts.health_timeout)
-
-    async def _wait_loaded(self, child: Child, exit_wait: asyncio.Future[int]) -> bool | None:
-        """True when /health says ready; None when the child exited, stalled or was stopped."""
+    async def _wait_loaded(
+        self, life: _Life, exit_wait: asyncio.Task[int], port: int, result: _Exited
+    ) -> bool:
+        """True when /health says ready; False when the child exited, stalled or was stopped."""
         timeouts = self._config.timeouts
-        url = f"http://127.0.0.1:{self.port}/health"
-        stop_wait = asyncio.ensure_future(self._stop_evt.wait())
+        stop_wait = asyncio.create_task(life.stop.wait())
         try:
             while True:
-                if exit_wait.done() or self._stop_evt.is_set():
-                    return None
-                if await self._probe(url, timeouts.ready_poll * 20 + 1.0):
+                if exit_wait.done() or life.stop.is_set():
+                    return False
+                probe = asyncio.create_task(self._probe.health(port, timeouts.ready_poll * 20 + 1.0))
+                await asyncio.wait({probe, exit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not probe.done():
+                    # Stopped or exited while a probe hung: do not wait for it to time out.
+                    probe.cancel()
+                    return False
+                status = probe.result()
+                if status == 200:
                     return True
                 now = time.monotonic()
+                if status == 503:
+                    self._last_progress = now  # alive, still loading
                 if now - self._last_progress > timeouts.load_stall:
-                    self._cause = (
+                    result.cause = (
                         f"load stalled: no output and no answer for {timeouts.load_stall:g}s; killed"
                     )
-                    return None
+                    return False
                 # A readiness line comes just before the child accepts connections: right
                 # after one, probe at a fast pace instead of waiting a whole poll interval.
                 hinted = now - self._hinted_at < timeouts.hint_window
                 interval = timeouts.hint_poll if hinted else timeouts.ready_poll
                 self._probe_now.clear()
-                probe_wait = asyncio.ensure_future(self._probe_now.wait())
+                probe_wait = asyncio.create_task(self._probe_now.wait())
                 try:
                     await asyncio.wait(
                         {exit_wait, stop_wait, probe_wait},
@@ -435,38 +666,13 @@ class ModelProcess:
         finally:
             stop_wait.cancel()
 
-    async def _probe(self, url: str, timeout: float) -> bool:
-        try:
-            async with self._session.get(
-                url, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp:
-                await resp.read()
-                if resp.status == 503:
-                    self._last_progress = time.monotonic()  # alive, still loading
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
-
-    async def _fetch_info(self) -> None:
-        # The child's /v1/models entry (e.g. `meta`) is merged into the router's /models item.
-        try:
-            async with self._session.get(
-                f"http://127.0.0.1:{self.port}/v1/models",
-                timeout=aiohttp.ClientTimeout(total=self._config.timeouts.health_timeout),
-            ) as resp:
-                body = await resp.json(content_type=None)
-            data = body.get("data") if isinstance(body, dict) else None
-            if isinstance(data, list) and data and isinstance(data[0], dict):
-                self.loaded_info = dict(data[0])
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-            self.loaded_info = {}
-
-    async def _watch(self, child: Child, exit_wait: asyncio.Future[int]) -> None:
+    async def _watch(
+        self, life: _Life, exit_wait: asyncio.Task[int], port: int, result: _Exited
+    ) -> None:
         """While READY: return on exit, on stop, or when liveness fails."""
         timeouts = self._config.timeouts
-        url = f"http://127.0.0.1:{self.port}/health"
         misses = 0
-        stop_wait = asyncio.ensure_future(self._stop_evt.wait())
+        stop_wait = asyncio.create_task(life.stop.wait())
         try:
             while True:
                 done, _ = await asyncio.wait(
@@ -476,10 +682,15 @@ class ModelProcess:
                 )
                 if done:
                     return
-                if await self._probe(url, timeouts.health_timeout):
+                probe = asyncio.create_task(self._probe.health(port, timeouts.health_timeout))
+                await asyncio.wait({probe, exit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                if not probe.done():
+                    probe.cancel()
+                    return
+                if probe.result() == 200:
                     misses = 0
                     continue
-                if exit_wait.done() or self._stop_evt.is_set():
+                if exit_wait.done() or life.stop.is_set():
                     return
                 # A busy child may queue /health behind its HTTP workers; responses that are
                 # still starting or finishing show it is alive.
@@ -491,7 +702,7 @@ class ModelProcess:
                     "[%s] liveness probe failed (%d/%d)", self.name, misses, timeouts.health_failures
                 )
                 if misses >= timeouts.health_failures:
-                    self._cause = (
+                    result.cause = (
                         f"child stopped answering /health ({misses} probes of "
                         f"{timeouts.health_timeout:g}s failed); killed"
                     )
@@ -499,25 +710,43 @@ class ModelProcess:
         finally:
             stop_wait.cancel()
 
-    async def _terminate(self, child: Child, exit_wait: asyncio.Future[int], loading: bool) -> None:
-        """SIGTERM the group, wait stop-timeout, SIGKILL, always reap.
-
-        A child still loading is killed at once, as upstream does: it cannot serve and
-        llama-server does not act on SIGTERM until its load finishes.
-        """
-        if loading:
+    async def _terminate(self, child: Child, exit_wait: asyncio.Task[int], kill: bool) -> None:
+        """SIGTERM the group (SIGKILL for a loading child), wait stop-timeout, SIGKILL,
+        reap (bounded)."""
+        if kill:
             self._launcher.kill(child)
         else:
             self._launcher.terminate(child)
-        try:
-            await asyncio.wait_for(asyncio.shield(exit_wait), self.stop_timeout)
-        except TimeoutError:
-            log.warning("[%s] did not exit within %.1fs; killing", self.name, self.stop_timeout)
-            self._launcher.kill(child)
-            await exit_wait
-        self.exit_code = exit_wait.result()
+            try:
+                await asyncio.wait_for(asyncio.shield(exit_wait), self.stop_timeout)
+                return
+            except TimeoutError:
+                log.warning("[%s] did not exit within %.1fs; killing", self.name, self.stop_timeout)
+                self._launcher.kill(child)
+        await self._reap(exit_wait)
 
-    async def _read_output(self, child: Child) -> None:
+    async def _reap(self, exit_wait: asyncio.Task[int]) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(exit_wait), self._config.timeouts.reap)
+        except TimeoutError:
+            # SIGKILLed and still not reaped (uninterruptible sleep in a driver): report it
+            # and move on; the state-dir record lets the next start reap it.
+            log.error("[%s] child not reaped %.1fs after SIGKILL", self.name, self._config.timeouts.reap)
+
+    async def _drain(self, reader: asyncio.Task[None]) -> None:
+        # The pipe closes when the whole process group is gone; a grandchild holding it open
+        # must not keep us here.
+        try:
+            await asyncio.wait_for(asyncio.shield(reader), self._config.timeouts.drain)
+        except TimeoutError:
+            reader.cancel()
+
+    def _exit_text(self, code: int) -> str:
+        what = f"killed by signal {-code}" if code < 0 else f"exited with code {code}"
+        tail = " | ".join(self.log_tail(3))
+        return f"child {what}" + (f"; last output: {tail}" if tail else "")
+
+    async def _read_output(self, child: Child, result: _Exited) -> None:
         while True:
             line = await child.readline()
             if not line:
@@ -528,7 +757,7 @@ class ModelProcess:
                     self._hinted_at = time.monotonic()
                     self._probe_now.set()
                 elif _BIND_FAILURE.search(line):
-                    self._bind_failed = True
+                    result.bind_failed = True
                 elif b"buffer size" in line:
                     found = parse_buffer_line(line.decode("utf-8", "replace"))
                     if found is not None:
@@ -538,6 +767,18 @@ class ModelProcess:
     def _note(self, text: str) -> None:
         self.logs.append(text)
         child_log.debug("[%s] %s", self.name, text)
-        for q in self.log_listeners:
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(text)
+
+
+async def _unless_stopped(aw: Awaitable[object], stop: asyncio.Event) -> bool:
+    """Await `aw` unless `stop` is set first (then cancel it). True when `aw` finished."""
+    task = asyncio.ensure_future(aw)
+    stop_wait = asyncio.create_task(stop.wait())
+    try:
+        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop_wait.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+    return task.done() and not task.cancelled() and not stop.is_set()

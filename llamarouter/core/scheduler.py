@@ -1,9 +1,346 @@
-"""Which idle models to stop so queued requests get a slot. Pure: no I/O, no logging."""
+"""The scheduler: a pure function from a snapshot to actions. No I/O, no asyncio, no logging.
+
+Rules follow upstream's router (server-models.cpp): requests for a model that is not
+running wait in one FIFO queue; requests for the same model share one load; a load takes a
+free `--models-max` slot or evicts the least recently used idle model; a busy model is never
+evicted. On top: a memory budget counted in bytes, pinned models kept loaded, idle TTL,
+deadlines, and a fast refusal for a failed model during its hold-off.
+
+The supervisor builds a `Snapshot`, calls `plan()`, and applies the actions in order with
+no await in between (llama-swap's pure scheduler behind an effects seam).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+import enum
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .states import State
+
+
+class Why(enum.StrEnum):
+    """Why a waiter is refused; the supervisor turns each into the client's error."""
+
+    REMOVED = "removed"  # the model left the configuration (reload)
+    FAILED = "failed"  # FAILED and still inside its hold-off
+    BUDGET = "budget"  # cannot fit the memory budget even with every evictable model gone
+    NOT_LOADED = "not_loaded"  # autoload off and the model is not running
+    RUNNING = "running"  # POST /models/load of a model that is already running
+    NO_ROOM = "no_room"  # POST /models/load and nothing can be evicted for it
+    DEADLINE = "deadline"  # waited longer than --max-wait
+    ABORTED = "aborted"  # the load it waited for was stopped (unload, reload)
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    state: State  # the expected state (commands already sent count as done)
+    in_flight: int = 0
+    last_used: float = 0.0  # monotonic; 0 = never used
+    idle_since: float = 0.0  # last use or ready time, for TTL
+    pinned: bool = False
+    bytes: int = 0  # what it holds (or would hold) of the memory budget
+    ttl: float | None = None
+    failed_at: float | None = None  # when it became FAILED
+    listed: bool = True  # False: replaced or removed by a reload, still stopping
+    load_generation: int = 0  # bumps on every start: tells a waiter its load was aborted
+
+
+@dataclass(frozen=True)
+class WaiterView:
+    id: int
+    model: str
+    load: bool = False  # POST /models/load (resolved once started) vs a request (granted once READY)
+    autoload: bool = True
+    deadline: float | None = None
+    # The load generation the waiter saw when the model was loading for it; a stop in
+    # between means its load was aborted.
+    saw_generation: int | None = None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: float
+    models: Sequence[ModelView]
+    waiters: Sequence[WaiterView]  # FIFO order
+    models_max: int = 0  # 0 = unlimited
+    budget: int | None = None  # bytes; None = count models only
+    failed_holdoff: float = 30.0
+    closing: bool = False
+
+
+@dataclass(frozen=True)
+class Grant:
+    waiter: int
+    model: str
+
+
+@dataclass(frozen=True)
+class Resolve:
+    """A POST /models/load waiter: its model was started."""
+
+    waiter: int
+    model: str
+
+
+@dataclass(frozen=True)
+class Refuse:
+    waiter: int
+    model: str
+    why: Why
+    retry_after: float | None = None
+    detail: int = 0  # BUDGET: bytes held by pinned models
+
+
+@dataclass(frozen=True)
+class Start:
+    model: str
+
+
+@dataclass(frozen=True)
+class Evict:
+    model: str
+    reason: str  # "evicted" | "ttl"
+
+
+@dataclass(frozen=True)
+class Track:
+    """Remember the load generation a waiter is waiting for."""
+
+    waiter: int
+    generation: int
+
+
+Action = Grant | Resolve | Refuse | Start | Evict | Track
+
+_RUNNING = frozenset({State.STARTING, State.READY, State.BACKOFF})
+_HOLDS = frozenset({State.STARTING, State.READY, State.STOPPING, State.BACKOFF})
+
+
+@dataclass
+class _Room:
+    """Slots and bytes as the plan goes: starts take, nothing gives back until a stop ends."""
+
+    free_slots: int | None
+    free_bytes: int | None
+    stopping_slots: int = 0
+    stopping_bytes: int = 0
+
+    def fits(self, m: ModelView) -> bool:
+        slot_ok = self.free_slots is None or self.free_slots > 0
+        bytes_ok = self.free_bytes is None or m.bytes <= self.free_bytes
+        return slot_ok and bytes_ok
+
+    def take(self, m: ModelView) -> None:
+        if self.free_slots is not None:
+            self.free_slots -= 1
+        if self.free_bytes is not None:
+            self.free_bytes -= m.bytes
+
+
+@dataclass
+class _Plan:
+    actions: list[Action] = field(default_factory=list)
+    state: dict[str, State] = field(default_factory=dict)  # as the plan changes it
+    wanted: set[str] = field(default_factory=set)
+    # Slots/bytes the queue still needs after what fits now (for eviction).
+    need_slots: int = 0
+    need_bytes: int = 0
+
+
+def plan(snap: Snapshot) -> list[Action]:
+    models = {m.name: m for m in snap.models if m.listed}
+    p = _Plan(state={m.name: m.state for m in snap.models if m.listed})
+    if snap.closing:
+        return [Refuse(w.id, w.model, Why.SHUTDOWN) for w in snap.waiters]
+
+    holding = [m for m in snap.models if m.state in _HOLDS]
+    room = _Room(
+        free_slots=None if snap.models_max <= 0 else snap.models_max - len(holding),
+        free_bytes=None if snap.budget is None else snap.budget - sum(m.bytes for m in holding),
+        stopping_slots=sum(1 for m in holding if m.state == State.STOPPING),
+        stopping_bytes=sum(m.bytes for m in holding if m.state == State.STOPPING),
+    )
+    pinned_bytes = sum(m.bytes for m in models.values() if m.pinned)
+    blocked = False  # FIFO: once the head cannot start, later models do not jump ahead
+
+    def want_start(m: ModelView) -> bool:
+        """Start `m` now if it fits; else record what it needs. True when started."""
+        nonlocal blocked
+        if not blocked and room.fits(m):
+            room.take(m)
+            p.actions.append(Start(m.name))
+            p.state[m.name] = State.STARTING
+            return True
+        blocked = True
+        p.need_slots += 1
+        p.need_bytes += m.bytes
+        return False
+
+    # Pinned models are kept loaded: they go first, like waiters at the head of the queue.
+    for pinned in models.values():
+        if pinned.pinned and pinned.state == State.STOPPED:
+            p.wanted.add(pinned.name)
+            want_start(pinned)
+
+    for w in snap.waiters:
+        found = models.get(w.model)
+        if found is None:
+            p.actions.append(Refuse(w.id, w.model, Why.REMOVED))
+            continue
+        m = found
+        state = p.state[m.name]
+        if w.deadline is not None and snap.now >= w.deadline and state != State.READY:
+            p.actions.append(Refuse(w.id, w.model, Why.DEADLINE))
+            continue
+        if w.load:
+            _plan_load(snap, p, room, w, m, state, pinned_bytes, want_start)
+            continue
+        if state == State.READY:
+            p.actions.append(Grant(w.id, m.name))
+            p.wanted.add(m.name)
+            continue
+        if state in (State.STARTING, State.BACKOFF):
+            if w.saw_generation is None:
+                p.actions.append(Track(w.id, m.load_generation))
+            p.wanted.add(m.name)
+            continue
+        if w.saw_generation is not None and w.saw_generation == m.load_generation and state in (
+            State.STOPPING, State.STOPPED,
+        ):
+            # The load this request waited for was stopped on purpose (unload, reload):
+            # say so instead of starting it again behind the caller's back.
+            p.actions.append(Refuse(w.id, w.model, Why.ABORTED))
+            continue
+        if state == State.FAILED:
+            held = snap.now - (m.failed_at if m.failed_at is not None else snap.now)
+            if held < snap.failed_holdoff:
+                p.actions.append(
+                    Refuse(w.id, w.model, Why.FAILED, retry_after=snap.failed_holdoff - held)
+                )
+                continue
+        if not w.autoload:
+            p.actions.append(Refuse(w.id, w.model, Why.NOT_LOADED))
+            continue
+        if snap.budget is not None and m.bytes + _fixed(m, pinned_bytes) > snap.budget:
+            p.actions.append(
+                Refuse(w.id, w.model, Why.BUDGET, detail=_fixed(m, pinned_bytes))
+            )
+            continue
+        p.wanted.add(m.name)
+        if state == State.STOPPING:
+            continue  # its stop will trigger another pass
+        if want_start(m):
+            p.actions.append(Track(w.id, m.load_generation + 1))
+
+    _plan_evictions(snap, p, room, models)
+    _plan_ttl(snap, p, models)
+    return p.actions
+
+
+def _fixed(m: ModelView, pinned_bytes: int) -> int:
+    """Bytes held by pinned models other than `m` (they are never evicted)."""
+    return pinned_bytes - (m.bytes if m.pinned else 0)
+
+
+def _plan_load(
+    snap: Snapshot,
+    p: _Plan,
+    room: _Room,
+    w: WaiterView,
+    m: ModelView,
+    state: State,
+    pinned_bytes: int,
+    want_start: Callable[[ModelView], bool],
+) -> None:
+    if state in _HOLDS and m.name not in _started(p):
+        p.actions.append(Refuse(w.id, w.model, Why.RUNNING))
+        return
+    if m.name in _started(p):
+        p.actions.append(Resolve(w.id, m.name))
+        return
+    if snap.budget is not None and m.bytes + _fixed(m, pinned_bytes) > snap.budget:
+        p.actions.append(Refuse(w.id, w.model, Why.BUDGET, detail=_fixed(m, pinned_bytes)))
+        return
+    if want_start(m):
+        p.actions.append(Resolve(w.id, m.name))
+        return
+    # No room now: only worth waiting if something is stopping or can be evicted.
+    evictable = any(_evictable(v, p) for v in snap.models if v.listed and v.name != m.name)
+    if room.stopping_slots or room.stopping_bytes or evictable:
+        p.wanted.add(m.name)
+        return
+    p.need_slots -= 1
+    p.need_bytes -= m.bytes
+    p.actions.append(Refuse(w.id, w.model, Why.NO_ROOM))
+
+
+def _started(p: _Plan) -> set[str]:
+    return {a.model for a in p.actions if isinstance(a, Start)}
+
+
+def _evictable(m: ModelView, p: _Plan) -> bool:
+    return (
+        p.state.get(m.name) == State.READY
+        and m.in_flight == 0
+        and not m.pinned
+        and m.name not in p.wanted
+    )
+
+
+def _plan_evictions(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, ModelView]) -> None:
+    if p.need_slots <= 0 and p.need_bytes <= 0:
+        return
+    slot_deficit = 0
+    if room.free_slots is not None:
+        slot_deficit = p.need_slots - max(room.free_slots, 0) - room.stopping_slots
+    bytes_deficit = 0
+    if room.free_bytes is not None:
+        bytes_deficit = p.need_bytes - max(room.free_bytes, 0) - room.stopping_bytes
+    candidates = [
+        Candidate(
+            name=m.name,
+            last_used=m.last_used,
+            ready=p.state.get(m.name) == State.READY,
+            busy=m.in_flight > 0,
+            pinned=m.pinned,
+            wanted=m.name in p.wanted,
+            bytes=m.bytes,
+        )
+        for m in models.values()
+    ]
+    for name in plan_evictions(candidates, slot_deficit, max(bytes_deficit, 0)):
+        p.actions.append(Evict(name, "evicted"))
+        p.state[name] = State.STOPPING
+
+
+def _plan_ttl(snap: Snapshot, p: _Plan, models: dict[str, ModelView]) -> None:
+    for m in models.values():
+        if (
+            m.ttl is not None
+            and not m.pinned
+            and p.state.get(m.name) == State.READY
+            and m.in_flight == 0
+            and m.name not in p.wanted
+            and snap.now - m.idle_since >= m.ttl
+        ):
+            p.actions.append(Evict(m.name, "ttl"))
+            p.state[m.name] = State.STOPPING
+
+
+def next_wakeup(snap: Snapshot) -> float | None:
+    """The earliest time a plan could change without any event: a deadline, a TTL expiry
+    or a failed model's hold-off ending while requests wait for it."""
+    times: list[float] = [w.deadline for w in snap.waiters if w.deadline is not None]
+    waiting = {w.model for w in snap.waiters}
+    for m in snap.models:
+        if m.ttl is not None and m.state == State.READY and not m.pinned:
+            times.append(m.idle_since + m.ttl)
+        if m.state == State.FAILED and m.failed_at is not None and m.name in waiting:
+            times.append(m.failed_at + snap.failed_holdoff)
+    return min(times) if times else None
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,27 @@
-"""All children: admission queue, LRU eviction, idle TTL, reload and shutdown.
+"""All children: one admission path, one scheduling loop, leases, reload and shutdown.
 
-Scheduling follows upstream's router (server-models.cpp `server_lru_sched`): requests for a
-model that is not running join a FIFO queue, requests for the same model share one entry,
-a load takes a free `--models-max` slot or evicts the least recently used idle model, and a
-busy model is never evicted. Every decision is made synchronously inside `_schedule()`, which
-runs whenever something that affects it changes (a state change, a request ending, a waiter
-joining or leaving), so no decision is split by an await.
+Every request and every `POST /models/load` becomes a *waiter* in one FIFO queue and
+awaits one future, which resolves to a grant (a `Lease` on a READY model), a resolution
+(the load was started) or an error. One loop (`_run`) owns the queue: each pass takes a
+snapshot, asks the pure scheduler (`scheduler.plan`) what to do, and applies the actions
+with no await in between. Model state is changed only by each model's owner task; the
+supervisor sends it commands. A state change, a new or departing waiter, a released lease
+and a reload all wake the loop; deadlines and TTLs wake it on time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-import aiohttp
-
-from ..settings.config import ModelSpec, RouterConfig
 from ..errors import (
-    ConfigError,
+    BudgetExceeded,
     InvalidRequest,
     LlamaRouterError,
     ModelFailed,
@@ -30,17 +29,21 @@ from ..errors import (
     NotFound,
     QueueFull,
     ShuttingDown,
-    BudgetExceeded,
+    StartAborted,
     Unavailable,
 )
-from .scheduler import Candidate, plan_evictions
+from ..settings.config import ModelSpec, RouterConfig
+from . import scheduler
+from .gguf_info import Estimate
 from .launcher import Launcher
 from .memory import MemoryManager
+from .probes import Probe
 from .process import ModelProcess
-from .states import State, api_status
+from .scheduler import Why
 from .statedir import StateDir
+from .states import State
 
-log = logging.getLogger("llamarouter.core.supervisor")
+log = logging.getLogger("llamarouter.supervisor")
 
 Discover = Callable[[], dict[str, ModelSpec]]
 ArgvBuilder = Callable[[ModelSpec, int], Sequence[str]]
@@ -82,18 +85,55 @@ class EventHub:
 
     def close(self) -> None:
         for q in list(self._subscribers):
-            with contextlib.suppress(asyncio.QueueFull):
-                q.put_nowait(None)
+            with contextlib.suppress(asyncio.QueueEmpty):
+                while q.full():
+                    q.get_nowait()
+            q.put_nowait(None)
         self._subscribers.clear()
 
 
 @dataclass
-class _Entry:
-    """Requests waiting for one model that is not running; upstream's queue entry."""
+class Usage:
+    """Request accounting of one model, kept by the supervisor (not the process)."""
 
-    name: str
-    waiters: int = 0
-    started: asyncio.Event = field(default_factory=asyncio.Event)
+    in_flight: int = 0
+    last_used: float = 0.0  # monotonic; stamped by every routed POST and when a request ends
+    last_used_wall: float = 0.0
+    last_activity: float = 0.0  # a response started or ended (liveness hint)
+
+
+class Lease:
+    """A granted request on a READY model. `release()` ends it; only the first call counts."""
+
+    __slots__ = ("proc", "_sup", "_released")
+
+    def __init__(self, sup: Supervisor, proc: ModelProcess) -> None:
+        self.proc = proc
+        self._sup = sup
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._sup._release(self.proc.name)
+
+
+@dataclass(eq=False)
+class _Waiter:
+    id: int
+    model: str
+    fut: asyncio.Future[Lease | None]
+    load: bool
+    autoload: bool
+    deadline: float | None
+    saw_generation: int | None = None
+
+
+@dataclass
+class _Counters:
+    evictions: int = 0
+    loads: int = 0
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -102,7 +142,7 @@ class Supervisor:
         config: RouterConfig,
         discover: Discover,
         launcher: Launcher,
-        session: aiohttp.ClientSession,
+        probe: Probe,
         build_argv: ArgvBuilder,
         state_dir: StateDir | None = None,
         observer: StateObserver | None = None,
@@ -113,64 +153,104 @@ class Supervisor:
         self._observer = observer  # metrics: sees every transition, must not raise
         self._discover = discover
         self._launcher = launcher
-        self._session = session
+        self._probe = probe
         self._build_argv = build_argv
         self._state_dir = state_dir
+        self._options_for: OptionsFor = options_for or (lambda spec: dict(spec.options))
+        self.memory = memory
         self.events = EventHub(config.limits.sse_queue)
         self.models: dict[str, ModelProcess] = {}
         self.aliases: dict[str, str] = {}
-        self._queue: dict[str, _Entry] = {}  # insertion order is the FIFO order
-        self.waiting = 0  # requests inside acquire() that have no grant yet
+        self._retired: set[ModelProcess] = set()  # replaced or removed by a reload, stopping
+        self._usage: dict[str, Usage] = {}
+        self._starts: dict[int, int] = {}  # id(proc) -> starts (load generation)
+        self._waiters: list[_Waiter] = []
+        self._ids = itertools.count(1)
+        self._owners: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+        self.counters = _Counters()
         self.closing = False
         self.started = False  # start() finished: /readyz reports ready from here on
-        self._tick_task: asyncio.Task[None] | None = None
-        self._retired: set[ModelProcess] = set()  # replaced by reload, still stopping
-        self.evictions = 0
-        self._scheduling = False
-        self._reschedule = False
-        # The merged child options of a model (what its memory estimate depends on).
-        self._options_for: OptionsFor = options_for or (lambda spec: dict(spec.options))
-        self.memory = memory
+
+    # ----------------------------------------------------------------- Demand (for processes)
+    def in_flight(self, name: str) -> int:
+        usage = self._usage.get(name)
+        return usage.in_flight if usage is not None else 0
+
+    def wanted(self, name: str) -> bool:
+        return any(w.model == name for w in self._waiters)
+
+    def last_activity(self, name: str) -> float:
+        usage = self._usage.get(name)
+        return usage.last_activity if usage is not None else 0.0
+
+    def set_activity(self, name: str, when: float) -> None:
+        self._usage_of(name).last_activity = when
+
+    def usage(self, name: str) -> Usage:
+        return self._usage.get(name) or Usage()
+
+    def _usage_of(self, name: str) -> Usage:
+        usage = self._usage.get(name)
+        if usage is None:
+            usage = self._usage[name] = Usage()
+        return usage
 
     # ----------------------------------------------------------------- setup
-    def apply_specs(self, specs: dict[str, ModelSpec]) -> None:
-        for name, spec in specs.items():
-            proc = self.models.get(name)
-            if proc is None:
-                self.models[name] = self._new_process(spec)
-            elif proc.spec != spec:
-                proc.spec = spec
-                if not proc.holds_slot:
-                    proc.argv = []  # show the new command line, not the last run's
-        self.aliases = {
-            alias: name for name, spec in specs.items() for alias in spec.aliases if alias != name
-        }
-
     def _new_process(self, spec: ModelSpec) -> ModelProcess:
         proc = ModelProcess(
-            spec, self.config, self._launcher, self._session, self._build_argv, self._on_state
+            spec, self.config, self._launcher, self._probe, self._build_argv, self._on_state,
+            demand=self,
         )
         memory = self.memory
         if memory is not None:
             proc.before_spawn = lambda: memory.wait_recovered(memory.footprint(proc))
+        task = proc.open()
+        self._owners.add(task)
+        task.add_done_callback(self._owner_done)
         return proc
 
+    def _owner_done(self, task: asyncio.Task[None]) -> None:
+        self._owners.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s ended with an error: %r", task.get_name(), exc, exc_info=exc)
+
+    def _apply_specs(self, specs: dict[str, ModelSpec]) -> None:
+        for name, spec in specs.items():
+            if name not in self.models:
+                self.models[name] = self._new_process(spec)
+        self.aliases = {
+            alias: name for name, spec in specs.items() for alias in spec.aliases if alias != name
+        }
+
     async def start(self) -> None:
-        self.apply_specs(self._discover())
-        self._tick_task = asyncio.create_task(self._housekeeping(), name="housekeeping")
+        self._apply_specs(self._discover())
         startup = [p for p in self.models.values() if p.spec.load_on_startup or p.spec.pin]
         limit = self.config.limits.models_max
         # Upstream refuses to start when load-on-startup models exceed --models-max; with
         # --models-max 0 it refuses any (a bug we do not copy: 0 means unlimited).
         if limit > 0 and len(startup) > limit:
             names = ", ".join(p.name for p in startup)
-            raise ConfigError(
+            raise LlamaRouterError(
                 f"{len(startup)} models are set to load on startup ({names}) "
                 f"but --models-max is {limit}"
             )
         for proc in startup:
-            proc.start()
+            if not proc.spec.pin:  # pinned ones are the scheduler's to keep loaded
+                self._note_start(proc)
+                proc.start()
+        self._loop_task = asyncio.create_task(self._run(), name="scheduler")
+        self._loop_task.add_done_callback(self._loop_done)
+        self._kick.set()
         self.started = True
+
+    def _loop_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            log.critical("the scheduling loop died: %r", task.exception(), exc_info=task.exception())
 
     # ----------------------------------------------------------------- lookup
     def resolve(self, name: str) -> ModelProcess:
@@ -196,234 +276,52 @@ class Supervisor:
         return self._launcher.rss_bytes(child) if child is not None else None
 
     def queued_for(self, proc: ModelProcess) -> int:
-        """Requests waiting for this model: in the admission queue or for its load."""
-        entry = self._queue.get(proc.name)
-        return proc.waiters + (entry.waiters if entry is not None else 0)
+        return sum(1 for w in self._waiters if w.model == proc.name and not w.load)
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for w in self._waiters if not w.load)
+
+    @property
+    def evictions(self) -> int:
+        return self.counters.evictions
 
     def visible(self) -> list[ModelProcess]:
         return [p for p in self.models.values() if not p.spec.hidden]
 
-    # ----------------------------------------------------------------- requests
-    async def acquire(self, proc: ModelProcess, autoload: bool) -> None:
-        """Block until `proc` is READY, then count the caller as in flight on it.
+    def all_processes(self) -> list[ModelProcess]:
+        return [*self.models.values(), *self._retired]
 
-        Raises: ShuttingDown; InvalidRequest "model is not loaded" when autoload is off and
-        the model is not running; ModelFailed (503) while the model is FAILED; StartFailed
-        when its load failed; QueueFull/Unavailable (503 + Retry-After) past the configured
-        queue length or wait. The caller must call `release(proc)` after a grant.
+    def estimate_of(self, proc: ModelProcess) -> Estimate | None:
+        return self.memory.estimate_of(proc) if self.memory is not None else None
+
+    # ----------------------------------------------------------------- admission
+    def touch(self, proc: ModelProcess) -> None:
+        """Upstream stamps last_used on every POST it routes to a model, loads included."""
+        usage = self._usage_of(proc.name)
+        usage.last_used = time.monotonic()
+        usage.last_used_wall = time.time()
+
+    async def acquire(self, proc: ModelProcess, autoload: bool) -> Lease:
+        """Wait until `proc` is READY and hold it busy: the caller must `release()` the lease.
+
+        Raises ShuttingDown; InvalidRequest "model is not loaded" (autoload off);
+        ModelFailed (503 + Retry-After) during a failed model's hold-off; StartAborted when
+        the load it waited for was stopped; ModelNotFound when a reload removed the model;
+        BudgetExceeded when it cannot fit; QueueFull/Unavailable past --max-queue/--max-wait.
         """
         if self.closing:
             raise ShuttingDown("server is shutting down")
-        if proc.state == State.READY:
-            proc.in_flight += 1
-            return
-        if not autoload and proc.state not in (State.STARTING, State.BACKOFF, State.READY):
-            raise InvalidRequest("model is not loaded")
-        limits = self.config.limits
-        if limits.max_queue is not None and self.waiting >= limits.max_queue:
-            raise QueueFull(
-                f"too many requests waiting for a model ({self.waiting}); try again later",
-                retry_after=self._retry_after(),
-            )
-        self.waiting += 1
-        try:
-            if limits.max_wait is None:
-                await self._wait_granted(proc, autoload)
-            else:
-                try:
-                    async with asyncio.timeout(limits.max_wait):
-                        await self._wait_granted(proc, autoload)
-                except TimeoutError:
-                    raise Unavailable(
-                        f"model name={proc.name} was not ready within {limits.max_wait:g}s; "
-                        "try again later",
-                        retry_after=self._retry_after(),
-                    ) from None
-        finally:
-            self.waiting -= 1
+        if proc.expected_state == State.READY and self.models.get(proc.name) is proc:
+            # The scheduler's grant rule for a READY model, applied inline (no queue).
+            return self._grant(proc)
+        result = await self._admit(proc, load=False, autoload=autoload)
+        assert result is not None
+        return result
 
-    async def _wait_granted(self, proc: ModelProcess, autoload: bool) -> None:
-        while True:
-            if self.closing:
-                raise ShuttingDown("server is shutting down")
-            state = proc.state
-            if state == State.READY:
-                proc.in_flight += 1
-                return
-            if state in (State.STARTING, State.BACKOFF):
-                await proc.wait_ready()
-                continue
-            if state == State.FAILED:
-                held = time.monotonic() - proc.state_changed_at
-                holdoff = self.config.limits.failed_holdoff
-                if held < holdoff:
-                    raise ModelFailed(proc.failure_message(), retry_after=holdoff - held)
-            if not autoload:
-                raise InvalidRequest("model is not loaded")
-            await self.check_fits(proc)
-            await self._queue_for(proc)
-
-    async def _queue_for(self, proc: ModelProcess) -> None:
-        entry = self._queue.get(proc.name)
-        if entry is None:
-            entry = self._queue[proc.name] = _Entry(proc.name)
-        entry.waiters += 1
-        self._schedule()
-        try:
-            await entry.started.wait()
-        finally:
-            entry.waiters -= 1
-            if entry.waiters <= 0 and self._queue.get(proc.name) is entry:
-                # The last waiter gave up: the entry costs nobody a slot any more.
-                del self._queue[proc.name]
-                self._schedule()
-
-    def release(self, proc: ModelProcess) -> None:
-        proc.in_flight -= 1
-        now = time.monotonic()
-        proc.last_used = now
-        proc.last_activity = now
-        proc.last_used_wall = time.time()
-        # An idle model matters only to queued requests (it may now be evicted for them).
-        if proc.in_flight == 0 and self._queue:
-            self._schedule()
-
-    def _retry_after(self) -> float:
-        return max(1.0, self.config.timeouts.ready_poll * 20)
-
-    # ----------------------------------------------------------------- memory
-    async def check_fits(self, proc: ModelProcess) -> None:
-        """With a memory budget: estimate the model (once) and refuse it at once if it
-        cannot fit even after every evictable model is stopped (pinned ones stay)."""
-        memory = self.memory
-        if memory is None:
-            return
-        est = await memory.estimate_for(proc, self._options_for(proc.spec))
-        if est is None:
-            return
-        fixed = sum(
-            memory.footprint(p) for p in self._all_procs()
-            if p.holds_slot and p is not proc and self._pinned(p)
-        )
-        if fixed + est.total > memory.budget:
-            raise BudgetExceeded(
-                f"model name={proc.name} needs an estimated {_mib(est.total)} (weights "
-                f"{_mib(est.weights)}, KV cache {_mib(est.kv)} for {est.n_ctx} tokens, compute "
-                f"{_mib(est.compute)}) but the memory budget is {_mib(memory.budget)}"
-                + (f" with {_mib(fixed)} held by pinned models" if fixed else "")
-            )
-
-    def _all_procs(self) -> list[ModelProcess]:
-        return [*self.models.values(), *self._retired]
-
-    def _pinned(self, proc: ModelProcess) -> bool:
-        return proc.spec.pin or self.config.single_model is not None
-
-    def _bytes_short(self, proc: ModelProcess) -> int:
-        """Bytes that must be freed before `proc` fits the budget (<= 0: it fits)."""
-        memory = self.memory
-        if memory is None:
-            return 0
-        return memory.used(self._all_procs()) + memory.footprint(proc) - memory.budget
-
-    # ----------------------------------------------------------------- scheduling
-    def _slots_free(self) -> int | None:
-        limit = self.config.limits.models_max
-        if limit <= 0:
-            return None
-        used = sum(1 for p in self.models.values() if p.holds_slot)
-        used += sum(1 for p in self._retired if p.holds_slot)
-        return limit - used
-
-    def _schedule(self) -> None:
-        # Starting or stopping a model changes state, which calls back here; run the pass
-        # again afterwards instead of recursing into a half-updated queue.
-        if self._scheduling:
-            self._reschedule = True
-            return
-        self._scheduling = True
-        try:
-            self._reschedule = True
-            while self._reschedule and not self.closing:
-                self._reschedule = False
-                self._schedule_once()
-        finally:
-            self._scheduling = False
-
-    def _schedule_once(self) -> None:
-        free = self._slots_free()
-        needed = 0
-        bytes_short = 0  # for the first entry blocked by the memory budget (FIFO)
-        for entry in list(self._queue.values()):
-            proc = self.models.get(entry.name)
-            if proc is None:
-                entry.started.set()  # vanished in a reload; waiters re-resolve and fail
-                self._queue.pop(entry.name, None)
-                continue
-            if proc.state in (State.STARTING, State.READY, State.BACKOFF):
-                entry.started.set()
-                self._queue.pop(entry.name, None)
-                continue
-            if proc.state in (State.STOPPING, State.SHUTDOWN):
-                continue  # its stop will trigger another pass
-            short = self._bytes_short(proc)
-            if (free is None or free > 0) and short <= 0 and not bytes_short:
-                proc.start()
-                if free is not None:
-                    free -= 1
-                entry.started.set()
-                self._queue.pop(entry.name, None)
-                continue
-            needed += 1
-            if short > 0 and not bytes_short:
-                bytes_short = short
-        if not needed:
-            return
-        stopping = [p for p in self._all_procs() if p.state == State.STOPPING]
-        slot_deficit = 0 if free is None else needed - free - len(stopping)
-        if self.memory is not None:
-            bytes_short -= sum(self.memory.footprint(p) for p in stopping)
-        for name in plan_evictions(self._candidates(), slot_deficit, max(bytes_short, 0)):
-            log.info("[%s] evicting idle least recently used model for a queued request", name)
-            self.evictions += 1
-            self.models[name].stop("evicted")
-
-    def _candidates(self) -> list[Candidate]:
-        return [
-            Candidate(
-                name=p.name,
-                last_used=p.last_used,
-                ready=p.state == State.READY,
-                busy=p.in_flight > 0,
-                pinned=self._pinned(p),
-                bytes=self.memory.footprint(p) if self.memory is not None else 0,
-                wanted=p.waiters > 0 or p.name in self._queue,
-            )
-            for p in self.models.values()
-        ]
-
-    def _on_state(self, proc: ModelProcess, old: State, new: State) -> None:
-        if self._observer is not None:
-            self._observer(proc, old, new)
-        if self._state_dir is not None:
-            self._state_dir.record(self.models.values(), self._retired)
-        old_api, new_api = api_status(old), api_status(new)
-        if new == State.STARTING and old in (State.STOPPED, State.FAILED):
-            self.events.publish("model_status", proc.name, {"status": "loading"})
-        elif old_api != new_api:
-            data: dict[str, object] = {"status": new_api}
-            if new_api == "unloaded":
-                data["exit_code"] = proc.exit_code if proc.exit_code is not None else 0
-            if new == State.READY and proc.loaded_info:
-                data["info"] = proc.loaded_info
-            self.events.publish("status_change", proc.name, data)
-        if new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
-            self._retired.discard(proc)
-        self._schedule()
-
-    # ----------------------------------------------------------------- management API
     async def load(self, name: str) -> ModelProcess:
-        """POST /models/load: start now; evict the idle LRU model if the slots are full."""
+        """POST /models/load: start now (evicting the idle LRU model if needed); returns
+        once the start is under way, as upstream does."""
         proc = self.find(name)
         if proc is None:
             # Upstream builds "model is not found", but its HTTP layer rewrites the body of
@@ -431,117 +329,338 @@ class Supervisor:
             raise NotFound("File Not Found")
         if self.closing:
             raise ShuttingDown("server is shutting down")
-        if proc.state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):
-            raise InvalidRequest("model is already running")
-        await self.check_fits(proc)
-        # Evicting waits for the victims to exit, and others may start meanwhile: decide
-        # again after every wait (bounded: each round stops at least one model or fails).
-        for _ in range(len(self.models) + 1):
-            if proc.state not in (State.STOPPED, State.FAILED):
-                raise InvalidRequest("model is already running")
-            free = self._slots_free()
-            slot_deficit = 0 if free is None else 1 - free
-            bytes_short = self._bytes_short(proc)
-            if slot_deficit <= 0 and bytes_short <= 0:
-                proc.reset_failed()
-                proc.start()
-                return proc
-            victims = plan_evictions(self._candidates(), slot_deficit, max(bytes_short, 0))
-            if not victims:
-                raise LlamaRouterError("model limit reached, try again later")
-            for victim in victims:
-                self.evictions += 1
-                self.models[victim].stop("evicted")
-            await asyncio.gather(*(self.models[v].wait_stopped() for v in victims))
-        raise LlamaRouterError("model limit reached, try again later")
+        self.touch(proc)
+        await self._admit(proc, load=True, autoload=True)
+        return proc
 
+    async def _admit(self, proc: ModelProcess, load: bool, autoload: bool) -> Lease | None:
+        limits = self.config.limits
+        if not load and limits.max_queue is not None and self.waiting >= limits.max_queue:
+            raise QueueFull(
+                f"too many requests waiting for a model ({self.waiting}); try again later",
+                retry_after=self._retry_after(),
+            )
+        if self.memory is not None:
+            # The estimate reads the GGUF header once (off the loop); the scheduler decides.
+            await self.memory.estimate_for(proc, self._options_for(proc.spec))
+            if self.closing:
+                raise ShuttingDown("server is shutting down")
+        loop = asyncio.get_running_loop()
+        deadline = None
+        if limits.max_wait is not None and not load:
+            deadline = time.monotonic() + limits.max_wait
+        waiter = _Waiter(next(self._ids), proc.name, loop.create_future(), load, autoload, deadline)
+        self._waiters.append(waiter)
+        self._kick.set()
+        try:
+            return await asyncio.shield(waiter.fut)
+        except asyncio.CancelledError:
+            self._abandon(waiter)
+            raise
+        finally:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+                self._kick.set()
+
+    def _abandon(self, waiter: _Waiter) -> None:
+        """The caller went away: leave the queue; a grant that raced in is given back."""
+        if waiter.fut.done():
+            if not waiter.fut.cancelled() and waiter.fut.exception() is None:
+                lease = waiter.fut.result()
+                if lease is not None:
+                    lease.release()
+        else:
+            waiter.fut.cancel()
+
+    def _grant(self, proc: ModelProcess) -> Lease:
+        usage = self._usage_of(proc.name)
+        usage.in_flight += 1
+        return Lease(self, proc)
+
+    def _release(self, name: str) -> None:
+        usage = self._usage_of(name)
+        usage.in_flight -= 1
+        now = time.monotonic()
+        usage.last_used = usage.last_activity = now
+        usage.last_used_wall = time.time()
+        if usage.in_flight == 0:
+            # An idle model matters to queued requests (it may be evicted for them) and TTL.
+            self._kick.set()
+
+    def _retry_after(self) -> float:
+        return max(1.0, self.config.timeouts.ready_poll * 20)
+
+    # ----------------------------------------------------------------- the loop
+    async def _run(self) -> None:
+        tick = self.config.timeouts.tick
+        next_tick = time.monotonic() + tick
+        while True:
+            now = time.monotonic()
+            wake = next_tick
+            snap = self._snapshot(now)
+            try:
+                actions = scheduler.plan(snap)
+                self._apply(actions)
+            except Exception:  # a bug of ours: log it, keep the loop (and the router) alive
+                log.exception("scheduling pass failed")
+            soonest = scheduler.next_wakeup(snap)
+            if soonest is not None:
+                wake = min(wake, soonest)
+            if now >= next_tick:
+                next_tick = now + tick
+                self._record()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, wake - time.monotonic()) + 0.001):
+                    await self._kick.wait()
+            self._kick.clear()
+
+    def _snapshot(self, now: float) -> scheduler.Snapshot:
+        memory = self.memory
+        views = []
+        for proc in self.all_processes():
+            usage = self.usage(proc.name) if self.models.get(proc.name) is proc else Usage()
+            state = proc.expected_state
+            starts = self._starts.get(id(proc), 0)
+            if state == State.STARTING and proc.state in (State.STOPPED, State.FAILED):
+                starts += 1  # a start already sent
+            views.append(
+                scheduler.ModelView(
+                    name=proc.name,
+                    state=state,
+                    in_flight=usage.in_flight,
+                    last_used=usage.last_used,
+                    idle_since=max(usage.last_used, proc.ready_at or 0.0),
+                    pinned=self._pinned(proc),
+                    bytes=memory.footprint(proc) if memory is not None else 0,
+                    ttl=proc.ttl,
+                    failed_at=proc.state_changed_at if proc.state == State.FAILED else None,
+                    listed=self.models.get(proc.name) is proc,
+                    load_generation=starts,
+                )
+            )
+        waiters = [
+            scheduler.WaiterView(
+                id=w.id, model=self.aliases.get(w.model, w.model), load=w.load,
+                autoload=w.autoload, deadline=w.deadline, saw_generation=w.saw_generation,
+            )
+            for w in self._waiters
+            if not w.fut.done()
+        ]
+        return scheduler.Snapshot(
+            now=now,
+            models=views,
+            waiters=waiters,
+            models_max=self.config.limits.models_max,
+            budget=memory.budget if memory is not None else None,
+            failed_holdoff=self.config.limits.failed_holdoff,
+            closing=self.closing,
+        )
+
+    def _apply(self, actions: list[scheduler.Action]) -> None:
+        by_id = {w.id: w for w in self._waiters}
+        for action in actions:
+            if isinstance(action, scheduler.Start):
+                proc = self.models[action.model]
+                self._note_start(proc)
+                proc.start()
+            elif isinstance(action, scheduler.Evict):
+                proc = self.models[action.model]
+                if action.reason == "ttl":
+                    log.info("[%s] idle past its ttl (%gs): unloading", proc.name, proc.ttl or 0)
+                else:
+                    log.info("[%s] evicting the idle least recently used model", proc.name)
+                    self.counters.evictions += 1
+                proc.stop(action.reason)
+            elif isinstance(action, scheduler.Track):
+                waiter = by_id.get(action.waiter)
+                if waiter is not None:
+                    waiter.saw_generation = action.generation
+            else:
+                waiter = by_id.get(action.waiter)
+                if waiter is None or waiter.fut.done():
+                    continue
+                if isinstance(action, scheduler.Grant):
+                    waiter.fut.set_result(self._grant(self.models[action.model]))
+                elif isinstance(action, scheduler.Resolve):
+                    waiter.fut.set_result(None)
+                else:
+                    self.counters.refused[action.why] = self.counters.refused.get(action.why, 0) + 1
+                    waiter.fut.set_exception(self._refusal(action))
+
+    def _note_start(self, proc: ModelProcess) -> None:
+        if proc.expected_state in (State.STOPPED, State.FAILED):
+            self._starts[id(proc)] = self._starts.get(id(proc), 0) + 1
+            self.counters.loads += 1
+
+    def _refusal(self, action: scheduler.Refuse) -> LlamaRouterError:
+        name, why = action.model, action.why
+        proc = self.models.get(name)
+        if why == Why.SHUTDOWN:
+            return ShuttingDown("server is shutting down")
+        if why == Why.REMOVED:
+            return ModelNotFound(f"model '{name}' not found")
+        if why == Why.NOT_LOADED:
+            return InvalidRequest("model is not loaded")
+        if why == Why.RUNNING:
+            return InvalidRequest("model is already running")
+        if why == Why.NO_ROOM:
+            return LlamaRouterError("model limit reached, try again later")
+        if why == Why.DEADLINE:
+            wait = self.config.limits.max_wait or 0.0
+            return Unavailable(
+                f"model name={name} was not ready within {wait:g}s; try again later",
+                retry_after=self._retry_after(),
+            )
+        if why == Why.FAILED and proc is not None:
+            return ModelFailed(proc.failure_message(), retry_after=action.retry_after)
+        if why == Why.ABORTED and proc is not None:
+            return StartAborted(
+                f"model name={name} stopped while loading ({proc.stop_reason or 'stopped'})"
+            )
+        if why == Why.BUDGET and proc is not None and self.memory is not None:
+            return self._budget_error(proc, action.detail)
+        return LlamaRouterError(f"model name={name}: {why}")
+
+    def _budget_error(self, proc: ModelProcess, fixed: int) -> BudgetExceeded:
+        assert self.memory is not None
+        est = self.memory.estimate_of(proc)
+        budget = _mib(self.memory.budget)
+        if est is None:
+            return BudgetExceeded(f"model name={proc.name} does not fit the memory budget {budget}")
+        return BudgetExceeded(
+            f"model name={proc.name} needs an estimated {_mib(est.total)} (weights "
+            f"{_mib(est.weights)}, KV cache {_mib(est.kv)} for {est.n_ctx} tokens, compute "
+            f"{_mib(est.compute)}) but the memory budget is {budget}"
+            + (f" with {_mib(fixed)} held by pinned models" if fixed else "")
+        )
+
+    def _pinned(self, proc: ModelProcess) -> bool:
+        return proc.spec.pin or self.config.single_model is not None
+
+    def _record(self) -> None:
+        if self._state_dir is not None:
+            try:
+                self._state_dir.record(self.all_processes())
+            except OSError as exc:
+                log.warning("cannot write the state dir record: %s", exc)
+
+    def _on_state(self, proc: ModelProcess, old: State, new: State) -> None:
+        """Called by a model's owner on every transition (never awaits, must not raise)."""
+        if self._observer is not None:
+            self._observer(proc, old, new)
+        if new in (State.READY, State.STOPPED, State.FAILED, State.SHUTDOWN):
+            self._record()
+        old_api = "loaded" if old == State.STOPPING and proc.ever_ready else _word(old)
+        new_api = proc.api_status
+        listed = self.models.get(proc.name) is proc
+        if listed and new == State.STARTING and old in (State.STOPPED, State.FAILED):
+            self.events.publish("model_status", proc.name, {"status": "loading"})
+        elif listed and old_api != new_api:
+            data: dict[str, object] = {"status": new_api}
+            if new_api == "unloaded":
+                # A stop we asked for is a clean exit, whatever signal ended the child.
+                data["exit_code"] = proc.exit_code if proc.crashed and proc.exit_code is not None else 0
+            if new == State.READY and proc.loaded_info:
+                data["info"] = proc.loaded_info
+            self.events.publish("status_change", proc.name, data)
+        if new in (State.STOPPED, State.FAILED, State.SHUTDOWN) and proc in self._retired:
+            self._retired.discard(proc)
+            self._close(proc)
+        self._kick.set()
+
+    def _close(self, proc: ModelProcess) -> None:
+        if proc.state != State.SHUTDOWN:
+            proc.close()
+        self._starts.pop(id(proc), None)
+
+    # ----------------------------------------------------------------- management API
     def unload(self, name: str) -> ModelProcess:
         proc = self.find(name)
         if proc is None:
             raise InvalidRequest("model is not found")
-        if proc.state not in (State.STARTING, State.READY, State.BACKOFF):
+        if proc.expected_state not in (State.STARTING, State.READY, State.BACKOFF):
             raise InvalidRequest("model is not running")
         proc.stop("unloaded")
         return proc
 
     async def reload(self) -> None:
-        """Rescan every source; unload running models whose definition changed or vanished."""
+        """Rescan every source. A model whose definition changed or vanished is stopped
+        (it keeps its slot until it has exited); the new definition applies at once, so a
+        request arriving meanwhile gets the model as it is defined now."""
         specs = self._discover()
-        waits = []
+        if self.closing:
+            return
         for name, proc in list(self.models.items()):
             new = specs.get(name)
             if new is not None and new == proc.spec:
                 continue
-            if proc.state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):
+            del self.models[name]
+            if proc.expected_state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):
                 proc.stop("reload")
-                waits.append(proc.wait_stopped())
-            elif proc.state == State.FAILED:
-                proc.reset_failed()  # a new definition deserves a new try
+                self._retired.add(proc)
+            else:
+                self._close(proc)
             if new is None:
-                del self.models[name]
-                if proc.holds_slot:
-                    self._retired.add(proc)
-        # The new definitions apply before we wait, so a request arriving meanwhile starts
-        # the model as it is now defined, not as it was.
-        self.apply_specs(specs)
-        if waits:
-            await asyncio.gather(*waits)
+                self._usage.pop(name, None)
+        self._apply_specs(specs)
         self.events.publish("models_reload", "*")
-        self._schedule()
+        self._kick.set()
 
-    # ----------------------------------------------------------------- background
-    async def _housekeeping(self) -> None:
-        interval = self.config.timeouts.tick
-        while True:
-            await asyncio.sleep(interval)
-            self.tick(time.monotonic())
-
-    def tick(self, now: float) -> None:
-        """Level-triggered upkeep: idle TTL unloads and the state-dir record."""
-        if self.closing:
-            return
-        for proc in self.models.values():
-            if proc.state == State.READY and proc.in_flight == 0 and proc.waiters == 0:
-                ttl = proc.ttl
-                idle_since = max(proc.last_used, proc.ready_at or 0.0)
-                if ttl is not None and not proc.spec.pin and now - idle_since >= ttl:
-                    log.info("[%s] idle for %.0fs (ttl %gs): unloading", proc.name, now - idle_since, ttl)
-                    proc.stop("ttl")
-        if self._state_dir is not None:
-            self._state_dir.record(self.models.values(), self._retired)
-
+    # ----------------------------------------------------------------- shutdown
     def begin_shutdown(self) -> None:
         """Refuse new work: queued requests and event streams end now, in-flight
         responses may finish (the caller bounds that with the shutdown grace)."""
+        if self.closing:
+            return
         self.closing = True
-        for entry in self._queue.values():
-            entry.started.set()
-        self._queue.clear()
+        for waiter in self._waiters:
+            if not waiter.fut.done():
+                waiter.fut.set_exception(ShuttingDown("server is shutting down"))
         self.events.close()
-        for proc in self.models.values():
-            proc.close_log_listeners()
+        for proc in self.all_processes():
+            proc.logs.close()
+        self._kick.set()
 
     def kill_all(self) -> None:
         """Forced exit (second signal): SIGKILL every child's process group now."""
-        for proc in list(self.models.values()) + list(self._retired):
+        for proc in self.all_processes():
             proc.kill_now()
 
     async def shutdown(self) -> None:
-        """Stop every child in parallel (each: SIGTERM, stop-timeout, SIGKILL, reap)."""
+        """Stop every child in parallel (each: SIGTERM, stop-timeout, SIGKILL, reap), each
+        bounded by its own stop bound; then end the owners and the loop."""
         self.begin_shutdown()
-        if self._tick_task is not None:
-            self._tick_task.cancel()
+        procs = self.all_processes()
+        for proc in procs:
+            proc.shutdown()
+        results = await asyncio.gather(*(p.wait_shutdown(p.stop_bound) for p in procs))
+        for proc, ok in zip(procs, results, strict=True):
+            if not ok:
+                log.error("[%s] did not stop within %.1fs; killing", proc.name, proc.stop_bound)
+                proc.kill_now()
+        for proc in procs:
+            proc.close()
+        owners = list(self._owners)
+        if owners:
+            _, pending = await asyncio.wait(owners, timeout=self.config.timeouts.reap)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=self.config.timeouts.reap)
+        if self._loop_task is not None:
+            self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._tick_task
-        procs = list(self.models.values()) + list(self._retired)
-        for proc in procs:
-            proc.shutdown()
-        await asyncio.gather(*(p.wait_stopped() for p in procs))
-        for proc in procs:
-            proc.shutdown()
+                await self._loop_task
         self.events.close()
         if self._state_dir is not None:
-            self._state_dir.record((), ())
+            with contextlib.suppress(OSError):
+                self._state_dir.record(())
+
+
+def _word(state: State) -> str:
+    if state in (State.STARTING, State.BACKOFF, State.STOPPING):
+        return "loading"
+    return "loaded" if state == State.READY else "unloaded"
 
 
 def _mib(n: int) -> str:

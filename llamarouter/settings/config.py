@@ -52,6 +52,17 @@ class Timeouts:
     # after the same time. Drops slowloris clients (aiohttp's keepalive_timeout, which
     # runs from the accept and is not reset by partial header bytes). 0 = never.
     header_read: float = 60.0
+    # Bounds on the supervision core's own waits, so no lifecycle step can hang:
+    # spawning a child (fork + exec), reaping it after SIGKILL, draining its output pipe
+    # once it is gone, and fetching its /v1/models entry once it is ready.
+    spawn: float = 30.0
+    reap: float = 5.0
+    drain: float = 3.0
+    info: float = 3.0
+    # After the shutdown grace, in-flight handlers are cancelled and get this long to end.
+    shutdown_cancel: float = 1.0
+    # A second SIGINT/SIGTERM exits within this long, whatever is still running.
+    force_exit: float = 2.0
 
 
 @dataclass(frozen=True)

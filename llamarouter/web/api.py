@@ -200,9 +200,10 @@ class Api:
         changes every second). Cached until something the item shows changes: a listing of
         1,000 models would otherwise rebuild and re-encode 1,000 items on every call."""
         key = (
-            proc.spec, proc.state, proc.port, proc.in_flight, self.sup.queued_for(proc),
-            proc.restarts, proc.last_used_wall, proc.crashed, proc.exit_code, proc.failure,
-            proc.stop_reason, proc.estimate, proc.measured_bytes, id(proc.loaded_info),
+            proc.spec, proc.state, proc.api_status, proc.port, proc.in_flight,
+            self.sup.queued_for(proc), proc.restarts, self.sup.usage(proc.name).last_used_wall,
+            proc.crashed, proc.exit_code, proc.failure, proc.stop_reason,
+            self.sup.estimate_of(proc), proc.measured_bytes, id(proc.loaded_info),
         )
         cached = self._item_cache.get(proc)
         if cached is not None and cached[0] == key:
@@ -252,11 +253,13 @@ class Api:
             "restarts": proc.restarts,
             "pinned": spec.pin,
         }
-        if proc.last_used_wall:
-            item["last_used"] = int(proc.last_used_wall)
-        if proc.estimate is not None:
-            item["estimated_bytes"] = proc.estimate.total
-            item["estimate"] = proc.estimate.as_dict()
+        last_used_wall = self.sup.usage(proc.name).last_used_wall
+        if last_used_wall:
+            item["last_used"] = int(last_used_wall)
+        est = self.sup.estimate_of(proc)
+        if est is not None:
+            item["estimated_bytes"] = est.total
+            item["estimate"] = est.as_dict()
         if proc.measured_bytes is not None and proc.api_status != "unloaded":
             item["measured_bytes"] = proc.measured_bytes
         if proc.api_status != "unloaded":
@@ -298,11 +301,12 @@ class Api:
         models = {}
         for proc in procs:
             entry: dict[str, Any] = {"status": proc.api_status}
-            if memory is not None and proc.spec.model_path and proc.estimate is None:
+            if memory is not None and proc.spec.model_path and memory.estimate_of(proc) is None:
                 await memory.estimate_for(proc, self.child_args.merged(proc.spec))
-            if proc.estimate is not None:
-                entry["estimated_bytes"] = proc.estimate.total
-                entry["estimate"] = proc.estimate.as_dict()
+            est = self.sup.estimate_of(proc)
+            if est is not None:
+                entry["estimated_bytes"] = est.total
+                entry["estimate"] = est.as_dict()
             rss = self.sup.rss_of(proc)
             if rss is not None:
                 entry["rss_bytes"] = rss
@@ -330,8 +334,9 @@ class Api:
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        await resp.prepare(request)
+        # Subscribed before the headers go out: a client that has them misses no event.
         async with self.sup.events.subscribe() as queue:
+            await resp.prepare(request)
             while True:
                 line = await queue.get()
                 if line is None:
@@ -355,15 +360,14 @@ class Api:
             return web.Response(text="".join(line + "\n" for line in tail), content_type="text/plain")
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "X-Accel-Buffering": "no"})
         await resp.prepare(request)
-        queue: asyncio.Queue[str | None] = asyncio.Queue(max(1, self.config.limits.log_lines))
-        proc.log_listeners.add(queue)
+        queue = proc.logs.follow()
         try:
             if tail:
                 await resp.write("".join(line + "\n" for line in tail).encode())
             while (line := await queue.get()) is not None:
                 await resp.write(line.encode() + b"\n")
         finally:
-            proc.log_listeners.discard(queue)
+            proc.logs.unfollow(queue)
         return resp
 
     # ----------------------------------------------------------------- proxied endpoints
@@ -388,13 +392,15 @@ class Api:
         autoload = self._autoload(request)
         timing = RequestTiming()
         code = 500
+        if request.method == "POST":
+            self.sup.touch(proc)
         try:
             retried = False
             while True:
-                await self.sup.acquire(proc, autoload)
+                lease = await self.sup.acquire(proc, autoload)
                 port = proc.port
                 try:
-                    if self.config.fake_timing:
+                    if self.config.fake_timing and self.config.single_model is None:
                         await asyncio.sleep(self.config.fake_timing_secs)
                     resp = await self.proxy.forward(request, proc, body, timing)
                     code = resp.status
@@ -408,7 +414,7 @@ class Api:
                         raise
                     retried, failed = True, exc
                 finally:
-                    self.sup.release(proc)
+                    lease.release()
                 await proc.wait_changed_from(port, self.config.timeouts.health_timeout)
                 gone = proc.state != State.READY or proc.port != port
                 if not (gone or isinstance(failed, ChildUnreachable)):
@@ -416,7 +422,7 @@ class Api:
         except LlamaRouterError as exc:
             code = exc.status
             raise
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, ConnectionError):
             code = 499  # the client went away (nginx's code for it)
             raise
         finally:

@@ -23,6 +23,7 @@ from ..settings.config import ModelSpec, RouterConfig
 from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
 from ..core.launcher import Launcher, OsLauncher
 from ..core.memory import MemoryManager
+from ..core.probes import HttpProbe
 from .metrics import RouterMetrics
 from .proxy import Proxy
 from ..core.statedir import StateDir
@@ -30,7 +31,50 @@ from ..core.supervisor import Supervisor
 
 log = logging.getLogger("llamarouter.web.app")
 
+class ActiveRequests:
+    """The handlers running now, so shutdown can wait for them (bounded) and then cancel
+    what is left, instead of aiohttp's per-connection waits that add up past the grace."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def count(self) -> int:
+        return len(self._tasks)
+
+    def enter(self) -> asyncio.Task[object] | None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            self._idle.clear()
+        return task
+
+    def leave(self, task: asyncio.Task[object] | None) -> None:
+        if task is not None:
+            self._tasks.discard(task)
+            if not self._tasks:
+                self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+            return True
+        except TimeoutError:
+            return False
+
+    async def cancel_all(self, timeout: float) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)
+
+
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
+ACTIVE = web.AppKey("active", ActiveRequests)
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", RouterMetrics)
 
@@ -118,8 +162,11 @@ def build_app(
     child_args: ChildArgs,
     launcher: Launcher | None = None,
 ) -> web.Application:
+    active = ActiveRequests()
+
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        task = active.enter()
         try:
             _authorize(config, request)
             return await handler(request)
@@ -142,6 +189,8 @@ def build_app(
         except Exception as exc:  # a bug of ours: keep serving, answer in the API's shape
             log.exception("unhandled error on %s %s", request.method, request.path)
             return _error_response(LlamaRouterError(f"internal error: {type(exc).__name__}: {exc}"))
+        finally:
+            active.leave(task)
 
     async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
         if (origin := _cors_origin(config, request)) is not None:
@@ -153,37 +202,45 @@ def build_app(
     if config.cors_origins:
         app.on_response_prepare.append(cors_headers)
     app[CONFIG] = config
+    app[ACTIVE] = active
     metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape)
     api = Api(config, child_args, metrics)
     api.add_routes(app)  # the router freezes before startup, so routes go in now
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        state_dir = StateDir(config.state_dir) if config.state_dir is not None else None
-        if state_dir is not None:
-            state_dir.acquire()
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
-        # No cookie jar: children set no cookies, and the jar costs time on every request.
-        session = aiohttp.ClientSession(
-            connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
-        )
+        # Settings that can fail come first, so a bad one leaves nothing to undo; after that
+        # every resource is released in reverse order whatever fails.
         memory = None
         if config.memory_budget is not None:
             memory = MemoryManager.from_setting(
                 config.memory_budget, config.limits.memory_margin,
                 config.timeouts.memory_recovery, config.timeouts.memory_poll,
             )
-        sup = Supervisor(
-            config, discover, launcher or OsLauncher(), session, child_args.argv, state_dir,
-            observer=metrics.on_state, options_for=child_args.merged, memory=memory,
-        )
-        app[SUPERVISOR] = sup
-        api.bind(sup, Proxy(session, config.timeouts.proxy), session)
+        state_dir = StateDir(config.state_dir) if config.state_dir is not None else None
+        if state_dir is not None:
+            state_dir.acquire()
         try:
-            await sup.start()
-            yield
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
+            # No cookie jar: children set no cookies, and the jar costs time on every request.
+            session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
+            )
+            try:
+                sup = Supervisor(
+                    config, discover, launcher or OsLauncher(), HttpProbe(session),
+                    child_args.argv, state_dir, observer=metrics.on_state,
+                    options_for=child_args.merged, memory=memory,
+                )
+                app[SUPERVISOR] = sup
+                api.bind(sup, Proxy(session, config.timeouts.proxy), session)
+                try:
+                    await sup.start()
+                    yield
+                finally:
+                    await sup.shutdown()
+            finally:
+                await session.close()
         finally:
-            await sup.shutdown()
-            await session.close()
             if state_dir is not None:
                 state_dir.release()
 

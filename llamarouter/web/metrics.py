@@ -245,8 +245,9 @@ class _SupervisorCollector(Collector):
         )
         loaded = 0
         for proc in snap.procs:
-            if proc.estimate is not None:
-                estimated.add_metric((proc.name,), proc.estimate.total)
+            est = sup.estimate_of(proc)
+            if est is not None:
+                estimated.add_metric((proc.name,), est.total)
             if proc.measured_bytes is not None and proc.state == State.READY:
                 measured.add_metric((proc.name,), proc.measured_bytes)
             name = proc.name

@@ -110,6 +110,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "log_interval": (float, 0.25),
     "bind_fail": (bool, False),
     "spawn_grandchild": (bool, False),
+    "models_delay": (float, 0.0),
 }
 
 ENV_PREFIX = "FAKE_LLAMA_"
@@ -742,6 +743,11 @@ def make_app(state: State):
         return jresp({"status": "ok"})
 
     async def models(request):
+        if state.knobs["models_delay"] > 0:
+            # A slow /v1/models: the router fetches it right after /health says ready.
+            import asyncio
+
+            await asyncio.sleep(state.knobs["models_delay"])
         return jresp({
             "models": [{
                 "name": state.model_id, "model": state.model_id, "modified_at": "",

@@ -223,14 +223,17 @@ async def test_reload_applies_changes(tmp_path: Path, start_router: StartRouter)
     assert (await r.chat("alpha"))[0] == 200
     assert (await r.chat("beta"))[0] == 200
     events: list[dict] = []
+    subscribed = asyncio.Event()
 
     async def collect() -> None:
         async with r.session.get(r.url + "/models/sse") as resp:
+            subscribed.set()  # the router subscribes before it sends the headers
             async for line in resp.content:
                 if line.startswith(b"data: "):
                     events.append(json.loads(line[6:]))
 
     watcher = asyncio.create_task(collect())
+    await asyncio.wait_for(subscribed.wait(), 10)
     try:
         write_fake_model(d / "gamma.gguf")
         preset.write_text("[beta]\nc = 2000\n")

@@ -1,0 +1,271 @@
+"""The supervision core against scripted children (no processes, no sockets): the model
+owner, the admission path and the scheduling loop, including the old core's hangs."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+
+from llamarouter.core.logring import LogRing
+from llamarouter.core.states import State
+from llamarouter.core.supervisor import Supervisor
+from llamarouter.errors import (
+    InvalidRequest,
+    ModelFailed,
+    ModelNotFound,
+    ShuttingDown,
+    StartAborted,
+)
+from tests.fakes.helpers import wait_for
+from tests.process.fakes import FakeLauncher, fast_config, make_supervisor, spec
+
+
+async def started(names: str, models_max: int = 2, **limits: object) -> tuple[Supervisor, FakeLauncher, dict]:
+    specs = {n: spec(n) for n in names.split()}
+    launcher = FakeLauncher()
+    sup = make_supervisor(specs, fast_config(models_max, **limits), launcher)
+    await sup.start()
+    return sup, launcher, specs
+
+
+async def state_is(sup: Supervisor, name: str, state: State, timeout: float = 5) -> None:
+    await wait_for(lambda: sup.models[name].state == state, timeout, message=f"{name} to be {state}")
+
+
+async def test_request_loads_the_model_and_is_granted() -> None:
+    sup, launcher, _ = await started("a")
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        assert sup.models["a"].state == State.READY and sup.in_flight("a") == 1
+        lease.release()
+        lease.release()  # only the first release counts
+        assert sup.in_flight("a") == 0
+    finally:
+        await sup.shutdown()
+    assert launcher.alive() == []
+
+
+async def test_reload_removing_a_queued_model_refuses_its_waiter() -> None:
+    sup, launcher, specs = await started("a b", models_max=1)
+    try:
+        lease = await sup.acquire(sup.models["a"], True)  # a busy: b queues
+        waiter = asyncio.create_task(sup.acquire(sup.models["b"], True))
+        await wait_for(lambda: sup.waiting == 1, 5)
+        del specs["b"]
+        await sup.reload()
+        with pytest.raises(ModelNotFound):
+            await asyncio.wait_for(waiter, 5)
+        lease.release()
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_stop_during_the_post_ready_info_fetch() -> None:
+    sup, launcher, _ = await started("a")
+    launcher.script("a").info_delay = 0.08
+    try:
+        await sup.load("a")
+        await wait_for(lambda: launcher.alive("a") and launcher.alive("a")[0].ready(asyncio.get_running_loop().time()), 5)
+        sup.unload("a")
+        await state_is(sup, "a", State.STOPPED)
+        assert launcher.alive() == []
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_unload_during_a_load_aborts_its_waiters() -> None:
+    sup, launcher, _ = await started("a")
+    launcher.script("a").load_secs = 10
+    try:
+        waiter = asyncio.create_task(sup.acquire(sup.models["a"], True))
+        await state_is(sup, "a", State.STARTING)
+        await wait_for(lambda: launcher.alive("a"), 5)
+        sup.unload("a")
+        with pytest.raises(StartAborted, match="stopped while loading"):
+            await asyncio.wait_for(waiter, 5)
+        await state_is(sup, "a", State.STOPPED)
+        assert sup.models["a"].api_status == "unloaded" and not sup.models["a"].crashed
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_pinned_model_is_restarted_after_unload_crash_and_reload() -> None:
+    specs = {"p": spec("p", pin=True)}
+    launcher = FakeLauncher()
+    sup = make_supervisor(specs, fast_config(1), launcher)
+    await sup.start()
+    try:
+        await state_is(sup, "p", State.READY)
+        first = launcher.alive("p")[0]
+        sup.unload("p")
+        await wait_for(lambda: launcher.alive("p") and launcher.alive("p")[0] is not first, 5)
+        await state_is(sup, "p", State.READY)
+        launcher.alive("p")[0].exit(1)  # crash
+        await wait_for(lambda: len(launcher.children) == 3 and sup.models["p"].state == State.READY, 5)
+        specs["p"] = spec("p", pin=True, options=(("ctx-size", "2000"),))
+        await sup.reload()
+        await wait_for(lambda: sup.models["p"].spec == specs["p"] and sup.models["p"].state == State.READY, 5)
+        assert len(launcher.alive("p")) == 1
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_load_racing_a_reload_starts_nothing_untracked() -> None:
+    sup, launcher, specs = await started("x y", models_max=1)
+    try:
+        (await sup.acquire(sup.models["y"], True)).release()
+        del specs["x"]
+        results = await asyncio.gather(sup.load("x"), sup.reload(), return_exceptions=True)
+        assert isinstance(results[0], ModelNotFound), results
+        assert "x" not in sup.models
+        (await sup.acquire(sup.models["y"], True)).release()
+        assert [c.name for c in launcher.alive()] == ["y"]
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_crash_loop_ends_failed_and_refuses_fast_until_the_holdoff() -> None:
+    sup, launcher, _ = await started("a", failed_holdoff=5.0)
+    launcher.script("a").crash_on_start = True
+    try:
+        with pytest.raises(ModelFailed):
+            await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        assert sup.models["a"].state == State.FAILED
+        assert len(launcher.children) == 3  # --restart-max
+        with pytest.raises(ModelFailed) as info:
+            await asyncio.wait_for(sup.acquire(sup.models["a"], True), 1)
+        assert info.value.retry_after is not None and info.value.retry_after > 0
+        assert len(launcher.children) == 3  # refused without a new try
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_crash_of_a_ready_model_is_restarted_for_the_next_request() -> None:
+    sup, launcher, _ = await started("a")
+    try:
+        (await sup.acquire(sup.models["a"], True)).release()
+        launcher.alive("a")[0].exit(-9)
+        await wait_for(lambda: sup.models["a"].state != State.READY, 5)
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        lease.release()
+        assert sup.models["a"].restarts == 1
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_hung_child_is_replaced() -> None:
+    sup, launcher, _ = await started("a")
+    try:
+        (await sup.acquire(sup.models["a"], True)).release()
+        first = launcher.alive("a")[0]
+        first.script.hang_health = True
+        await wait_for(lambda: first.returncode is not None, 5, message="the hung child to be killed")
+        await wait_for(lambda: sup.models["a"].state == State.READY and launcher.alive("a"), 5)
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_stalled_load_is_failed_not_waited_for_forever() -> None:
+    sup, launcher, _ = await started("a", restart_max=1)
+    launcher.script("a").hang_health = True
+    try:
+        with pytest.raises(ModelFailed, match="stalled"):
+            await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_an_error_inside_a_life_leaves_the_model_defined(caplog: pytest.LogCaptureFixture) -> None:
+    specs = {"a": spec("a")}
+    launcher = FakeLauncher()
+
+    def broken_argv(s: object, port: int) -> list[str]:
+        raise RuntimeError("bug in argv building")
+
+    sup = Supervisor(fast_config(1), lambda: dict(specs), launcher, None, broken_argv)  # type: ignore[arg-type]
+    await sup.start()
+    try:
+        with caplog.at_level(logging.ERROR), pytest.raises(ModelFailed, match="internal error"):
+            await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        assert sup.models["a"].state == State.FAILED
+        assert any("[a]" in r.getMessage() for r in caplog.records)
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_a_broken_state_listener_does_not_break_the_owner() -> None:
+    specs = {"a": spec("a")}
+    launcher = FakeLauncher()
+
+    def observer(*args: object) -> None:
+        raise RuntimeError("listener bug")
+
+    from tests.process.fakes import FakeProbe
+
+    sup = Supervisor(
+        fast_config(1), lambda: dict(specs), launcher, FakeProbe(launcher),
+        lambda s, port: [s.name, str(port)], observer=observer,
+    )
+    await sup.start()
+    try:
+        (await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)).release()
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_shutdown_ends_a_child_that_ignores_sigterm_and_refuses_new_work() -> None:
+    sup, launcher, _ = await started("a b")
+    launcher.script("a").ignore_term = True
+    launcher.script("b").load_secs = 10
+    (await sup.acquire(sup.models["a"], True)).release()
+    waiter = asyncio.create_task(sup.acquire(sup.models["b"], True))
+    await state_is(sup, "b", State.STARTING)
+    await asyncio.wait_for(sup.shutdown(), 5)
+    with pytest.raises(ShuttingDown):
+        await waiter
+    assert launcher.alive() == []
+    assert {p.state for p in sup.models.values()} == {State.SHUTDOWN}
+    with pytest.raises(ShuttingDown):
+        await sup.acquire(sup.models["a"], True)
+
+
+async def test_cancelled_waiter_leaves_and_a_racing_grant_is_given_back() -> None:
+    sup, launcher, _ = await started("a b", models_max=1)
+    try:
+        lease = await sup.acquire(sup.models["a"], True)
+        waiter = asyncio.create_task(sup.acquire(sup.models["b"], True))
+        await wait_for(lambda: sup.waiting == 1, 5)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        assert sup.waiting == 0
+        lease.release()
+        await asyncio.sleep(0.05)  # a pass runs; nothing should be evicted for nobody
+        assert sup.models["a"].state == State.READY and sup.models["b"].state == State.STOPPED
+        assert sup.in_flight("a") == 0
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_autoload_off_refuses_a_stopped_model() -> None:
+    sup, _, _ = await started("a")
+    try:
+        with pytest.raises(InvalidRequest, match="not loaded"):
+            await asyncio.wait_for(sup.acquire(sup.models["a"], False), 5)
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+def test_log_follower_that_falls_behind_gets_the_end_marker() -> None:
+    ring = LogRing(size=10, follow_queue=3)
+    q = ring.follow()
+    for i in range(10):
+        ring.append(f"line {i}")
+    items = []
+    while not q.empty():
+        items.append(q.get_nowait())
+    assert items[-1] is None  # dropped, and told so
+    assert ring.followers == 0
+    assert ring.tail(2) == ["line 8", "line 9"]

@@ -1,0 +1,242 @@
+"""A stateful property test of the whole core against scripted children.
+
+Hypothesis interleaves requests, loads, unloads, reloads that add, remove and change
+models, crashes, hangs, slow starts, stops in every phase, client disconnects and, at the
+end of every run, shutdown. After every step it checks the invariants the core promises:
+
+- loaded + loading models never exceed --models-max;
+- a model serving a request is never evicted (checked at the moment of each eviction);
+- no model stays in a transitional state past its bound;
+- the event loop is never blocked for more than 100 ms;
+- every waiter is answered, and shutdown completes with no child left.
+
+Derandomized (a fixed seed), so CI runs the same examples each time and a failure replays.
+LLAMAROUTER_STATEFUL_EXAMPLES raises the number of runs for a longer local search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from typing import Any
+
+import hypothesis.strategies as st
+from hypothesis import HealthCheck, settings
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+
+from llamarouter.core import scheduler
+from llamarouter.core.states import State
+from llamarouter.core.supervisor import Supervisor
+from llamarouter.errors import LlamaRouterError
+from llamarouter.settings.config import ModelSpec
+from tests.process.fakes import FAST, FakeLauncher, fast_config, make_supervisor, spec
+
+NAMES = ("a", "b", "c", "d")
+MODELS_MAX = 2
+# Longest time a model may stay in a state that is on its way somewhere else.
+BOUNDS = {
+    State.STARTING: FAST.load_stall + FAST.spawn + FAST.info + 0.5,
+    State.STOPPING: FAST.stop + FAST.reap + FAST.drain + 0.5,
+    State.BACKOFF: FAST.backoff_max + 0.5,
+}
+LOOP_LAG_LIMIT = 0.1
+EXAMPLES = int(os.environ.get("LLAMAROUTER_STATEFUL_EXAMPLES", "100"))
+STEPS = 25  # EXAMPLES * STEPS >= 2,000 steps per CI run
+
+
+class CheckedSupervisor(Supervisor):
+    """Checks, at the moment it happens, that no eviction hits a model serving a request."""
+
+    violations: list[str]
+
+    def _apply(self, actions: list[scheduler.Action]) -> None:
+        for action in actions:
+            if isinstance(action, scheduler.Evict) and self.in_flight(action.model) > 0:
+                self.violations.append(f"evicted busy {action.model} ({action.reason})")
+        super()._apply(actions)
+
+
+class CoreMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.launcher = FakeLauncher()
+        self.specs: dict[str, ModelSpec] = {n: spec(n) for n in NAMES[:3]}
+        self.sup: CheckedSupervisor = make_supervisor(  # type: ignore[assignment]
+            self.specs, fast_config(MODELS_MAX), self.launcher, CheckedSupervisor
+        )
+        self.sup.violations = []
+        self.requests: list[asyncio.Task[Any]] = []
+        self.max_lag = 0.0
+        self.monitor: asyncio.Task[None] | None = None
+
+    # ----------------------------------------------------------------- helpers
+    def run(self, seconds: float) -> None:
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    def call(self, fn: Any) -> None:
+        """Run a synchronous core call inside the loop, as handlers do."""
+
+        async def inside() -> None:
+            fn()
+
+        self.loop.run_until_complete(inside())
+
+    async def _lag_monitor(self) -> None:
+        tick = 0.01
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(tick)
+            self.max_lag = max(self.max_lag, time.monotonic() - before - tick)
+
+    async def _request(self, name: str, hold: float) -> str:
+        proc = self.sup.find(name)
+        if proc is None:
+            return "not found"
+        try:
+            lease = await self.sup.acquire(proc, autoload=True)
+        except LlamaRouterError as exc:
+            return type(exc).__name__
+        try:
+            await asyncio.sleep(hold)
+        finally:
+            lease.release()
+        return "ok"
+
+    # ----------------------------------------------------------------- rules
+    @initialize()
+    def boot(self) -> None:
+        self.monitor = self.loop.create_task(self._lag_monitor())
+        self.loop.run_until_complete(self.sup.start())
+
+    @rule(name=st.sampled_from(NAMES), hold=st.sampled_from((0.0, 0.01, 0.05)))
+    def request(self, name: str, hold: float) -> None:
+        self.requests.append(self.loop.create_task(self._request(name, hold)))
+        self.run(0.005)
+
+    @rule(name=st.sampled_from(NAMES))
+    def load(self, name: str) -> None:
+        async def go() -> None:
+            try:
+                await self.sup.load(name)
+            except LlamaRouterError:
+                pass
+
+        self.requests.append(self.loop.create_task(go()))
+        self.run(0.005)
+
+    @rule(name=st.sampled_from(NAMES))
+    def unload(self, name: str) -> None:
+        def unload() -> None:
+            try:
+                self.sup.unload(name)
+            except LlamaRouterError:
+                pass
+
+        self.call(unload)
+        self.run(0.002)
+
+    @rule(name=st.sampled_from(NAMES), change=st.sampled_from(("add", "remove", "change")))
+    def reload(self, name: str, change: str) -> None:
+        if change == "remove":
+            self.specs.pop(name, None)
+        elif change == "add":
+            self.specs.setdefault(name, spec(name))
+        else:
+            ctx = str(1000 + len(self.launcher.children))
+            self.specs[name] = spec(name, options=(("ctx-size", ctx),))
+        self.loop.run_until_complete(self.sup.reload())
+        self.run(0.002)
+
+    @rule(name=st.sampled_from(NAMES))
+    def crash(self, name: str) -> None:
+        for child in self.launcher.alive(name):
+            child.exit(-9)
+        self.run(0.002)
+
+    @rule(
+        name=st.sampled_from(NAMES),
+        kind=st.sampled_from(("fine", "slow", "hang", "crash_on_start", "ignore_term", "slow_info")),
+    )
+    def script(self, name: str, kind: str) -> None:
+        s = self.launcher.script(name)
+        s.load_secs, s.hang_health, s.crash_on_start = 0.0, False, False
+        s.ignore_term, s.info_delay = False, 0.0
+        if kind == "slow":
+            s.load_secs = 0.08
+        elif kind == "hang":
+            s.hang_health = True
+        elif kind == "crash_on_start":
+            s.crash_on_start = True
+        elif kind == "ignore_term":
+            s.ignore_term = True
+        elif kind == "slow_info":
+            s.info_delay = 0.05
+
+    @rule(index=st.integers(0, 50))
+    def disconnect(self, index: int) -> None:
+        # No precondition on what is pending: that depends on timing, and Hypothesis needs
+        # the same choices to be drawable on a replay.
+        pending = [t for t in self.requests if not t.done()]
+        if pending:
+            pending[index % len(pending)].cancel()
+        self.run(0.002)
+
+    @rule(seconds=st.sampled_from((0.01, 0.05, 0.2)))
+    def wait(self, seconds: float) -> None:
+        self.run(seconds)
+
+    # ----------------------------------------------------------------- invariants
+    @invariant()
+    def slots_are_never_exceeded(self) -> None:
+        holding = [p.name for p in self.sup.all_processes() if p.holds_slot]
+        assert len(holding) <= MODELS_MAX, holding
+
+    @invariant()
+    def no_busy_model_was_evicted(self) -> None:
+        assert not self.sup.violations, self.sup.violations
+
+    @invariant()
+    def transitions_end_in_time(self) -> None:
+        now = time.monotonic()
+        for proc in self.sup.all_processes():
+            bound = BOUNDS.get(proc.state)
+            if bound is not None:
+                assert now - proc.state_changed_at <= bound, (proc.name, proc.state, now - proc.state_changed_at)
+
+    @invariant()
+    def the_loop_is_never_blocked(self) -> None:
+        assert self.max_lag <= LOOP_LAG_LIMIT, self.max_lag
+
+    def teardown(self) -> None:
+        try:
+            # Every waiter is answered: with no new work, the queue drains in bounded time.
+            pending = [t for t in self.requests if not t.done()]
+            if pending:
+                done, still = self.loop.run_until_complete(asyncio.wait(pending, timeout=10))
+                assert not still, f"{len(still)} request(s) never answered"
+            started = time.monotonic()
+            self.loop.run_until_complete(asyncio.wait_for(self.sup.shutdown(), 10))
+            assert time.monotonic() - started < 10
+            assert self.launcher.alive() == [], self.launcher.alive()
+            assert self.max_lag <= LOOP_LAG_LIMIT, self.max_lag
+            assert not self.sup.violations, self.sup.violations
+        finally:
+            if self.monitor is not None:
+                self.monitor.cancel()
+            for task in asyncio.all_tasks(self.loop):
+                task.cancel()
+            self.loop.run_until_complete(asyncio.sleep(0))
+            self.loop.close()
+
+
+CoreMachine.TestCase.settings = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=STEPS,
+    derandomize=True,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    print_blob=True,
+)
+TestCore = CoreMachine.TestCase

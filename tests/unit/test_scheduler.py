@@ -1,0 +1,189 @@
+"""The pure scheduler: snapshots in, actions out. No asyncio, no processes, no sleeps."""
+
+from __future__ import annotations
+
+from llamarouter.core.scheduler import (
+    Evict,
+    Grant,
+    ModelView,
+    Refuse,
+    Resolve,
+    Snapshot,
+    Start,
+    Track,
+    WaiterView,
+    Why,
+    next_wakeup,
+    plan,
+)
+from llamarouter.core.states import State
+
+R, S, T, X, B, F = State.READY, State.STOPPED, State.STARTING, State.STOPPING, State.BACKOFF, State.FAILED
+
+
+def m(name: str, state: State = S, **kw: object) -> ModelView:
+    return ModelView(name=name, state=state, **kw)  # type: ignore[arg-type]
+
+
+def w(i: int, model: str, **kw: object) -> WaiterView:
+    return WaiterView(id=i, model=model, **kw)  # type: ignore[arg-type]
+
+
+def snap(models: list[ModelView], waiters: list[WaiterView] = (), **kw: object) -> Snapshot:  # type: ignore[assignment]
+    return Snapshot(now=kw.pop("now", 100.0), models=models, waiters=list(waiters), **kw)  # type: ignore[arg-type]
+
+
+def kinds(actions: list[object], kind: type) -> list[object]:
+    return [a for a in actions if isinstance(a, kind)]
+
+
+def test_free_slot_starts_at_once_and_the_waiter_tracks_the_load() -> None:
+    acts = plan(snap([m("a"), m("b")], [w(1, "a")], models_max=2))
+    assert acts == [Start("a"), Track(1, 1)]
+
+
+def test_ready_model_is_granted() -> None:
+    assert plan(snap([m("a", R)], [w(1, "a")], models_max=1)) == [Grant(1, "a")]
+
+
+def test_requests_for_one_model_share_one_load() -> None:
+    acts = plan(snap([m("a")], [w(1, "a"), w(2, "a"), w(3, "a")], models_max=1))
+    assert kinds(acts, Start) == [Start("a")]
+
+
+def test_full_slots_evict_least_recently_used_idle_model() -> None:
+    models = [m("a", R, last_used=5.0), m("b", R, last_used=1.0), m("c")]
+    acts = plan(snap(models, [w(1, "c")], models_max=2))
+    assert acts == [Evict("b", "evicted")]  # c waits for b's slot
+
+
+def test_stopping_model_counts_until_it_has_exited() -> None:
+    models = [m("a", R), m("b", X), m("c")]
+    assert plan(snap(models, [w(1, "c")], models_max=2)) == []
+
+
+def test_busy_pinned_and_wanted_models_are_never_evicted() -> None:
+    models = [
+        m("a", R, in_flight=1, last_used=0.0),  # oldest but busy
+        m("b", R, pinned=True),
+        m("c", R, last_used=9.0),
+        m("d"),
+        m("e", R, last_used=1.0),  # wanted by a queued request
+    ]
+    acts = plan(snap(models, [w(1, "e"), w(2, "d")], models_max=4))
+    assert kinds(acts, Evict) == [Evict("c", "evicted")]
+    assert Grant(1, "e") in acts
+
+
+def test_fifo_head_is_not_overtaken() -> None:
+    # b needs more bytes than are free; c would fit, but must not jump ahead of b.
+    models = [m("a", R, bytes=600, last_used=1.0), m("b", bytes=600), m("c", bytes=100)]
+    acts = plan(snap(models, [w(1, "b"), w(2, "c")], budget=1000))
+    assert kinds(acts, Start) == []
+    assert kinds(acts, Evict) == [Evict("a", "evicted")]
+
+
+def test_memory_budget_evicts_until_the_bytes_fit() -> None:
+    models = [
+        m("a", R, bytes=300, last_used=1.0),
+        m("b", R, bytes=300, last_used=2.0),
+        m("c", R, bytes=300, last_used=3.0),
+        m("big", bytes=700),
+    ]
+    acts = plan(snap(models, [w(1, "big")], budget=1000))
+    # 900 used + 700 needed - 1000 = 600 to free: a and b (LRU), not c.
+    assert kinds(acts, Evict) == [Evict("a", "evicted"), Evict("b", "evicted")]
+
+
+def test_model_larger_than_the_budget_is_refused_without_evicting() -> None:
+    models = [m("a", R, bytes=400, pinned=True), m("huge", bytes=700)]
+    acts = plan(snap(models, [w(1, "huge")], budget=1000))
+    assert acts == [Refuse(1, "huge", Why.BUDGET, detail=400)]
+
+
+def test_removed_model_refuses_its_waiters() -> None:
+    acts = plan(snap([m("a")], [w(1, "gone")], models_max=1))
+    assert acts == [Refuse(1, "gone", Why.REMOVED)]
+
+
+def test_deadline_refuses_a_waiter_that_is_not_granted() -> None:
+    models = [m("a", R, in_flight=1), m("b")]
+    acts = plan(snap(models, [w(1, "b", deadline=50.0)], models_max=1))
+    assert acts == [Refuse(1, "b", Why.DEADLINE)]
+
+
+def test_failed_model_refused_during_holdoff_then_retried() -> None:
+    models = [m("a", F, failed_at=90.0)]
+    acts = plan(snap(models, [w(1, "a")], models_max=1, failed_holdoff=30.0))
+    assert acts == [Refuse(1, "a", Why.FAILED, retry_after=20.0)]
+    acts = plan(snap(models, [w(1, "a")], models_max=1, failed_holdoff=5.0))
+    assert kinds(acts, Start) == [Start("a")]
+
+
+def test_autoload_off_refuses_a_model_that_is_not_running() -> None:
+    acts = plan(snap([m("a")], [w(1, "a", autoload=False)], models_max=1))
+    assert acts == [Refuse(1, "a", Why.NOT_LOADED)]
+
+
+def test_a_load_stopped_on_purpose_aborts_its_waiters() -> None:
+    # The waiter saw load 3 of a; a was unloaded meanwhile: refused, not restarted.
+    models = [m("a", X, load_generation=3)]
+    acts = plan(snap(models, [w(1, "a", saw_generation=3)], models_max=1))
+    assert acts == [Refuse(1, "a", Why.ABORTED)]
+    # A waiter from before a newer load starts it again.
+    acts = plan(snap([m("a", S, load_generation=4)], [w(1, "a", saw_generation=3)], models_max=1))
+    assert kinds(acts, Start) == [Start("a")]
+
+
+def test_load_endpoint_rules() -> None:
+    # Running: refused. Free slot: started and resolved.
+    assert plan(snap([m("a", T)], [w(1, "a", load=True)], models_max=1)) == [
+        Refuse(1, "a", Why.RUNNING)
+    ]
+    assert plan(snap([m("a")], [w(1, "a", load=True)], models_max=1)) == [Start("a"), Resolve(1, "a")]
+    # Full and every other model busy: nothing can make room.
+    models = [m("a", R, in_flight=1), m("b")]
+    assert plan(snap(models, [w(1, "b", load=True)], models_max=1)) == [Refuse(1, "b", Why.NO_ROOM)]
+    # Full with an idle model: it is evicted and the load waits for its slot.
+    models = [m("a", R), m("b")]
+    assert plan(snap(models, [w(1, "b", load=True)], models_max=1)) == [Evict("a", "evicted")]
+
+
+def test_pinned_model_is_kept_loaded() -> None:
+    models = [m("p", S, pinned=True), m("a", R, last_used=1.0)]
+    acts = plan(snap(models, [], models_max=1))
+    assert acts == [Evict("a", "evicted")]  # room for p, which starts once a is gone
+    assert plan(snap([m("p", S, pinned=True)], [], models_max=1)) == [Start("p")]
+
+
+def test_ttl_unloads_idle_models_only() -> None:
+    models = [
+        m("idle", R, ttl=10.0, idle_since=80.0),
+        m("busy", R, ttl=10.0, idle_since=0.0, in_flight=1),
+        m("fresh", R, ttl=10.0, idle_since=95.0),
+        m("pinned", R, ttl=10.0, idle_since=0.0, pinned=True),
+    ]
+    assert plan(snap(models, [], models_max=0)) == [Evict("idle", "ttl")]
+
+
+def test_unlisted_models_hold_their_slot_but_are_not_routable() -> None:
+    models = [m("a", X, listed=False), m("a", S)]
+    assert plan(snap(models, [w(1, "a")], models_max=1)) == []  # waits for the old a to exit
+
+
+def test_closing_refuses_everything() -> None:
+    acts = plan(snap([m("a", R)], [w(1, "a"), w(2, "b")], closing=True))
+    assert acts == [Refuse(1, "a", Why.SHUTDOWN), Refuse(2, "b", Why.SHUTDOWN)]
+
+
+def test_slots_never_exceeded_by_one_plan() -> None:
+    models = [m(n) for n in "abcdef"]
+    acts = plan(snap(models, [w(i, n) for i, n in enumerate("abcdef")], models_max=2))
+    assert len(kinds(acts, Start)) == 2
+
+
+def test_next_wakeup_is_the_earliest_deadline_ttl_or_holdoff() -> None:
+    models = [m("a", R, ttl=10.0, idle_since=95.0), m("f", F, failed_at=90.0)]
+    s = snap(models, [w(1, "f", deadline=120.0)], failed_holdoff=30.0)
+    assert next_wakeup(s) == 105.0
+    assert next_wakeup(snap([m("a", R)], [])) is None
