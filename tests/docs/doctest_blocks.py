@@ -35,7 +35,7 @@ from typing import Any
 
 SHELL_LANGS = frozenset({"sh", "console", "bash", "shell"})
 _FENCE = re.compile(r"^(```+|~~~+)\s*([^\s`]*)(.*)$")
-_DIRECTIVE = re.compile(r"<!--\s*doc-test:(.*?)-->", re.S)
+_DIRECTIVE = re.compile(r"<!--\s*doc-test:(.*?)-->", re.DOTALL)
 _EXPECT = re.compile(r"^(?:(\d{3})\b\s*)?([\[{].*)?$")
 
 
@@ -251,8 +251,8 @@ def makefile_demo_argv(makefile: Path) -> list[str]:
     """The router arguments of the Makefile's ``demo`` recipe, with its variables set to
     their defaults (and without ``--port``, which the test picks)."""
     text = makefile.read_text()
-    variables = dict(re.findall(r"^(\w+)\s*\?=\s*(.*?)\s*$", text, re.M))
-    m = re.search(r"^demo:[^\n]*\n((?:\t[^\n]*\n)+)", text, re.M)
+    variables = dict(re.findall(r"^(\w+)\s*\?=\s*(.*?)\s*$", text, re.MULTILINE))
+    m = re.search(r"^demo:[^\n]*\n((?:\t[^\n]*\n)+)", text, re.MULTILINE)
     if m is None:
         raise ValueError("no demo target in the Makefile")
     recipe = [ln.strip() for ln in m.group(1).splitlines() if "llamarouter" in ln]

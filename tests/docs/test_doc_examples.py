@@ -43,7 +43,7 @@ STREAM_CUTOFF_S = 2.0
 #: The router answers /health once it listens; single-model mode also loads first.
 ROUTER_START_S = 60.0
 ROUTER_STOP_S = 40.0
-_STATUS_LINE = re.compile(r"^doctest-status (\d{3})$", re.M)
+_STATUS_LINE = re.compile(r"^doctest-status (\d{3})$", re.MULTILINE)
 
 
 def _real_server() -> Path:
@@ -128,7 +128,8 @@ async def _start(s: Scratch, args: list[str], where: str) -> None:
     port = free_port()
     log_path = s.dir.parent / f"router-{port}.log"
     s.logs.append(log_path)
-    with open(log_path, "wb") as log:
+    # A local file, opened once per router start: not worth a thread.
+    with open(log_path, "wb") as log:  # noqa: ASYNC230 - see above
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "llamarouter", *args, "--port", str(port),
             stdout=log, stderr=asyncio.subprocess.STDOUT, env=s.env, cwd=str(s.dir),

@@ -24,7 +24,7 @@ MACHINE_PATH = re.compile(
 )
 # "issue 6", "Issue #9": internal tracker numbers. References to upstream's tracker name
 # the project ("llama.cpp #18189") and stay.
-ISSUE_NUMBER = re.compile(r"\bissues?\s*#?\d+", re.I)
+ISSUE_NUMBER = re.compile(r"\bissues?\s*#?\d+", re.IGNORECASE)
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
