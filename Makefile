@@ -39,13 +39,20 @@ server: venv
 	bin/install-llama-server
 
 # hadolint and kubernetes-validate come with the venv's [test] extra; `systemd-analyze
-# verify` (tests/deploy) needs the systemd package: installed here when missing and root.
+# verify` (tests/deploy) needs the systemd package, and the docs examples (tests/docs) run
+# curl: both are installed here when missing and root.
 tools: venv-test
 	@if command -v systemd-analyze >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd; \
 	else \
 		echo "note: systemd-analyze is missing (apt-get install systemd); its test skips outside CI"; \
+	fi
+	@if command -v curl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl ca-certificates; \
+	else \
+		echo "note: curl is missing (apt-get install curl); the docs examples skip without it"; \
 	fi
 
 models: venv
