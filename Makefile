@@ -78,6 +78,13 @@ browser:
 test: server browser tools
 	LLAMAROUTER_CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
+# Types and lint (configured in pyproject.toml): mypy --strict on the package, ruff on
+# the package and the tests. CI runs this after the tests.
+.PHONY: lint
+lint: venv-test
+	$(PY) -m mypy
+	$(PY) -m ruff check llamarouter
+
 test-fast: venv-test
 	$(PY) -m pytest tests/unit
 

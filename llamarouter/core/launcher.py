@@ -92,7 +92,7 @@ class OsLauncher:
         # Runs in the forked child before exec. If the router died between fork and prctl,
         # PDEATHSIG would never fire, hence the parent check.
         if self._prctl is not None:
-            self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # type: ignore[operator]
+            self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # type: ignore[operator]  # prctl comes from ctypes, untyped
             if os.getppid() != parent_pid:
                 os._exit(1)
 

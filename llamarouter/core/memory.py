@@ -57,7 +57,7 @@ class DeviceProbe:
     def __init__(self) -> None:
         self._nvml: object | None = None
         with contextlib.suppress(Exception):
-            import pynvml  # type: ignore[import-not-found]  # noqa: PLC0415  (optional)
+            import pynvml
 
             pynvml.nvmlInit()
             if pynvml.nvmlDeviceGetCount() > 0:
@@ -71,8 +71,8 @@ class DeviceProbe:
         nv = self._nvml
         if nv is not None:
             out = []
-            for i in range(nv.nvmlDeviceGetCount()):  # type: ignore[attr-defined]
-                info = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i))  # type: ignore[attr-defined]
+            for i in range(nv.nvmlDeviceGetCount()):  # type: ignore[attr-defined]  # pynvml is untyped and optional
+                info = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i))  # type: ignore[attr-defined]  # pynvml is untyped and optional
                 out.append(Device(f"cuda:{i}", int(info.total), int(info.free)))
             return out
         vm = psutil.virtual_memory()
@@ -114,7 +114,7 @@ class MemoryManager:
             return None
         try:
             facts = await asyncio.to_thread(self._facts.get, Path(path))
-        except Exception as exc:  # a corrupt or unreadable file: the child will say why
+        except Exception as exc:  # noqa: BLE001 (a corrupt or unreadable file: the child will say why)
             log.warning("[%s] cannot read %s for a memory estimate: %s", proc.name, path, exc)
             return None
         est = estimate(facts, RunSettings.from_options(options), self.probe.gpu)

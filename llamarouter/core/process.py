@@ -390,15 +390,13 @@ class ModelProcess:
                     self.ready_at - (self.load_started_at or self.ready_at),
                 )
             # Otherwise a stop got there first: the life is already being told to end.
-        elif isinstance(msg, _Exited):
-            if msg.gen == self._gen:
-                self._on_exit(msg)
-        elif isinstance(msg, _BackoffDone):
-            if msg.gen == self._gen and self.state == State.BACKOFF:
-                self._backoff_timer = None
-                self.restarts += 1
-                self._set_state(State.STARTING)
-                self._begin_life()
+        elif isinstance(msg, _Exited) and msg.gen == self._gen:
+            self._on_exit(msg)
+        elif isinstance(msg, _BackoffDone) and msg.gen == self._gen and self.state == State.BACKOFF:
+            self._backoff_timer = None
+            self.restarts += 1
+            self._set_state(State.STARTING)
+            self._begin_life()
         return False
 
     def _on_command(self, msg: _Command) -> bool:

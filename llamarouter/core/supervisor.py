@@ -105,7 +105,7 @@ class Usage:
 class Lease:
     """A granted request on a READY model. `release()` ends it; only the first call counts."""
 
-    __slots__ = ("proc", "_sup", "_released")
+    __slots__ = ("_released", "_sup", "proc")
 
     def __init__(self, sup: Supervisor, proc: ModelProcess) -> None:
         self.proc = proc

@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 from gguf import quants as gguf_quants
 
@@ -660,7 +660,7 @@ def _write_gguf(path: Path, arch: str, kvs: Sequence[_KV], tensors: Sequence[_Pl
             assert writer.fout is not None
             index_of = {t.spec.name: i for i, t in enumerate(tensors)}
             planned_by_name = {t.spec.name: t for t in tensors}
-            for fout, shard in zip(writer.fout, writer.tensors):
+            for fout, shard in zip(writer.fout, writer.tensors, strict=True):
                 _write_padding(fout, fout.tell())
                 for name in shard:
                     t = planned_by_name[name]
@@ -719,7 +719,7 @@ class _ModelPlan:
 
     @property
     def fingerprint(self) -> str:
-        return next(kv.value for kv in self.kvs if kv.key == FINGERPRINT_KEY)
+        return str(next(kv.value for kv in self.kvs if kv.key == FINGERPRINT_KEY))
 
     def write(self) -> list[Path]:
         written = _write_gguf(self.path, self.arch, self.kvs, self.tensors, self.seed, self.split_max_tensors)
@@ -729,7 +729,7 @@ class _ModelPlan:
 
     def is_current(self) -> bool:
         """True when every file exists with the expected size and fingerprint."""
-        for p, size in zip(self.paths, self.sizes):
+        for p, size in zip(self.paths, self.sizes, strict=True):
             try:
                 if p.stat().st_size != size:
                     return False
@@ -878,5 +878,5 @@ def planned_files(
     """``(path, size_in_bytes)`` of each file :func:`write_model` would write for these arguments."""
     plan = _plan_model(path, shape, ftype=ftype, seed=seed, name=name,
                        split_max_tensors=split_max_tensors, n_shards=n_shards)
-    return list(zip(plan.paths, plan.sizes))
+    return list(zip(plan.paths, plan.sizes, strict=True))
 

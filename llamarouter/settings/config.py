@@ -111,7 +111,7 @@ class ModelSpec:
     input_modalities: tuple[str, ...] = ("text",)
 
     def with_changes(self, **changes: object) -> ModelSpec:
-        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field names are the caller's, checked by dataclasses
 
 
 @dataclass(frozen=True)

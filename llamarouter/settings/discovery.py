@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import ModelSpec
 from ..errors import ConfigError
+from .config import ModelSpec
 from .flags import FlagTable, Opt, is_falsey, is_truthy, key
 
 log = logging.getLogger("llamarouter.settings.discovery")

@@ -26,13 +26,13 @@ from typing import NamedTuple
 from llamarouter.settings.flagtable import OPTIONS, Opt
 
 __all__ = [
+    "FORCED_PER_CHILD",
+    "NOT_INHERITED",
     "OPTIONS",
-    "PRESET_ONLY",
     "PRESET_IGNORED_KEYS",
+    "PRESET_ONLY",
     "RESERVED_ALWAYS",
     "RESERVED_MODEL",
-    "NOT_INHERITED",
-    "FORCED_PER_CHILD",
     "ROUTER_ONLY",
     "ArgItem",
     "EnvItem",
@@ -226,7 +226,7 @@ class FlagTable:
     ``preset_only`` rows are INI keys only (see :data:`PRESET_ONLY`).
     """
 
-    __slots__ = ("options", "preset_only", "_preset_only_ids", "_spellings", "_keys", "_envs", "_preset_keys")
+    __slots__ = ("_envs", "_keys", "_preset_keys", "_preset_only_ids", "_spellings", "options", "preset_only")
 
     def __init__(self, options: Iterable[Opt] = OPTIONS, *, preset_only: Iterable[Opt] = PRESET_ONLY) -> None:
         self.options: tuple[Opt, ...] = tuple(options)

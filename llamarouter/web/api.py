@@ -20,8 +20,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ..settings.childargs import ChildArgs
-from ..settings.config import RouterConfig
+from ..core.process import ModelProcess
+from ..core.states import State
+from ..core.supervisor import Supervisor
 from ..errors import (
     ChildUnreachable,
     InvalidRequest,
@@ -30,12 +31,11 @@ from ..errors import (
     PayloadTooLarge,
     UpstreamError,
 )
-from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
-from ..core.process import ModelProcess
-from .proxy import Proxy
-from ..core.states import State
-from ..core.supervisor import Supervisor
+from ..settings.childargs import ChildArgs
+from ..settings.config import RouterConfig
 from . import webui
+from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
+from .proxy import Proxy
 
 # Routes upstream proxies by the body's "model" (server.cpp, router branch).
 PROXIED_POST = (
@@ -427,9 +427,9 @@ class Api:
             raise
         finally:
             # Counted per route pattern, not per raw path, so /slots/{id} stays one series.
-            self.metrics.observe_request(
-                proc.name, request.match_info.route.resource.canonical, code, timing
-            )
+            resource = request.match_info.route.resource
+            endpoint = resource.canonical if resource is not None else request.path
+            self.metrics.observe_request(proc.name, endpoint, code, timing)
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
@@ -470,10 +470,10 @@ def _model_from_body(request: web.Request, body: bytes) -> str:
 
 @functools.cache
 def openapi_spec() -> dict[str, Any]:
-    import yaml  # noqa: PLC0415  (only this endpoint needs it)
+    import yaml
 
     text = (Path(__file__).with_name("openapi.yaml")).read_text(encoding="utf-8")
-    return yaml.safe_load(text)  # type: ignore[no-any-return]
+    return yaml.safe_load(text)  # type: ignore[no-any-return]  # yaml.safe_load returns Any; the file is our own spec
 
 
 def error_body(exc: LlamaRouterError) -> dict[str, Any]:

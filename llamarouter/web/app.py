@@ -16,18 +16,18 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import webui
-from .api import Api, error_body
-from ..settings.childargs import ChildArgs
-from ..settings.config import ModelSpec, RouterConfig
-from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
 from ..core.launcher import Launcher, OsLauncher
 from ..core.memory import MemoryManager
 from ..core.probes import HttpProbe
-from .metrics import RouterMetrics
-from .proxy import Proxy
 from ..core.statedir import StateDir
 from ..core.supervisor import Supervisor
+from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
+from ..settings.childargs import ChildArgs
+from ..settings.config import ModelSpec, RouterConfig
+from . import webui
+from .api import Api, error_body
+from .metrics import RouterMetrics
+from .proxy import Proxy
 
 log = logging.getLogger("llamarouter.web.app")
 

@@ -49,7 +49,7 @@ class RequestTiming:
     """Filled in by the proxy when the child's response headers arrive (time to first
     byte as the client sees it, queueing and loading included)."""
 
-    __slots__ = ("start", "headers_at")
+    __slots__ = ("headers_at", "start")
 
     def __init__(self) -> None:
         self.start = time.monotonic()
@@ -184,7 +184,7 @@ def parse_child_metrics(text: str) -> dict[str, float]:
 
 
 class _Snapshot:
-    __slots__ = ("sup", "procs", "children")
+    __slots__ = ("children", "procs", "sup")
 
     def __init__(
         self, sup: Supervisor, procs: list[ModelProcess], children: dict[str, dict[str, float]]

@@ -17,9 +17,9 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ..core.process import ModelProcess
 from ..errors import ChildUnreachable, UpstreamError
 from .metrics import RequestTiming
-from ..core.process import ModelProcess
 
 log = logging.getLogger("llamarouter.web.proxy")
 
