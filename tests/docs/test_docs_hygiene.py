@@ -30,10 +30,6 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 def _param(path: Path) -> object:
     rel = str(path.relative_to(ROOT))
-    if rel == "docs/design.md":
-        # Being rewritten elsewhere; strict, so the marker has to go once the rewrite lands.
-        return pytest.param(path, id=rel, marks=pytest.mark.xfail(
-            strict=True, reason="design.md still names a design file outside the repository"))
     return pytest.param(path, id=rel)
 
 
