@@ -15,6 +15,7 @@ import logging
 import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -22,7 +23,11 @@ from ..settings.config import RouterConfig, ModelSpec
 from ..errors import ModelFailed, StartAborted, StartFailed
 from .gguf_info import Estimate, parse_buffer_line
 from .launcher import Child, Launcher
+from .kvcache import SAVE_ON_STOP
 from .states import SLOT_STATES, State, api_status, check_transition
+
+if TYPE_CHECKING:
+    from .kvcache import KvCache
 
 log = logging.getLogger("llamarouter.core.process")
 child_log = logging.getLogger("llamarouter.child")
@@ -90,6 +95,8 @@ class ModelProcess:
         # Awaited before each spawn (the supervisor waits there for freed memory to return).
         self.before_spawn: Callable[[], Awaitable[None]] | None = None
         self.ready_at: float | None = None
+        # Keep-cache (set by the app): slot caches saved before a stop, restored after a load.
+        self.kv_cache: KvCache | None = None
 
         self._task: asyncio.Task[None] | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -357,6 +364,10 @@ class ModelProcess:
             ready = await self._wait_loaded(child, exit_wait)
             if ready is True:
                 await self._fetch_info()
+                # KEEP-CACHE HOOK (restore; the new core calls it at the same point): the
+                # saved slots go back before any request is granted. Bounded, never raises.
+                if self.kv_cache is not None:
+                    await self.kv_cache.restore_after_ready(self.name, port)
                 self.ready_at = time.monotonic()
                 self._served = True
                 self._set_state(State.READY)
@@ -366,6 +377,13 @@ class ModelProcess:
                 )
                 await self._watch(child, exit_wait)
             if self._stop_evt.is_set():
+                # KEEP-CACHE HOOK (save; the new core calls it at the same point): an idle
+                # model stopped for eviction, TTL or unload keeps its slot caches on disk.
+                # Bounded by the keep-cache timeout per slot, never raises.
+                kv = self.kv_cache
+                keep = ready is True and self.stop_reason in SAVE_ON_STOP and not exit_wait.done()
+                if keep and kv is not None:
+                    await kv.save_before_stop(self.name, port)
                 await self._terminate(child, exit_wait, loading=ready is not True)
                 return "stopped"
             if not exit_wait.done():
