@@ -216,6 +216,8 @@ class KvCache:
                     _ChildRefused) as exc:
                 self.failures += 1
                 log.warning("[%s] keep-cache: slot %d not restored: %s", model, saved.slot, _why(exc))
+                # One that cannot be restored now will not be next time either.
+                self._forget(model, saved.slot)
                 continue
             restored += 1
             self.restores += 1
