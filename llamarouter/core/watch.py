@@ -92,9 +92,16 @@ class Watcher:
         return [p for p in paths if p.is_dir()]
 
     def start(self) -> None:
-        if self._task is None and (self._models_dir is not None or self._preset is not None):
-            self._task = asyncio.create_task(self._run(), name="watch-models")
-            self._task.add_done_callback(_report_crash)
+        if self._task is not None or (self._models_dir is None and self._preset is None):
+            return
+        self.mode = "inotify" if self._use_inotify and _has_watchfiles() and self._paths() else "poll"
+        log.info(
+            "watching for model changes in %s (%s)",
+            ", ".join(str(p) for p in (self._models_dir, self._preset) if p is not None),
+            "inotify" if self.mode == "inotify" else f"polling every {self._poll:g}s",
+        )
+        self._task = asyncio.create_task(self._run(), name="watch-models")
+        self._task.add_done_callback(_report_crash)
 
     async def stop(self, timeout: float) -> None:
         task = self._task
@@ -143,16 +150,11 @@ class Watcher:
             )
 
     def _start_inotify(self) -> asyncio.Task[None] | None:
-        self.mode = "poll"
-        if not self._use_inotify:
+        if self.mode != "inotify":
             return None
-        try:
-            import watchfiles  # optional: polling without it
-        except ImportError:
-            return None
+        import watchfiles  # optional: polling without it (checked by start())
+
         paths = self._paths()
-        if not paths:
-            return None
 
         async def listen() -> None:
             try:
@@ -165,8 +167,15 @@ class Watcher:
                 log.warning("file watching unavailable (%s); polling every %gs", exc, self._poll)
                 self.mode = "poll"
 
-        self.mode = "inotify"
         return asyncio.create_task(listen(), name="watch-inotify")
+
+
+def _has_watchfiles() -> bool:
+    try:
+        import watchfiles  # noqa: F401  (only whether it is installed)
+    except ImportError:
+        return False
+    return True
 
 
 def _report_crash(task: asyncio.Task[None]) -> None:
