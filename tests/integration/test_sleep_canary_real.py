@@ -1,0 +1,108 @@
+"""Tiered idle (llama-server's own sleep under the router) and the canary probe, with the
+real llama-server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from llamarouter.core.probes import canary
+from llamarouter.core.sleep import probe_sleeping
+from tests.conftest import Router, StartRouter
+from tests.fakes.helpers import write_fake_model
+from tests.integration.conftest import TinyModels
+
+pytestmark = pytest.mark.integration
+
+
+def child_port(item: dict[str, object]) -> int:
+    args = item["status"]["args"]  # type: ignore[index]
+    return int(args[args.index("--port") + 1])  # type: ignore[union-attr,index]
+
+
+async def load(router: Router, name: str) -> None:
+    status, body = await router.post("/completion", {"model": name, "prompt": "hi", "n_predict": 1})
+    assert status == 200, body
+
+
+@pytest.mark.parametrize("how", ["flag", "preset"])
+async def test_sleeping_model_shows_sleeping_and_wakes_on_a_request(
+    start_router: StartRouter, llama_server_bin: Path, tiny_models: TinyModels, tmp_path: Path, how: str,
+) -> None:
+    if how == "flag":
+        args = ("--sleep-idle", "1")
+    else:
+        preset = tmp_path / "models.ini"
+        preset.write_text("[alpha]\nsleep-idle = 1\n")
+        args = ("--models-preset", str(preset))
+    router = await start_router("--models-dir", str(tiny_models.dir), "--no-watch", *args,
+                                server_bin=llama_server_bin)
+    await load(router, "alpha")
+    item = await router.wait_status("alpha", "sleeping", timeout=30)
+    argv = item["status"]["args"]
+    assert argv[argv.index("--sleep-idle-seconds") + 1] == "1"
+    async with aiohttp.ClientSession() as session:
+        assert await probe_sleeping(session, child_port(item), 5) is True
+        # A request wakes it: the router forwards to the running child, no new load.
+        await load(router, "alpha")
+        awake = (await router.models())["alpha"]
+        assert child_port(awake) == child_port(item)
+        assert awake["status"]["value"] in ("loaded", "sleeping")  # may doze off again at once
+    if how == "preset":
+        # Only the model whose preset asks for it sleeps.
+        await load(router, "beta")
+        beta = (await router.models())["beta"]
+        assert "--sleep-idle-seconds" not in beta["status"]["args"]
+
+
+async def test_awake_model_is_not_sleeping(
+    start_router: StartRouter, llama_server_bin: Path, tiny_models: TinyModels,
+) -> None:
+    router = await start_router("--models-dir", str(tiny_models.dir), "--no-watch", server_bin=llama_server_bin)
+    await load(router, "alpha")
+    item = await router.wait_status("alpha", "loaded")
+    async with aiohttp.ClientSession() as session:
+        assert await probe_sleeping(session, child_port(item), 5) is False
+
+
+async def test_canary_passes_on_a_healthy_child(
+    start_router: StartRouter, llama_server_bin: Path, tiny_models: TinyModels,
+) -> None:
+    router = await start_router("--models-dir", str(tiny_models.dir), "--no-watch", server_bin=llama_server_bin)
+    await load(router, "alpha")
+    item = await router.wait_status("alpha", "loaded")
+    async with aiohttp.ClientSession() as session:
+        assert await canary(session, child_port(item), 10) is True
+
+
+async def test_canary_fails_in_time_on_a_child_that_hangs(
+    start_router: StartRouter, tmp_path: Path,
+) -> None:
+    d = tmp_path / "models"
+    write_fake_model(d / "alpha.gguf")
+    write_fake_model(d / "stuck.gguf", hang_after=1)
+    router = await start_router("--models-dir", str(d), "--no-watch")
+    async with aiohttp.ClientSession() as session:
+        for name in ("alpha", "stuck"):
+            status, body = await router.chat(name)
+            assert status == 200, body
+        models = await router.models()
+        assert await canary(session, child_port(models["alpha"]), 5) is True
+        # Its completion never comes: the canary gives up after its limit and says so.
+        assert await canary(session, child_port(models["stuck"]), 0.5) is False
+
+
+async def test_sleeping_status_is_read_from_the_child_log_not_by_asking(
+    start_router: StartRouter, llama_server_bin: Path, tiny_models: TinyModels,
+) -> None:
+    # GET /models never wakes a sleeping child: listing it repeatedly keeps it asleep.
+    router = await start_router("--models-dir", str(tiny_models.dir), "--no-watch", "--sleep-idle", "1",
+                                server_bin=llama_server_bin)
+    await load(router, "alpha")
+    item = await router.wait_status("alpha", "sleeping", timeout=30)
+    for _ in range(20):
+        assert (await router.models())["alpha"]["status"]["value"] == "sleeping"
+    async with aiohttp.ClientSession() as session:
+        assert await probe_sleeping(session, child_port(item), 5) is True
