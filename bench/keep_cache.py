@@ -55,12 +55,14 @@ async def wait(check: Any, timeout: float) -> None:
 
 async def one_round(models: Path, work: Path, keep: bool, chars: int, ctx: int) -> dict[str, Any]:
     port = free_port()
+    # A fresh cache directory per run: saved caches outlive the router (by design), and
+    # one left by an earlier run would serve this run's first request.
     argv = [
         sys.executable, "-m", "llamarouter", "--port", str(port), "--models-dir", str(models),
-        "-c", str(ctx), "-np", "1", "--no-watch", "--keep-cache-dir", str(work / "kv"),
+        "-c", str(ctx), "-np", "1", "--no-watch", "--keep-cache-dir", str(work / f"kv-{port}"),
         "--keep-cache" if keep else "--no-keep-cache",
     ]
-    log = open(work / f"router-{port}.log", "wb")  # noqa: SIM115  (closed below)
+    log = (work / f"router-{port}.log").open("wb")  # noqa: SIM115, ASYNC230  (closed below; a local file)
     proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, cwd=str(ROOT))
     url = f"http://127.0.0.1:{port}"
     try:

@@ -83,6 +83,8 @@ class Watcher:
         self._stop = asyncio.Event()
         self.mode = "off"  # "inotify" or "poll" once started
         self.reloads = 0
+        # Set once the first snapshot is taken: changes from then on are seen.
+        self.watching = asyncio.Event()
 
     def _paths(self) -> list[Path]:
         paths = [self._models_dir] if self._models_dir is not None else []
@@ -116,6 +118,7 @@ class Watcher:
         notifier = self._start_inotify()
         try:
             last = await asyncio.to_thread(snapshot, self._models_dir, self._preset)
+            self.watching.set()
             while not self._stop.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll)
