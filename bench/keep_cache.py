@@ -62,7 +62,7 @@ async def one_round(models: Path, work: Path, keep: bool, chars: int, ctx: int) 
         "-c", str(ctx), "-np", "1", "--no-watch", "--keep-cache-dir", str(work / f"kv-{port}"),
         "--keep-cache" if keep else "--no-keep-cache",
     ]
-    log = (work / f"router-{port}.log").open("wb")  # noqa: SIM115, ASYNC230  (closed below; a local file)
+    log = (work / f"router-{port}.log").open("wb")  # closed in finally
     proc = await asyncio.create_subprocess_exec(*argv, stdout=log, stderr=log, cwd=str(ROOT))
     url = f"http://127.0.0.1:{port}"
     try:
