@@ -23,6 +23,8 @@ from ..settings.config import RouterConfig, ModelSpec
 from ..errors import ModelFailed, StartAborted, StartFailed
 from .gguf_info import Estimate, parse_buffer_line
 from .launcher import Child, Launcher
+from .probes import canary, canary_due
+from .sleep import sleeping_from_log
 from .kvcache import SAVE_ON_STOP
 from .states import SLOT_STATES, State, api_status, check_transition
 
@@ -110,6 +112,7 @@ class ModelProcess:
         self._bind_failed = False
         self._cause: str | None = None
         self._served = False
+        self._last_canary = 0.0
 
     # ----------------------------------------------------------------- queries
     @property
@@ -494,8 +497,18 @@ class ModelProcess:
                 )
                 if done:
                     return
-                if await self._probe(url, timeouts.health_timeout):
+                healthy = await self._probe(url, timeouts.health_timeout)
+                # CANARY HOOK (the new core calls it from its liveness loop): /health says
+                # nothing about inference; an idle, awake model also gets a one-token
+                # completion now and then, and a failed one counts as a failed probe.
+                if healthy and self._canary_due():
+                    self._last_canary = time.monotonic()
+                    healthy = await canary(self._session, self.port or 0, timeouts.canary_timeout)
+                    if not healthy:
+                        self._cause = "canary completion failed"
+                if healthy:
                     misses = 0
+                    self._cause = None
                     continue
                 if exit_wait.done() or self._stop_evt.is_set():
                     return
@@ -509,13 +522,21 @@ class ModelProcess:
                     "[%s] liveness probe failed (%d/%d)", self.name, misses, timeouts.health_failures
                 )
                 if misses >= timeouts.health_failures:
+                    what = "failed its canary completion" if self._cause else "stopped answering /health"
                     self._cause = (
-                        f"child stopped answering /health ({misses} probes of "
+                        f"child {what} ({misses} probes of "
                         f"{timeouts.health_timeout:g}s failed); killed"
                     )
                     return
         finally:
             stop_wait.cancel()
+
+    def _canary_due(self) -> bool:
+        return canary_due(
+            self._config, self.spec, now=time.monotonic(), last_canary=self._last_canary,
+            last_activity=max(self.last_activity, self.ready_at or 0.0), busy=self.in_flight > 0 or self.waiters > 0,
+            sleeping=sleeping_from_log(self.logs),
+        )
 
     async def _terminate(self, child: Child, exit_wait: asyncio.Future[int], loading: bool) -> None:
         """SIGTERM the group, wait stop-timeout, SIGKILL, always reap.

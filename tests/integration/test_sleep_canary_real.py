@@ -11,7 +11,7 @@ import pytest
 from llamarouter.core.probes import canary
 from llamarouter.core.sleep import probe_sleeping
 from tests.conftest import Router, StartRouter
-from tests.fakes.helpers import write_fake_model
+from tests.fakes.helpers import wait_for, write_fake_model
 from tests.integration.conftest import TinyModels
 
 pytestmark = pytest.mark.integration
@@ -106,3 +106,47 @@ async def test_sleeping_status_is_read_from_the_child_log_not_by_asking(
         assert (await router.models())["alpha"]["status"]["value"] == "sleeping"
     async with aiohttp.ClientSession() as session:
         assert await probe_sleeping(session, child_port(item), 5) is True
+
+
+async def test_a_child_that_passes_health_but_fails_inference_is_replaced(
+    start_router: StartRouter, tmp_path: Path,
+) -> None:
+    d = tmp_path / "models"
+    write_fake_model(d / "broken.gguf", inference_fails=True)
+    router = await start_router(
+        "--models-dir", str(d), "--no-watch", "--canary-interval", "0.2",
+        "--health-interval", "0.1", "--health-failures", "2", "--restart-max", "100",
+    )
+    status, body = await router.post("/models/load", {"model": "broken"})
+    assert status == 200, body
+
+    async def replaced() -> bool:
+        return bool((await router.models())["broken"]["restarts"] >= 1)
+
+    await wait_for(replaced, 30, interval=0.05, message="the broken child to be replaced")
+    assert "child failed its canary completion" in router.log()
+
+
+async def test_without_canary_such_a_child_stays(
+    start_router: StartRouter, tmp_path: Path,
+) -> None:
+    # The same child with canaries off: /health alone keeps it in service. Its liveness
+    # probes run 50 times (bounded by their count, not by a sleep) and it is never replaced.
+    d = tmp_path / "models"
+    write_fake_model(d / "broken.gguf", inference_fails=True)
+    router = await start_router(
+        "--models-dir", str(d), "--no-watch", "--health-interval", "0.02", "--health-failures", "1",
+    )
+    status, body = await router.post("/models/load", {"model": "broken"})
+    assert status == 200, body
+    item = await router.wait_status("broken", "loaded")
+    port = child_port(item)
+
+    async def probed_enough() -> bool:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{port}/fake/stats") as resp:
+                stats = await resp.json()
+        return bool(stats["requests"].get("/health", 0) >= 50)
+
+    await wait_for(probed_enough, 30, interval=0.05)
+    assert (await router.models())["broken"]["restarts"] == 0
