@@ -143,9 +143,10 @@ async def test_without_canary_such_a_child_stays(
     port = child_port(item)
 
     async def probed_enough() -> bool:
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/fake/stats") as resp:
-                stats = await resp.json()
+        async with aiohttp.ClientSession() as session, session.get(
+            f"http://127.0.0.1:{port}/fake/stats"
+        ) as resp:
+            stats = await resp.json()
         return bool(stats["requests"].get("/health", 0) >= 50)
 
     await wait_for(probed_enough, 30, interval=0.05)
