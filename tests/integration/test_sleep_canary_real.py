@@ -151,3 +151,31 @@ async def test_without_canary_such_a_child_stays(
 
     await wait_for(probed_enough, 30, interval=0.05)
     assert (await router.models())["broken"]["restarts"] == 0
+
+
+async def test_a_sleeping_model_holds_no_budget(
+    start_router: StartRouter, llama_server_bin: Path, tmp_path: Path,
+) -> None:
+    from llamarouter.core.gguf_info import RunSettings, estimate, read_facts
+    from llamarouter.devtools.tinymodel import shape_for_size, write_model
+
+    d = tmp_path / "models"
+    shape = shape_for_size(25_000_000)
+    for i, name in enumerate(("m1", "m2")):
+        write_model(d / f"{name}.gguf", shape, seed=i)
+    one = estimate(read_facts(d / "m1.gguf"), RunSettings.from_options({"-c": "512", "-np": "1"}), gpu=False).total
+    preset = tmp_path / "models.ini"
+    preset.write_text("[m1]\nsleep-idle = 1\n")
+    router = await start_router(
+        "--models-dir", str(d), "--models-preset", str(preset), "--no-watch", "--models-max", "0",
+        "--memory-budget", str(int(1.5 * one)), "-c", "512", "-np", "1", server_bin=llama_server_bin,
+    )
+    await load(router, "m1")
+    await router.wait_status("m1", "sleeping", timeout=30)
+    status, mem = await router.get("/memory")
+    assert status == 200 and mem["used"] == 0
+    # The budget holds one model: with m1 asleep, m2 loads without evicting it.
+    await load(router, "m2")
+    models = await router.models()
+    assert models["m1"]["status"]["value"] == "sleeping"
+    assert models["m2"]["status"]["value"] == "loaded"
