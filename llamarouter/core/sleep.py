@@ -65,9 +65,9 @@ async def probe_sleeping(
 
 
 def held_bytes(full: int, sleeping: bool) -> int:
-    """What a model really holds for the memory budget: a sleeping child has freed its
-    weights and context (its process and small host buffers remain), so it counts 0; it
-    counts in full again as soon as it wakes, i.e. when a request is granted to it."""
+    """What a model holds of what the memory budget counts (weights, KV cache, compute
+    buffers): a sleeping child has freed all three, so 0; in full again once it wakes.
+    The process's own overhead (a GPU device context) is not counted, awake or asleep."""
     return 0 if sleeping else full
 
 
