@@ -187,3 +187,37 @@ async def test_saved_caches_show_in_metrics(
 
     text = await wait_for(scraped, 10, interval=0.05)
     assert 'llamarouter_keep_cache_operations_total{operation="save"} 1.0' in text
+
+
+async def test_saved_caches_survive_a_router_restart(
+    start_router: StartRouter, llama_server_bin: Path, long_models: Path, tmp_path: Path,
+) -> None:
+    first = await start(start_router, llama_server_bin, long_models, tmp_path, "--keep-cache")
+    prompt = long_prompt()
+    before = await complete(first, prompt)
+    await stop_model(first, "unload")
+    assert await first.stop() == 0
+
+    second = await start(start_router, llama_server_bin, long_models, tmp_path, "--keep-cache")
+    saved = (await second.models())["long"]["saved_caches"]
+    assert saved[0]["tokens"] >= PROMPT_CHARS
+    follow = await complete(second, prompt + SUFFIX)
+    assert follow["cache_n"] >= before["prompt_n"] - 1, follow
+
+
+async def test_a_changed_model_setup_drops_the_saved_cache(
+    start_router: StartRouter, llama_server_bin: Path, long_models: Path, tmp_path: Path,
+) -> None:
+    first = await start(start_router, llama_server_bin, long_models, tmp_path, "--keep-cache")
+    prompt = long_prompt()
+    await complete(first, prompt)
+    await stop_model(first, "unload")
+    assert await first.stop() == 0
+
+    # Another sampling default changes nothing in the KV cache, but the router cannot tell
+    # which options matter, so any change of the child's options counts.
+    second = await start(start_router, llama_server_bin, long_models, tmp_path, "--keep-cache", "--temp", "0.5")
+    follow = await complete(second, prompt + SUFFIX)
+    assert follow["cache_n"] == 0, follow
+    assert "keep-cache: slot 0 was saved from another setup; dropped" in second.log()
+    assert "saved_caches" not in (await second.models())["long"]
