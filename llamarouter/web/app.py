@@ -239,7 +239,7 @@ def build_app(
 def kv_fingerprint(options: dict[str, str], model_path: str | None) -> str:
     """How a child is started, plus the identity of its model file: a saved KV cache is only
     valid in a child that matches it."""
-    parts: list[object] = list(sorted(options.items()))
+    parts: list[object] = [*sorted(options.items())]
     if model_path:
         try:
             st = os.stat(model_path)

@@ -4,6 +4,7 @@ real llama-server."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -17,9 +18,9 @@ from tests.integration.conftest import TinyModels
 pytestmark = pytest.mark.integration
 
 
-def child_port(item: dict[str, object]) -> int:
-    args = item["status"]["args"]  # type: ignore[index]
-    return int(args[args.index("--port") + 1])  # type: ignore[union-attr,index]
+def child_port(item: dict[str, Any]) -> int:
+    args: list[str] = item["status"]["args"]
+    return int(args[args.index("--port") + 1])
 
 
 async def load(router: Router, name: str) -> None:
