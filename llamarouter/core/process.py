@@ -487,6 +487,7 @@ class ModelProcess:
         timeouts = self._config.timeouts
         url = f"http://127.0.0.1:{self.port}/health"
         misses = 0
+        canary_misses = 0
         stop_wait = asyncio.ensure_future(self._stop_evt.wait())
         try:
             while True:
@@ -500,15 +501,26 @@ class ModelProcess:
                 healthy = await self._probe(url, timeouts.health_timeout)
                 # CANARY HOOK (the new core calls it from its liveness loop): /health says
                 # nothing about inference; an idle, awake model also gets a one-token
-                # completion now and then, and a failed one counts as a failed probe.
+                # completion now and then. Failed canaries are counted on their own (the
+                # /health probes between them pass) against the same failure limit.
                 if healthy and self._canary_due():
                     self._last_canary = time.monotonic()
-                    healthy = await canary(self._session, self.port or 0, timeouts.canary_timeout)
-                    if not healthy:
-                        self._cause = "canary completion failed"
+                    if await canary(self._session, self.port or 0, timeouts.canary_timeout):
+                        canary_misses = 0
+                    else:
+                        canary_misses += 1
+                        log.warning(
+                            "[%s] canary completion failed (%d/%d)",
+                            self.name, canary_misses, timeouts.health_failures,
+                        )
+                        if canary_misses >= timeouts.health_failures:
+                            self._cause = (
+                                f"child failed its canary completion {canary_misses} times "
+                                f"in a row (limit {timeouts.canary_timeout:g}s each); killed"
+                            )
+                            return
                 if healthy:
                     misses = 0
-                    self._cause = None
                     continue
                 if exit_wait.done() or self._stop_evt.is_set():
                     return
@@ -522,9 +534,8 @@ class ModelProcess:
                     "[%s] liveness probe failed (%d/%d)", self.name, misses, timeouts.health_failures
                 )
                 if misses >= timeouts.health_failures:
-                    what = "failed its canary completion" if self._cause else "stopped answering /health"
                     self._cause = (
-                        f"child {what} ({misses} probes of "
+                        f"child stopped answering /health ({misses} probes of "
                         f"{timeouts.health_timeout:g}s failed); killed"
                     )
                     return
