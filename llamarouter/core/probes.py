@@ -2,8 +2,9 @@
 
 `/health` answers from llama-server's HTTP thread; a child whose inference loop is stuck or
 broken still says 200 there. The canary asks for one token (`max_tokens: 1`, no prompt
-cache so it cannot be answered from a stale slot) and counts as a failed liveness probe when
-it fails or takes longer than its limit. The caller decides when: only while the model is
+cache so it cannot be answered from a stale slot); one that fails or takes longer than its
+limit is a failed canary, and as many in a row as the liveness failure limit replace the
+child. The caller decides when: only while the model is
 idle (no request in flight or queued) and awake (a canary must not wake a sleeping model,
 see sleep.py), every `canary_interval` seconds.
 """

@@ -62,7 +62,7 @@ class Timeouts:
     watch_poll: float = 2.0
     # Canary completion (`max_tokens: 1`) of an idle READY model: every `canary_interval`
     # seconds (None = off; the preset key `canary-interval` overrides), each may take
-    # `canary_timeout`; a failed one counts as a failed liveness probe.
+    # `canary_timeout`; `health_failures` failed ones in a row replace the child.
     canary_interval: float | None = None
     canary_timeout: float = 10.0
 
