@@ -128,7 +128,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds between one-token canary completions of an idle model (preset key "
             "`canary-interval` overrides; default: off)"),
     Setting("--canary-timeout", "LLAMAROUTER_CANARY_TIMEOUT", "timeouts.canary_timeout", "float",
-            "seconds a canary completion may take before it counts as a failed probe"),
+            "seconds a canary completion may take before it counts as failed (--health-failures "
+            "failed canaries in a row replace the child)"),
 )
 
 EXTRA_OPTIONS: tuple[Opt, ...] = tuple(
