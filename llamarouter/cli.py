@@ -54,8 +54,9 @@ class Setting:
     flag: str
     env: str
     target: str  # "router.<field>", "timeouts.<field>" or "limits.<field>"
-    kind: str  # "str" | "path" | "int" | "float" | "optfloat" | "optint" | "size"
+    kind: str  # "str" | "path" | "int" | "float" | "optfloat" | "optint" | "size" | "bool"
     help: str
+    negation: str = ""  # "bool" settings: the spelling that turns it off
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -107,9 +108,37 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--admin-api-key", "LLAMAROUTER_ADMIN_API_KEY", "router.admin_api_key", "str",
             "key(s), comma-separated, required for /models/load, /models/unload, "
             "/models?reload=1 and /models/logs (also accepted everywhere else)"),
+    Setting("--keep-cache", "LLAMAROUTER_KEEP_CACHE", "limits.keep_cache", "bool",
+            "save each model's slot caches before it is stopped and restore them when it "
+            "loads again (preset key `keep-cache` overrides)", "--no-keep-cache"),
+    Setting("--keep-cache-dir", "LLAMAROUTER_KEEP_CACHE_DIR", "router.keep_cache_dir", "path",
+            "where saved slot caches live (default: kv-cache/ in --state-dir)"),
+    Setting("--keep-cache-budget", "LLAMAROUTER_KEEP_CACHE_BUDGET", "limits.keep_cache_budget", "size",
+            "disk the saved slot caches may use together; the oldest go first (default 10GiB)"),
+    Setting("--keep-cache-timeout", "LLAMAROUTER_KEEP_CACHE_TIMEOUT", "timeouts.keep_cache", "float",
+            "seconds one slot save or restore may take before it is skipped"),
+    Setting("--sleep-idle", "LLAMAROUTER_SLEEP_IDLE", "limits.sleep_idle", "optfloat",
+            "llama-server's --sleep-idle-seconds for every model: free the weights after this "
+            "idle time, keep the process (preset key `sleep-idle` overrides)"),
+    Setting("--default-model", "LLAMAROUTER_DEFAULT_MODEL", "router.default_model", "str",
+            "model used by requests that name none (and by GET /props without ?model=)"),
+    Setting("--watch", "LLAMAROUTER_WATCH", "router.watch", "bool",
+            "reload when files in --models-dir or the preset file change (default on)",
+            "--no-watch"),
+    Setting("--watch-debounce", "LLAMAROUTER_WATCH_DEBOUNCE", "timeouts.watch_debounce", "float",
+            "seconds without further changes before a watched change is applied"),
+    Setting("--canary-interval", "LLAMAROUTER_CANARY_INTERVAL", "timeouts.canary_interval", "optfloat",
+            "seconds between one-token canary completions of an idle model (preset key "
+            "`canary-interval` overrides; default: off)"),
+    Setting("--canary-timeout", "LLAMAROUTER_CANARY_TIMEOUT", "timeouts.canary_timeout", "float",
+            "seconds a canary completion may take before it counts as failed (--health-failures "
+            "failed canaries in a row replace the child)"),
 )
 
-EXTRA_OPTIONS: tuple[Opt, ...] = tuple(Opt((s.flag,), (), s.env, 1) for s in SETTINGS)
+EXTRA_OPTIONS: tuple[Opt, ...] = tuple(
+    Opt((s.flag,), (s.negation,) if s.negation else (), s.env, 0 if s.kind == "bool" else 1)
+    for s in SETTINGS
+)
 _EXTRA_KEYS = frozenset(s.flag for s in SETTINGS)
 
 # Router-level llama-server options we read (first spelling = option key).
@@ -230,10 +259,14 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     timeouts: dict[str, object] = {}
     limits: dict[str, object] = {}
     for s in SETTINGS:
+        group, field = s.target.split(".")
+        if s.kind == "bool":
+            if s.flag in values:
+                {"router": router, "timeouts": timeouts, "limits": limits}[group][field] = not negated[s.flag]
+            continue
         raw = get(s.flag)
         if raw is None:
             continue
-        group, field = s.target.split(".")
         value: object = raw
         if s.kind == "path":
             value = Path(raw)
@@ -298,6 +331,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         (k, v) for k, v in environ.items() if k not in _CHILD_ENV_DROP
     )
     use_cache = single is None
+    state_dir = router.get("state_dir")
+    kv_dir = router.get("keep_cache_dir") or (
+        Path(state_dir) / "kv-cache" if isinstance(state_dir, Path) else None
+    )
     config = RouterConfig(
         host=host,
         port=port,
@@ -313,7 +350,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         child_extra=tuple(child_extra),
         single_model=single,
         cache_dir=cache_dir_from_env(environ) if use_cache else None,
-        state_dir=router.get("state_dir"),  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
+        state_dir=state_dir,  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
+        keep_cache_dir=kv_dir,  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
+        default_model=router.get("default_model") or None,  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
+        watch=bool(router.get("watch", True)),
         memory_budget=router.get("memory_budget"),  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
         timeouts=Timeouts(**timeouts),  # type: ignore[arg-type]  # field names and types come from the SETTINGS table
         limits=Limits(**limits),  # type: ignore[arg-type]  # field names and types come from the SETTINGS table

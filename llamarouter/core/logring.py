@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+from collections.abc import Iterator
 
 
 class LogRing:
@@ -24,6 +25,15 @@ class LogRing:
                 q.put_nowait(line)
             except asyncio.QueueFull:
                 self._end(q)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._lines)
+
+    def __reversed__(self) -> Iterator[str]:
+        return reversed(self._lines)
+
+    def __len__(self) -> int:
+        return len(self._lines)
 
     def tail(self, n: int) -> list[str]:
         if n <= 0:

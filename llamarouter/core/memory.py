@@ -22,6 +22,8 @@ import psutil
 from ..errors import ConfigError
 from ..settings.config import ModelSpec
 from .gguf_info import Estimate, FactsCache, RunSettings, estimate
+from .sleep import held_bytes, sleeping_from_log
+from .states import State
 
 if TYPE_CHECKING:
     from .process import ModelProcess
@@ -134,8 +136,18 @@ class MemoryManager:
         est = self.estimate_of(proc)
         return est.total if est is not None else 0
 
+    def held(self, proc: ModelProcess) -> int:
+        """What a model holds of the budget now: its footprint, or nothing while its child
+        sleeps (llama-server's --sleep-idle-seconds frees weights and context)."""
+        return held_bytes(self.footprint(proc), proc.state == State.READY and sleeping_from_log(proc.logs))
+
     def used(self, procs: Iterable[ModelProcess]) -> int:
-        return sum(self.footprint(p) for p in procs if p.holds_slot)
+        # A child asleep (llama-server's --sleep-idle-seconds) has freed its weights and
+        # context: it counts as what it holds, i.e. nothing, until a request wakes it.
+        return sum(
+            held_bytes(self.footprint(p), p.state == State.READY and sleeping_from_log(p.logs))
+            for p in procs if p.holds_slot
+        )
 
     async def wait_recovered(self, need: int) -> None:
         """After children exit, device memory (VRAM above all) can come back late; wait for

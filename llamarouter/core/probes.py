@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import aiohttp
 
+from .canary import canary
+
 
 class Probe(Protocol):
     async def health(self, port: int, timeout: float) -> int | None:
@@ -18,10 +20,17 @@ class Probe(Protocol):
         """The child's own /v1/models entry (merged into the router's), {} on failure."""
         ...
 
+    async def canary(self, port: int, timeout: float) -> bool:
+        """A one-token completion answered within `timeout` (see canary.py)."""
+        ...
+
 
 class HttpProbe:
     def __init__(self, session: aiohttp.ClientSession) -> None:
         self._session = session
+
+    async def canary(self, port: int, timeout: float) -> bool:
+        return await canary(self._session, port, timeout)
 
     async def health(self, port: int, timeout: float) -> int | None:
         try:

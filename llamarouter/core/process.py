@@ -23,15 +23,21 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ShuttingDown
 from ..settings.config import ModelSpec, RouterConfig
+from .canary import canary_due
 from .gguf_info import parse_buffer_line
+from .kvcache import SAVE_ON_STOP
 from .launcher import Child, Launcher
 from .logring import LogRing
 from .probes import Probe
+from .sleep import sleeping_from_log
 from .states import SLOT_STATES, State, check_transition
+
+if TYPE_CHECKING:
+    from .kvcache import KvCache
 
 log = logging.getLogger("llamarouter.process")
 child_log = logging.getLogger("llamarouter.child")
@@ -167,6 +173,10 @@ class ModelProcess:
         self.measured: dict[tuple[str, str], int] = {}
         # Awaited (bounded by the memory manager) before each spawn: freed VRAM shows up late.
         self.before_spawn: Callable[[], Awaitable[None]] | None = None
+        # Keep-cache (handed over by the app when the model starts): slot caches are saved
+        # before an idle model is stopped and restored before it is granted requests.
+        self.kv_cache: KvCache | None = None
+        self._last_canary = 0.0
 
         self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
         self._owner: asyncio.Task[None] | None = None
@@ -576,11 +586,24 @@ class ModelProcess:
             loaded = await self._wait_loaded(life, exit_wait, port, result)
             if loaded:
                 info = await self._probe.info(port, timeouts.info)
+                kv = self.kv_cache
+                if kv is not None:
+                    # Saved slots go back before any request is granted; bounded by the
+                    # keep-cache timeout, never raises, and a stop does not wait for it.
+                    await _unless_stopped(kv.restore_after_ready(self.name, port), life.stop)
                 result.loaded = True
                 self._post(_Loaded(life.gen, info))
                 await self._watch(life, exit_wait, port, result)
             if life.stop.is_set():
                 result.asked = True
+                kv = self.kv_cache
+                if (
+                    kv is not None and loaded and not life.kill_at_once
+                    and self.stop_reason in SAVE_ON_STOP and not exit_wait.done()
+                ):
+                    # An idle model stopped for eviction, TTL or unload keeps its slot
+                    # caches on disk (bounded per slot by the keep-cache timeout).
+                    await kv.save_before_stop(self.name, port)
                 await self._terminate(child, exit_wait, kill=life.kill_at_once or not loaded)
             elif not exit_wait.done():
                 # Stalled load or failed liveness: the child is alive but useless.
@@ -669,7 +692,7 @@ class ModelProcess:
     ) -> None:
         """While READY: return on exit, on stop, or when liveness fails."""
         timeouts = self._config.timeouts
-        misses = 0
+        misses = canary_misses = 0
         stop_wait = asyncio.create_task(life.stop.wait())
         try:
             while True:
@@ -685,7 +708,30 @@ class ModelProcess:
                 if not probe.done():
                     probe.cancel()
                     return
-                if probe.result() == 200:
+                healthy = probe.result() == 200
+                if healthy and self._canary_due():
+                    # /health says nothing about inference: an idle, awake model also gets a
+                    # one-token completion now and then. Failed canaries are counted on their
+                    # own (the /health probes between them pass) against the same limit.
+                    self._last_canary = time.monotonic()
+                    ok = await _race(self._probe.canary(port, timeouts.canary_timeout), exit_wait, stop_wait)
+                    if ok is None:
+                        return
+                    if ok:
+                        canary_misses = 0
+                    else:
+                        canary_misses += 1
+                        log.warning(
+                            "[%s] canary completion failed (%d/%d)",
+                            self.name, canary_misses, timeouts.health_failures,
+                        )
+                        if canary_misses >= timeouts.health_failures:
+                            result.cause = (
+                                f"child failed its canary completion {canary_misses} times "
+                                f"in a row (limit {timeouts.canary_timeout:g}s each); killed"
+                            )
+                            return
+                if healthy:
                     misses = 0
                     continue
                 if exit_wait.done() or life.stop.is_set():
@@ -707,6 +753,14 @@ class ModelProcess:
                     return
         finally:
             stop_wait.cancel()
+
+    def _canary_due(self) -> bool:
+        return canary_due(
+            self._config, self.spec, now=time.monotonic(), last_canary=self._last_canary,
+            last_activity=max(self.last_activity, self.ready_at or 0.0),
+            busy=self.in_flight > 0 or self._demand.wanted(self.name),
+            sleeping=sleeping_from_log(self.logs),
+        )
 
     async def _terminate(self, child: Child, exit_wait: asyncio.Task[int], kill: bool) -> None:
         """SIGTERM the group (SIGKILL for a loading child), wait stop-timeout, SIGKILL,
@@ -765,6 +819,18 @@ class ModelProcess:
     def _note(self, text: str) -> None:
         self.logs.append(text)
         child_log.debug("[%s] %s", self.name, text)
+
+
+async def _race(aw: Awaitable[bool], *stops: asyncio.Future[Any]) -> bool | None:
+    """`aw`'s result, or None when one of `stops` finished first (then `aw` is cancelled)."""
+    task = asyncio.ensure_future(aw)
+    await asyncio.wait({task, *stops}, return_when=asyncio.FIRST_COMPLETED)
+    if not task.done():
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return None
+    return task.result()
 
 
 async def _unless_stopped(aw: Awaitable[object], stop: asyncio.Event) -> bool:

@@ -431,7 +431,7 @@ class Supervisor:
                     last_used=usage.last_used,
                     idle_since=max(usage.last_used, proc.ready_at or 0.0),
                     pinned=self._pinned(proc),
-                    bytes=memory.footprint(proc) if memory is not None else 0,
+                    bytes=memory.held(proc) if memory is not None else 0,
                     ttl=proc.ttl,
                     failed_at=proc.state_changed_at if proc.state == State.FAILED else None,
                     listed=self.models.get(proc.name) is proc,

@@ -9,6 +9,9 @@ written with their last (long) spelling; then --host 127.0.0.1 --port P --alias 
 from __future__ import annotations
 
 import functools
+import hashlib
+import re
+from pathlib import Path
 
 from .config import ModelSpec, RouterConfig
 from .flags import FORCED_PER_CHILD, RESERVED_ALWAYS, FlagTable, canonical
@@ -20,6 +23,31 @@ _HIDDEN_IN_PRESET = frozenset({"--host", "--port", "-a", "--tags"}) | RESERVED_A
 # Specs are immutable and the router flags fixed, so results are cached per spec: GET /models
 # renders every model's preset and would-be command line on each call (1,000 files: 1,000x).
 _CACHE_SIZE = 8192
+
+_K_SLOT_SAVE = "--slot-save-path"
+_K_SLEEP_IDLE = "--sleep-idle-seconds"
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+
+def keeps_cache(config: RouterConfig, spec: ModelSpec) -> bool:
+    """Whether the model's slot caches are saved before a stop (preset key over flag)."""
+    wanted = spec.keep_cache if spec.keep_cache is not None else config.limits.keep_cache
+    return wanted and config.keep_cache_dir is not None
+
+
+def keep_cache_dir(config: RouterConfig, name: str) -> Path | None:
+    """The directory a model's saved slots live in: one per model, since llama-server takes
+    bare file names inside its --slot-save-path. Names like `owner/repo:Q4` are made safe,
+    with a short hash so two names that sanitise alike stay apart."""
+    if config.keep_cache_dir is None:
+        return None
+    digest = hashlib.sha256(name.encode()).hexdigest()[:8]
+    return config.keep_cache_dir / f"{_UNSAFE.sub('_', name)[:80]}-{digest}"
+
+
+def sleep_idle(config: RouterConfig, spec: ModelSpec) -> float | None:
+    value = spec.sleep_idle if spec.sleep_idle is not None else config.limits.sleep_idle
+    return value if value else None
 
 
 class ChildArgs:
@@ -54,6 +82,15 @@ class ChildArgs:
         # We read the child's output line by line; colour codes would only get in the way.
         # (Upstream forces its own colour choice the same way, and shows it in the preset.)
         opts["--log-colors"] = "off"
+        # Our tiered-idle and keep-cache settings become the child's own options, unless
+        # the model sets those options itself.
+        idle = sleep_idle(self._config, spec)
+        if idle is not None and _K_SLEEP_IDLE not in opts:
+            # llama-server takes whole seconds and refuses 0.
+            opts[_K_SLEEP_IDLE] = str(max(1, round(idle)))
+        kv_dir = keep_cache_dir(self._config, spec.name)
+        if keeps_cache(self._config, spec) and kv_dir is not None:
+            opts[_K_SLOT_SAVE] = str(kv_dir)
         return opts
 
     def _compute_argv(self, spec: ModelSpec, port: int) -> list[str]:

@@ -63,6 +63,19 @@ class Timeouts:
     shutdown_cancel: float = 1.0
     # A second SIGINT/SIGTERM exits within this long, whatever is still running.
     force_exit: float = 2.0
+    # Keep-cache: one slot save (before a stop) or restore (after a load) may take this long;
+    # a slower or failed one is skipped and logged, never holding up the stop or the request.
+    keep_cache: float = 30.0
+    # Watching --models-dir and the preset file: changes are applied this long after the
+    # last one seen (a model copied in writes for a while), and without inotify the
+    # sources are rescanned every `watch_poll` seconds.
+    watch_debounce: float = 1.0
+    watch_poll: float = 2.0
+    # Canary completion (`max_tokens: 1`) of an idle READY model: every `canary_interval`
+    # seconds (None = off; the preset key `canary-interval` overrides), each may take
+    # `canary_timeout`; `health_failures` failed ones in a row replace the child.
+    canary_interval: float | None = None
+    canary_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +101,13 @@ class Limits:
     ttl: float | None = None
     # --memory-budget auto: device memory minus this margin (bytes).
     memory_margin: int = 1024 * 1024 * 1024
+    # Keep-cache default for every model (the preset key `keep-cache` overrides) and the
+    # disk the saved slot caches may take together; the oldest are deleted first.
+    keep_cache: bool = False
+    keep_cache_budget: int = 10 * 1024 * 1024 * 1024
+    # llama-server's own --sleep-idle-seconds for every model (None = not set; the preset
+    # key `sleep-idle` overrides): weights freed after this idle time, process kept.
+    sleep_idle: float | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +129,10 @@ class ModelSpec:
     hidden: bool = False
     model_path: str | None = None  # the main GGUF, when known (memory estimates, dedup)
     input_modalities: tuple[str, ...] = ("text",)
+    keep_cache: bool | None = None  # None = Limits.keep_cache
+    sleep_idle: float | None = None  # None = Limits.sleep_idle
+    canary_interval: float | None = None  # None = Timeouts.canary_interval
+    default: bool = False  # preset key `default-model = true`
 
     def with_changes(self, **changes: object) -> ModelSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field names are the caller's, checked by dataclasses
@@ -148,3 +172,10 @@ class RouterConfig:
     # Environment given to children (the router's, minus router-only LLAMA_ARG_* names).
     child_env: tuple[tuple[str, str], ...] = ()
     build_info: str = ""
+    # --default-model: the model a request that names none goes to (None: the model whose
+    # preset says `default-model = true`, else none and upstream's error).
+    default_model: str | None = None
+    # Where saved slot caches live (--keep-cache-dir; default: <state-dir>/kv-cache).
+    keep_cache_dir: Path | None = None
+    # Watch --models-dir and the preset file and reload on change (--no-watch turns it off).
+    watch: bool = True

@@ -41,6 +41,14 @@ TAGS_ENV = "LLAMA_ARG_TAGS"
 EXTRA_PRESET_ONLY: tuple[Opt, ...] = (
     Opt(("ttl",), (), "__PRESET_TTL", 1),
     Opt(("pin",), (), "__PRESET_PIN", 1),
+    # Save the model's slot caches before it is stopped and restore them when it loads.
+    Opt(("keep-cache",), (), "__PRESET_KEEP_CACHE", 1),
+    # llama-server's --sleep-idle-seconds for this model (weights freed, process kept).
+    Opt(("sleep-idle",), (), "__PRESET_SLEEP_IDLE", 1),
+    # Seconds between canary completions while the model is idle (0 = off).
+    Opt(("canary-interval",), (), "__PRESET_CANARY_INTERVAL", 1),
+    # The model a request without a model name goes to.
+    Opt(("default-model",), (), "__PRESET_DEFAULT_MODEL", 1),
 )
 
 Options = dict[str, str]  # option key -> value as upstream stores it (strings)
@@ -407,6 +415,10 @@ class Discovery:
             stop_timeout=_float_opt(opts, "stop-timeout", name),
             ttl=_float_opt(opts, "ttl", name),
             pin=_bool_opt(opts, "pin", name),
+            keep_cache=_bool_opt(opts, "keep-cache", name) if "keep-cache" in opts else None,
+            sleep_idle=_float_opt(opts, "sleep-idle", name),
+            canary_interval=_float_opt(opts, "canary-interval", name),
+            default=_bool_opt(opts, "default-model", name),
             model_path=model_path,
             input_modalities=("text", "image") if self._mmproj_key in opts else ("text",),
         )

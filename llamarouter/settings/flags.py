@@ -114,7 +114,8 @@ def negated_env(opt: Opt) -> str | None:
     """The ``LLAMA_ARG_NO_*`` variable upstream also honours for a boolean
     option: env with "LLAMA_ARG_" replaced by "LLAMA_ARG_NO_" (arg.cpp:125-143,
     233-245).  None when the option has no env or no negation."""
-    if opt.env is None or not opt.negations:
+    if opt.env is None or not opt.negations or not opt.env.startswith("LLAMA_ARG_"):
+        # Our own LLAMAROUTER_* switches take true/false values in their one variable.
         return None
     return opt.env.replace("LLAMA_ARG_", "LLAMA_ARG_NO_")
 

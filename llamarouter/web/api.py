@@ -15,12 +15,13 @@ import re
 import time
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
 
 from ..core.process import ModelProcess
+from ..core.sleep import sleeping_from_log
 from ..core.states import State
 from ..core.supervisor import Supervisor
 from ..errors import (
@@ -36,6 +37,9 @@ from ..settings.config import RouterConfig
 from . import webui
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .proxy import Proxy
+
+if TYPE_CHECKING:
+    from ..core.kvcache import KvCache
 
 # Routes upstream proxies by the body's "model" (server.cpp, router branch).
 PROXIED_POST = (
@@ -108,6 +112,7 @@ class Api:
     sup: Supervisor
     proxy: Proxy
     session: aiohttp.ClientSession
+    kv_cache: KvCache | None = None
 
     def __init__(self, config: RouterConfig, child_args: ChildArgs, metrics: RouterMetrics) -> None:
         self.config = config
@@ -204,6 +209,7 @@ class Api:
             self.sup.queued_for(proc), proc.restarts, self.sup.usage(proc.name).last_used_wall,
             proc.crashed, proc.exit_code, proc.failure, proc.stop_reason,
             self.sup.estimate_of(proc), proc.measured_bytes, id(proc.loaded_info),
+            self._status_value(proc), self._saved_caches(proc.name),
         )
         cached = self._item_cache.get(proc)
         if cached is not None and cached[0] == key:
@@ -217,7 +223,7 @@ class Api:
     def model_item(self, proc: ModelProcess, now: int) -> dict[str, Any]:
         spec = proc.spec
         status: dict[str, Any] = {
-            "value": proc.api_status,
+            "value": self._status_value(proc),
             # The last command line (upstream keeps it after an unload), or the would-be
             # one with port 0 for a model never started.
             "args": list(proc.argv) if proc.argv else self.child_args.argv(spec, 0),
@@ -256,6 +262,8 @@ class Api:
         last_used_wall = self.sup.usage(proc.name).last_used_wall
         if last_used_wall:
             item["last_used"] = int(last_used_wall)
+        if saved := self._saved_caches(proc.name):
+            item["saved_caches"] = [dict(zip(("slot", "tokens", "bytes"), s, strict=True)) for s in saved]
         est = self.sup.estimate_of(proc)
         if est is not None:
             item["estimated_bytes"] = est.total
@@ -267,9 +275,35 @@ class Api:
                 item.setdefault(key, value)
         return item
 
+    def _status_value(self, proc: ModelProcess) -> str:
+        """Upstream's status word; "sleeping" while a loaded child sleeps (its own
+        --sleep-idle-seconds), as upstream's router shows it."""
+        value = proc.api_status
+        if value == "loaded" and proc.state == State.READY and sleeping_from_log(proc.logs):
+            return "sleeping"
+        return value
+
+    def _saved_caches(self, name: str) -> tuple[tuple[int, int, int], ...]:
+        kv = self.kv_cache
+        if kv is None:
+            return ()
+        return tuple((s.slot, s.tokens, s.bytes) for s in kv.saved(name))
+
+    def _default_name(self) -> str:
+        """The model a request that names none goes to: --default-model, else the model
+        whose preset says `default-model = true` (the first by name), else none."""
+        if self.config.default_model:
+            return self.config.default_model
+        sup = getattr(self, "sup", None)
+        if sup is None:
+            return ""
+        return next((p.name for p in sorted(sup.models.values(), key=lambda p: p.name) if p.spec.default), "")
+
     async def props(self, request: web.Request) -> web.StreamResponse:
         if request.query.get("model"):
             return await self.proxy_get(request)
+        if default := self._default_name():
+            return await self._route(request, default, None)
         return _json(
             {
                 "role": "router",
@@ -291,8 +325,21 @@ class Api:
 
     async def unload(self, request: web.Request) -> web.Response:
         name = _model_field(await _json_body(request, self.config.limits.max_body_bytes))
+        if name == "*":
+            return self._unload_all()
         self.sup.unload(name)
         return _json({"success": True})
+
+    def _unload_all(self) -> web.Response:
+        """`{"model": "*"}`: unload every running model that is not pinned; the answer
+        names them (an empty list when none ran)."""
+        names = []
+        for proc in list(self.sup.models.values()):
+            if proc.spec.pin or proc.state not in (State.STARTING, State.READY, State.BACKOFF):
+                continue
+            self.sup.unload(proc.name)
+            names.append(proc.name)
+        return _json({"success": True, "models": names})
 
     async def memory(self, request: web.Request) -> web.Response:
         """Budget, use and free memory, and each model's estimate / measurement."""
@@ -379,11 +426,11 @@ class Api:
 
     async def proxy_post(self, request: web.Request) -> web.StreamResponse:
         body = await _read_body(request, self.config.limits.max_body_bytes)
-        name = _model_from_body(request, body)
+        name = _model_from_body(request, body) or self._default_name()
         return await self._route(request, name, body)
 
     async def proxy_get(self, request: web.Request) -> web.StreamResponse:
-        return await self._route(request, request.query.get("model", ""), None)
+        return await self._route(request, request.query.get("model", "") or self._default_name(), None)
 
     async def _route(self, request: web.Request, name: str, body: bytes | None) -> web.StreamResponse:
         if not name:

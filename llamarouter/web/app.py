@@ -8,21 +8,27 @@ instance lock released.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import hmac
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 from aiohttp import web
 
+from ..core.kvcache import KvCache
 from ..core.launcher import Launcher, OsLauncher
 from ..core.memory import MemoryManager
 from ..core.probes import HttpProbe
+from ..core.process import ModelProcess
 from ..core.statedir import StateDir
+from ..core.states import State
 from ..core.supervisor import Supervisor
+from ..core.watch import Watcher
 from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
-from ..settings.childargs import ChildArgs
+from ..settings.childargs import ChildArgs, keeps_cache
 from ..settings.config import ModelSpec, RouterConfig
 from . import webui
 from .api import Api, error_body
@@ -75,6 +81,7 @@ class ActiveRequests:
 
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
 ACTIVE = web.AppKey("active", ActiveRequests)
+KV_CACHE = web.AppKey("kv_cache", KvCache)
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", RouterMetrics)
 
@@ -226,17 +233,54 @@ def build_app(
                 connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
             )
             try:
+                sup: Supervisor
+
+                # Keep-cache: which models want it, their save directory made before a
+                # spawn, and the store handed to each model when it starts.
+                def wants(name: str) -> bool:
+                    proc = sup.find(name)
+                    return proc is not None and keeps_cache(config, proc.spec)
+
+                def fingerprint(name: str) -> str | None:
+                    proc = sup.find(name)
+                    if proc is None:
+                        return None
+                    return kv_fingerprint(child_args.merged(proc.spec), proc.spec.model_path)
+
+                kv = app[KV_CACHE] = KvCache(config, session, wants, fingerprint)
+                metrics.add_kv_cache(kv)
+
+                def build_argv(spec: ModelSpec, port: int) -> list[str]:
+                    if port:
+                        kv.ensure_dir(spec.name)
+                    return child_args.argv(spec, port)
+
+                def observe(proc: ModelProcess, old: State, new: State) -> None:
+                    if new == State.STARTING:
+                        proc.kv_cache = kv
+                    metrics.on_state(proc, old, new)
+
                 sup = Supervisor(
                     config, discover, launcher or OsLauncher(), HttpProbe(session),
-                    child_args.argv, state_dir, observer=metrics.on_state,
+                    build_argv, state_dir, observer=observe,
                     options_for=child_args.merged, memory=memory,
                 )
                 app[SUPERVISOR] = sup
                 api.bind(sup, Proxy(session, config.timeouts.proxy), session)
+                api.kv_cache = kv
+                watcher: Watcher | None = None
                 try:
                     await sup.start()
+                    if config.watch and config.single_model is None:
+                        watcher = Watcher(
+                            config.models_dir, config.models_preset, sup.reload,
+                            config.timeouts.watch_debounce, config.timeouts.watch_poll,
+                        )
+                        watcher.start()
                     yield
                 finally:
+                    if watcher is not None:
+                        await watcher.stop(config.timeouts.watch_poll)
                     await sup.shutdown()
             finally:
                 await session.close()
@@ -246,3 +290,16 @@ def build_app(
 
     app.cleanup_ctx.append(lifecycle)
     return app
+
+
+def kv_fingerprint(options: dict[str, str], model_path: str | None) -> str:
+    """How a child is started, plus the identity of its model file: a saved KV cache is only
+    valid in a child that matches it."""
+    parts: list[object] = [*sorted(options.items())]
+    if model_path:
+        try:
+            st = os.stat(model_path)
+            parts.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            parts.append("missing")
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

@@ -19,12 +19,13 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..core.states import State
 
 if TYPE_CHECKING:
+    from ..core.kvcache import KvCache
     from ..core.process import ModelProcess
     from ..core.supervisor import Supervisor
 
@@ -101,6 +102,10 @@ class RouterMetrics:
         self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
         self._state = _SupervisorCollector()
         r.register(self._state)
+
+    def add_kv_cache(self, kv: KvCache) -> None:
+        """Saved slot caches (keep-cache), read off `kv` at scrape time."""
+        self.registry.register(_KvCacheCollector(kv))
 
     # ----------------------------------------------------------------- hot path
     def observe_request(self, model: str, endpoint: str, code: int, timing: RequestTiming) -> None:
@@ -284,3 +289,38 @@ class _SupervisorCollector(Collector):
             "llamarouter_waiting_requests", "Requests waiting for any model to be granted.",
             value=sup.waiting,
         )
+
+
+class _KvCacheCollector(Collector):
+    def __init__(self, kv: KvCache) -> None:
+        self._kv = kv
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        tokens = GaugeMetricFamily(
+            "llamarouter_saved_cache_tokens",
+            "Tokens of each slot cache saved by keep-cache, restored when the model loads.",
+            labels=("model", "slot"),
+        )
+        size = GaugeMetricFamily(
+            "llamarouter_saved_cache_bytes",
+            "Disk used by each slot cache saved by keep-cache.",
+            labels=("model", "slot"),
+        )
+        for saved in self._kv.saved():
+            labels = (saved.model, str(saved.slot))
+            tokens.add_metric(labels, saved.tokens)
+            size.add_metric(labels, saved.bytes)
+        yield tokens
+        yield size
+        ops = CounterMetricFamily(
+            "llamarouter_keep_cache_operations",
+            "Keep-cache slot saves and restores done, and those that failed or timed out.",
+            labels=("operation",),
+        )
+        ops.add_metric(("save",), self._kv.saves)
+        ops.add_metric(("restore",), self._kv.restores)
+        ops.add_metric(("failure",), self._kv.failures)
+        yield ops

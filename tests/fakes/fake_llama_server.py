@@ -30,6 +30,8 @@ Knobs (see ``KNOBS``):
                            load_secs > 0 it binds and "loads" (503) first
 ``hang``       bool        once ready, accept connections but never answer
 ``hang_after`` int, 0      hang after N completed inference requests
+``inference_fails`` bool   inference requests answer 500 while /health and the
+                           other monitoring endpoints still answer 200
 ``ignore_sigterm`` bool    SIGTERM is ignored (only SIGKILL stops it)
 ``tokens``     int, 8      tokens per completion ("tok0 tok1 ...")
 ``tps``        float, 0    generation speed in tokens/s (0 = unlimited); it
@@ -103,6 +105,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "crash_on_start": (bool, False),
     "hang": (bool, False),
     "hang_after": (int, 0),
+    "inference_fails": (bool, False),
     "ignore_sigterm": (bool, False),
     "tokens": (int, 8),
     "tps": (float, 0.0),
@@ -728,6 +731,8 @@ def make_app(state: State):
                 await asyncio.get_running_loop().create_future()  # never resolves
             finally:
                 state.hung_tasks.discard(task)
+        if state.knobs["inference_fails"] and path in INFERENCE_PATHS:
+            return jresp(_err(500, "fake: inference fails", "server_error"), 500)
         try:
             return await handler(request)
         except BadRequest as e:

@@ -121,6 +121,10 @@ class FakeProbe:
             return None
         return 200 if child.ready(asyncio.get_running_loop().time()) else 503
 
+    async def canary(self, port: int, timeout: float) -> bool:
+        child = self._launcher.by_port(port)
+        return child is not None and child.returncode is None and not child.script.hang_health
+
     async def info(self, port: int, timeout: float) -> dict[str, Any]:
         child = self._launcher.by_port(port)
         if child is not None and child.script.info_delay:

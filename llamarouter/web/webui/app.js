@@ -440,6 +440,7 @@
       const value = statusOf(item);
       if (value === "loading") text = `${id}: loading…`;
       else if (value === "loaded") text = `${id}: loaded`;
+      else if (value === "sleeping") text = `${id}: sleeping (wakes on the next message)`;
       else if (item.status && item.status.failed) text = `${id}: failed (${statusDetail(item)})`;
       else text = `${id}: not loaded`;
     }

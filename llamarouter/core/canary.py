@@ -1,0 +1,72 @@
+"""Canary: a one-token completion that proves a READY child can still answer.
+
+`/health` answers from llama-server's HTTP thread; a child whose inference loop is stuck or
+broken still says 200 there. The canary asks for one token (`max_tokens: 1`, no prompt
+cache so it cannot be answered from a stale slot); one that fails or takes longer than its
+limit is a failed canary, and as many in a row as the liveness failure limit replace the
+child. The caller decides when: only while the model is
+idle (no request in flight or queued) and awake (a canary must not wake a sleeping model,
+see sleep.py), every `canary_interval` seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import aiohttp
+
+from ..settings.config import ModelSpec, RouterConfig
+
+log = logging.getLogger("llamarouter.core.canary")
+
+_BODY = {
+    "prompt": "0",
+    "max_tokens": 1,
+    "n_predict": 1,
+    "temperature": 0,
+    "cache_prompt": False,
+    "stream": False,
+}
+
+
+async def canary(session: aiohttp.ClientSession, port: int, timeout: float) -> bool:
+    """True when the child on `port` completed one token within `timeout` seconds."""
+    try:
+        async with session.post(
+            f"http://127.0.0.1:{port}/completion",
+            json=_BODY,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+        ) as resp:
+            body = await resp.json(content_type=None)
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+        log.warning("canary on port %d failed: %s", port, type(exc).__name__)
+        return False
+    if resp.status != 200 or not isinstance(body, dict) or "content" not in body:
+        log.warning("canary on port %d failed: HTTP %d", port, resp.status)
+        return False
+    return True
+
+
+def canary_interval(config: RouterConfig, spec: ModelSpec) -> float | None:
+    """Seconds between canaries of this model (preset key over flag); None = off."""
+    value = spec.canary_interval if spec.canary_interval is not None else config.timeouts.canary_interval
+    return value if value else None
+
+
+def canary_due(
+    config: RouterConfig,
+    spec: ModelSpec,
+    *,
+    now: float,
+    last_canary: float,
+    last_activity: float,
+    busy: bool,
+    sleeping: bool,
+) -> bool:
+    """Whether the liveness loop should send a canary now: never while busy or asleep, and
+    not within an interval of the last canary or of the last request (a served request
+    is proof enough)."""
+    interval = canary_interval(config, spec)
+    if interval is None or busy or sleeping:
+        return False
+    return now - max(last_canary, last_activity) >= interval
