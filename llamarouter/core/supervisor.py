@@ -35,6 +35,7 @@ from ..errors import (
 from ..settings.config import ModelSpec, RouterConfig
 from . import scheduler
 from .gguf_info import Estimate
+from .kvcache import KvCache
 from .launcher import Launcher
 from .memory import MemoryManager
 from .probes import Probe
@@ -115,7 +116,7 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._sup._release(self.proc.name)
+            self._sup._release(self.proc)
 
 
 @dataclass(eq=False)
@@ -148,8 +149,10 @@ class Supervisor:
         observer: StateObserver | None = None,
         options_for: OptionsFor | None = None,
         memory: MemoryManager | None = None,
+        kv_cache: KvCache | None = None,
     ) -> None:
         self.config = config
+        self._kv_cache = kv_cache
         self._observer = observer  # metrics: sees every transition, must not raise
         self._discover = discover
         self._launcher = launcher
@@ -162,8 +165,12 @@ class Supervisor:
         self.models: dict[str, ModelProcess] = {}
         self.aliases: dict[str, str] = {}
         self._retired: set[ModelProcess] = set()  # replaced or removed by a reload, stopping
+        # Retired while serving: they finish the requests they have, then stop.
+        self._draining: set[ModelProcess] = set()
+        self._serving: dict[int, int] = {}  # id(proc) -> leases held on that very process
         self._usage: dict[str, Usage] = {}
-        self._starts: dict[int, int] = {}  # id(proc) -> starts (load generation)
+        self._starts: dict[int, int] = {}  # id(proc) -> number of its latest load
+        self._generations = itertools.count(1)
         self._waiters: list[_Waiter] = []
         self._ids = itertools.count(1)
         self._owners: set[asyncio.Task[None]] = set()
@@ -203,6 +210,7 @@ class Supervisor:
             spec, self.config, self._launcher, self._probe, self._build_argv, self._on_state,
             demand=self,
         )
+        proc.kv_cache = self._kv_cache
         memory = self.memory
         if memory is not None:
             proc.before_spawn = lambda: memory.wait_recovered(memory.footprint(proc))
@@ -375,16 +383,23 @@ class Supervisor:
     def _grant(self, proc: ModelProcess) -> Lease:
         usage = self._usage_of(proc.name)
         usage.in_flight += 1
+        self._serving[id(proc)] = self._serving.get(id(proc), 0) + 1
         return Lease(self, proc)
 
-    def _release(self, name: str) -> None:
-        usage = self._usage_of(name)
+    def _release(self, proc: ModelProcess) -> None:
+        usage = self._usage_of(proc.name)
         usage.in_flight -= 1
         now = time.monotonic()
         usage.last_used = usage.last_activity = now
         usage.last_used_wall = time.time()
-        if usage.in_flight == 0:
-            # An idle model matters to queued requests (it may be evicted for them) and TTL.
+        left = self._serving.get(id(proc), 0) - 1
+        if left > 0:
+            self._serving[id(proc)] = left
+        else:
+            self._serving.pop(id(proc), None)
+        if usage.in_flight == 0 or proc in self._draining:
+            # An idle model matters to queued requests (it may be evicted for them), to
+            # TTL, and to a reload waiting for it to finish its requests.
             self._kick.set()
 
     def _retry_after(self) -> float:
@@ -397,6 +412,7 @@ class Supervisor:
         while True:
             now = time.monotonic()
             wake = next_tick
+            self._stop_drained()
             snap = self._snapshot(now)
             try:
                 actions = scheduler.plan(snap)
@@ -414,6 +430,12 @@ class Supervisor:
                     await self._kick.wait()
             self._kick.clear()
 
+    def _stop_drained(self) -> None:
+        for proc in list(self._draining):
+            if self._serving.get(id(proc), 0) == 0 or proc.expected_state != State.READY:
+                self._draining.discard(proc)
+                proc.stop("reload")
+
     def _snapshot(self, now: float) -> scheduler.Snapshot:
         memory = self.memory
         views = []
@@ -421,8 +443,6 @@ class Supervisor:
             usage = self.usage(proc.name) if self.models.get(proc.name) is proc else Usage()
             state = proc.expected_state
             starts = self._starts.get(id(proc), 0)
-            if state == State.STARTING and proc.state in (State.STOPPED, State.FAILED):
-                starts += 1  # a start already sent
             views.append(
                 scheduler.ModelView(
                     name=proc.name,
@@ -474,7 +494,11 @@ class Supervisor:
             elif isinstance(action, scheduler.Track):
                 waiter = by_id.get(action.waiter)
                 if waiter is not None:
-                    waiter.saw_generation = action.generation
+                    generation = action.generation
+                    if generation is None:  # the load the Start just before began
+                        started = self.models.get(waiter.model)
+                        generation = self._starts.get(id(started), 0) if started is not None else 0
+                    waiter.saw_generation = generation
             else:
                 waiter = by_id.get(action.waiter)
                 if waiter is None or waiter.fut.done():
@@ -488,8 +512,10 @@ class Supervisor:
                     waiter.fut.set_exception(self._refusal(action))
 
     def _note_start(self, proc: ModelProcess) -> None:
+        # Load numbers are unique across all processes: a reload's new process of the same
+        # name never reuses the number a waiter saw on the old one.
         if proc.expected_state in (State.STOPPED, State.FAILED):
-            self._starts[id(proc)] = self._starts.get(id(proc), 0) + 1
+            self._starts[id(proc)] = next(self._generations)
             self.counters.loads += 1
 
     def _refusal(self, action: scheduler.Refuse) -> LlamaRouterError:
@@ -565,6 +591,7 @@ class Supervisor:
             self.events.publish("status_change", proc.name, data)
         if new in (State.STOPPED, State.FAILED, State.SHUTDOWN) and proc in self._retired:
             self._retired.discard(proc)
+            self._draining.discard(proc)
             self._close(proc)
         self._kick.set()
 
@@ -572,6 +599,7 @@ class Supervisor:
         if proc.state != State.SHUTDOWN:
             proc.close()
         self._starts.pop(id(proc), None)
+        self._serving.pop(id(proc), None)
 
     # ----------------------------------------------------------------- management API
     def unload(self, name: str) -> ModelProcess:
@@ -595,7 +623,13 @@ class Supervisor:
             if new is not None and new == proc.spec:
                 continue
             del self.models[name]
-            if proc.expected_state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):
+            state = proc.expected_state
+            if state == State.READY and self._serving.get(id(proc), 0) > 0:
+                # Requests in flight finish on the old definition; it stops once idle
+                # (and keeps its slot until then, so the new one waits for room).
+                self._retired.add(proc)
+                self._draining.add(proc)
+            elif state in (State.STARTING, State.READY, State.BACKOFF, State.STOPPING):
                 proc.stop("reload")
                 self._retired.add(proc)
             else:

@@ -91,6 +91,9 @@ class Limits:
     restart_window: float = 60.0
     # How long a FAILED model refuses requests before a request may try it again.
     failed_holdoff: float = 30.0
+    # A child that lost its port to another process before binding it is respawned on a
+    # fresh port this many times before the load counts as failed.
+    bind_retries: int = 5
     # Lines of each child's output kept in memory for /models/logs and failure reports.
     log_lines: int = 1000
     # Request bodies larger than this get 413 (audio uploads need room).

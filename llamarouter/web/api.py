@@ -445,6 +445,9 @@ class Api:
             retried = False
             while True:
                 lease = await self.sup.acquire(proc, autoload)
+                # The grant may be on a newer process of the same name (a reload replaced
+                # the definition while the request waited): serve from the one granted.
+                proc = lease.proc
                 port = proc.port
                 try:
                     if self.config.fake_timing and self.config.single_model is None:
@@ -466,6 +469,7 @@ class Api:
                 gone = proc.state != State.READY or proc.port != port
                 if not (gone or isinstance(failed, ChildUnreachable)):
                     raise failed
+                proc = self.sup.resolve(proc.name)  # a reload may have replaced it meanwhile
         except LlamaRouterError as exc:
             code = exc.status
             raise

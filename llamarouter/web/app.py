@@ -22,9 +22,7 @@ from ..core.kvcache import KvCache
 from ..core.launcher import Launcher, OsLauncher
 from ..core.memory import MemoryManager
 from ..core.probes import HttpProbe
-from ..core.process import ModelProcess
 from ..core.statedir import StateDir
-from ..core.states import State
 from ..core.supervisor import Supervisor
 from ..core.watch import Watcher
 from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
@@ -255,15 +253,10 @@ def build_app(
                         kv.ensure_dir(spec.name)
                     return child_args.argv(spec, port)
 
-                def observe(proc: ModelProcess, old: State, new: State) -> None:
-                    if new == State.STARTING:
-                        proc.kv_cache = kv
-                    metrics.on_state(proc, old, new)
-
                 sup = Supervisor(
                     config, discover, launcher or OsLauncher(), HttpProbe(session),
-                    build_argv, state_dir, observer=observe,
-                    options_for=child_args.merged, memory=memory,
+                    build_argv, state_dir, observer=metrics.on_state,
+                    options_for=child_args.merged, memory=memory, kv_cache=kv,
                 )
                 app[SUPERVISOR] = sup
                 api.bind(sup, Proxy(session, config.timeouts.proxy), session)

@@ -39,7 +39,14 @@ def kinds(actions: list[object], kind: type) -> list[object]:
 
 def test_free_slot_starts_at_once_and_the_waiter_tracks_the_load() -> None:
     acts = plan(snap([m("a"), m("b")], [w(1, "a")], models_max=2))
-    assert acts == [Start("a"), Track(1, 1)]
+    assert acts == [Start("a"), Track(1, None)]
+
+
+def test_every_waiter_of_a_load_started_now_tracks_that_load() -> None:
+    # The second waiter must not track the model's previous load number (0: never started),
+    # or a later stop of an unrelated load would look like its own load being aborted.
+    acts = plan(snap([m("a", load_generation=0)], [w(1, "a"), w(2, "a")], models_max=1))
+    assert acts == [Start("a"), Track(1, None), Track(2, None)]
 
 
 def test_ready_model_is_granted() -> None:
