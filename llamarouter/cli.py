@@ -8,7 +8,9 @@ passed to each child. `llamarouter dev ...` holds developer tools (model generat
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -25,18 +27,22 @@ from . import __version__
 from .web.app import SUPERVISOR, build_app
 from .core.supervisor import Supervisor
 from .settings.childargs import ChildArgs
-from .settings.config import Limits, ModelSpec, RouterConfig, Timeouts
+from .settings.config import CorsPolicy, Limits, ModelSpec, RouterConfig, Timeouts
 from .settings.discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
-from .errors import BinaryNotFound, ConfigError, LlamaRouterError
+from .errors import BinaryNotFound, CommandLineRejected, ConfigError, LlamaRouterError
 from .settings.flags import (
     PRESET_ONLY,
     ROUTER_ONLY,
     FlagTable,
     Opt,
     env_items,
+    first_invalid_argument,
     key,
+    lacks_value,
     split_argv,
+    split_own,
 )
+from .settings.probe import ServerBuild, probe_server
 from .settings.flagtable import OPTIONS
 from .core.memory import parse_bytes
 from .sdnotify import Notifier
@@ -114,7 +120,8 @@ _K_HOST, _K_PORT = "--host", "--port"
 _K_API_KEY, _K_API_KEY_FILE = "--api-key", "--api-key-file"
 _K_MODELS_DIR, _K_PRESET, _K_MAX = "--models-dir", "--models-preset", "--models-max"
 _K_AUTOLOAD, _K_TIMEOUT = "--models-autoload", "-to"
-_K_MODEL, _K_HF, _K_MMPROJ, _K_ALIAS = "-m", "-hf", "-mm", "-a"
+_K_MODEL, _K_HF, _K_MMPROJ, _K_ALIAS, _K_TAGS = "-m", "-hf", "-mm", "-a", "--tags"
+_K_UI, _K_MCP_PROXY, _K_AGENT = "--ui", "--ui-mcp-proxy", "-ag"
 
 # Environment names a child must not inherit: they configure the router, or (upstream's
 # child-mode markers) would make llama-server talk the router pipe protocol to us.
@@ -280,17 +287,22 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
 
     single: ModelSpec | None = None
     if model or hf:
-        name = get(_K_ALIAS) or (Path(model).name.removesuffix(".gguf") if model else hf or "")
+        # `--alias a,b,c` is three names; llama-server's model name is the first of its
+        # (sorted) set, the others are aliases.
+        aliases = sorted(set(_csv(get(_K_ALIAS))))
+        name = aliases[0] if aliases else (Path(model).name.removesuffix(".gguf") if model else hf or "")
         own = [(_K_MODEL, model)] if model else [(_K_HF, hf or "")]
         if get(_K_MMPROJ):
             own.append((_K_MMPROJ, get(_K_MMPROJ) or ""))
         single = ModelSpec(
             name=name, source="cli", options=tuple(sorted(own)), pin=True,
-            load_on_startup=True, model_path=model,
+            load_on_startup=True, model_path=model, aliases=tuple(aliases[1:]),
+            tags=tuple(sorted(set(_csv(get(_K_TAGS))))),
         )
 
     server_bin = find_server_bin(router.pop("server_bin", None), environ)  # type: ignore[arg-type]
-    fake_timing = bool(environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING", ""))
+    # Upstream's router-mode test hook; a single-model llama-server never sleeps for it.
+    fake_timing = bool(environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING", "")) and single is None
     child_env = tuple(
         (k, v) for k, v in environ.items() if k not in _CHILD_ENV_DROP
     )
@@ -300,8 +312,9 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         port=port,
         api_keys=tuple(api_keys),
         admin_api_keys=_csv(router.get("admin_api_key")),
-        # llama-server's own --cors-origins (LLAMA_ARG_CORS_ORIGINS), answered by the router.
-        cors_origins=_csv(get("--cors-origins")),
+        cors=_cors_policy(values, negated),
+        webui=not negated.get(_K_UI, False),
+        ui_mcp_proxy=_switch(values, negated, _K_MCP_PROXY) or _switch(values, negated, _K_AGENT),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,
         models_preset=Path(preset) if preset else None,
@@ -326,6 +339,30 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     return config, discovery, table
 
 
+def _switch(values: Mapping[str, tuple[str, ...]], negated: Mapping[str, bool], k: str) -> bool:
+    return k in values and not negated.get(k, False)
+
+
+def _cors_policy(values: Mapping[str, tuple[str, ...]], negated: Mapping[str, bool]) -> CorsPolicy:
+    """llama-server's CORS settings (common.h defaults; arg.cpp: --tools, MCP servers or
+    --agent without an explicit --cors-origins limit it to localhost)."""
+    default = CorsPolicy()
+    explicit = values.get("--cors-origins")
+    origins = explicit[0] if explicit else default.origins
+    tools = bool(values.get("--tools", ("",))[0]) or _switch(values, negated, _K_AGENT)
+    mcp = any(values.get(k, ("",))[0] for k in ("--mcp-servers-config", "--mcp-servers-json"))
+    if (tools or mcp) and not explicit:
+        origins = "localhost"
+    methods = values.get("--cors-methods")
+    headers = values.get("--cors-headers")
+    return CorsPolicy(
+        origins=origins,
+        methods=methods[0] if methods else default.methods,
+        headers=headers[0] if headers else default.headers,
+        credentials=not negated.get("--cors-credentials", False),
+    )
+
+
 def _csv(value: object) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(value or "").split(",") if v.strip())
 
@@ -339,6 +376,42 @@ class _Fixed:
 
     def __call__(self) -> dict[str, ModelSpec]:
         return dict(self._specs)
+
+
+def check_with_server(args: Sequence[str], environ: Mapping[str, str]) -> ServerBuild:
+    """Let the llama-server binary parse the command line (less our own options) and its
+    environment as a real start would: a bad value is refused at startup with its own
+    message and exit code, instead of failing every model on first use. Also names the
+    build."""
+    cli_table, _ = flag_tables()
+    upstream, ours = split_own(list(args), cli_table, _EXTRA_KEYS)
+    try:
+        own = split_argv(ours, cli_table)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    server_bin_opt = cli_table.by_key("--server-bin")
+    assert server_bin_opt is not None
+    given = own.last(server_bin_opt)
+    server_bin = find_server_bin(given.values[0] if given else None, environ)
+    return probe_server(
+        server_bin, upstream, environ, Timeouts().version_probe, complete=not lacks_value(upstream, cli_table)
+    )
+
+
+def log_models_found(config: RouterConfig, specs: Mapping[str, ModelSpec]) -> None:
+    """One line per source, so an empty router (a wrong path, an empty cache) is obvious."""
+    where = {
+        "models_dir": str(config.models_dir) if config.models_dir else None,
+        "preset": str(config.models_preset) if config.models_preset else None,
+        "cache": str(config.cache_dir) if config.cache_dir else None,
+    }
+    counts = collections.Counter(spec.source for spec in specs.values())
+    for source, path in where.items():
+        if path is not None:
+            log.info("models from %s (%s): %d", source, path, counts.get(source, 0))
+    if not specs:
+        log.warning("no models found: requests will answer 'model not found' until models appear "
+                    "and GET /models?reload=1 (or SIGHUP) rescans")
 
 
 # --------------------------------------------------------------------------- running
@@ -485,11 +558,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
     environ = dict(os.environ)
     _setup_logging(environ)
+    cli_table, _ = flag_tables()
+    bad = first_invalid_argument(args, cli_table, _EXTRA_KEYS)
+    if bad is not None:
+        # llama-server's own words and exit code for a flag it does not know.
+        click.echo(f"error: invalid argument: {bad}", err=True)
+        sys.exit(1)
     try:
+        build = check_with_server(args, environ)
         config, discovery, table = build_config(args, environ)
+        config = dataclasses.replace(config, build_info=build.build_info)
+        log.info("llama-server: %s, version %s", config.server_bin, build.version)
         if config.single_model is None:
-            discovery()  # fail fast on a bad models dir or preset, before binding the port
+            # fail fast on a bad models dir or preset, before binding the port
+            log_models_found(config, discovery())
+        else:
+            log.info("single-model mode: %s", config.single_model.name)
         code = _run(serve(config, discovery, table, Notifier(environ)))
+    except CommandLineRejected as exc:
+        click.echo(exc.message, err=True)
+        sys.exit(exc.exit_code)
     except ConfigError as exc:
         click.echo(f"llamarouter: error: {exc.message}", err=True)
         sys.exit(2)

@@ -62,7 +62,10 @@ class ChildArgs:
             opts.pop(forced, None)
         opts["--host"] = "127.0.0.1"
         opts["--port"] = str(port)
-        opts["-a"] = spec.name
+        # The one model of -m/-hf mode keeps every name it was given (llama-server's
+        # `--alias a,b,c`), so the child answers with all of them as llama-server would.
+        names = (spec.name, *spec.aliases) if spec.source == "cli" else (spec.name,)
+        opts["-a"] = ",".join(names)
         opts["--log-colors"] = "off"
         argv = [self._config.server_bin]
         for opt_key in sorted(opts):

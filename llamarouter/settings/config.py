@@ -52,6 +52,9 @@ class Timeouts:
     # after the same time. Drops slowloris clients (aiohttp's keepalive_timeout, which
     # runs from the accept and is not reset by partial header bytes). 0 = never.
     header_read: float = 60.0
+    # At startup, `llama-server ARGS --version` validates the command line and names the
+    # build; a binary that does not answer within this many seconds is a startup error.
+    version_probe: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,16 @@ class Limits:
     ttl: float | None = None
     # --memory-budget auto: device memory minus this margin (bytes).
     memory_margin: int = 1024 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    # llama-server's defaults (common.h); --tools / MCP servers without an explicit
+    # --cors-origins turn "*" into "localhost" (arg.cpp, after parsing).
+    origins: str = "*"
+    methods: str = "GET, POST, DELETE, OPTIONS"
+    headers: str = "*"
+    credentials: bool = True
 
 
 @dataclass(frozen=True)
@@ -111,8 +124,14 @@ class RouterConfig:
     # --admin-api-key: when set, only these keys may load, unload, reload and read logs;
     # they are accepted on every other endpoint too.
     admin_api_keys: tuple[str, ...] = ()
-    # --cors-origins: origins answered with Access-Control-Allow-Origin ("*" = any).
-    cors_origins: tuple[str, ...] = ()
+    # llama-server's CORS settings, answered by the router exactly as llama-server does
+    # (server-http.cpp, pre-routing handler): "*" with credentials echoes any Origin,
+    # "localhost" echoes localhost origins only, anything else is sent as it is.
+    cors: CorsPolicy = field(default_factory=CorsPolicy)
+    # --ui/--no-ui (--webui/--no-webui): whether GET / serves the web UI.
+    webui: bool = True
+    # --ui-mcp-proxy or --agent: reported as /props cors_proxy_enabled (router mode).
+    ui_mcp_proxy: bool = False
     server_bin: str = "llama-server"
     models_dir: Path | None = None
     models_preset: Path | None = None

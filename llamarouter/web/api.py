@@ -277,7 +277,7 @@ class Api:
                 "default_generation_settings": {"params": None, "n_ctx": 0},
                 "ui_settings": {},
                 "build_info": self.config.build_info,
-                "cors_proxy_enabled": False,
+                "cors_proxy_enabled": self.config.ui_mcp_proxy,
             }
         )
 
