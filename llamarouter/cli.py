@@ -121,7 +121,7 @@ _K_API_KEY, _K_API_KEY_FILE = "--api-key", "--api-key-file"
 _K_MODELS_DIR, _K_PRESET, _K_MAX = "--models-dir", "--models-preset", "--models-max"
 _K_AUTOLOAD, _K_TIMEOUT = "--models-autoload", "-to"
 _K_MODEL, _K_HF, _K_MMPROJ, _K_ALIAS, _K_TAGS = "-m", "-hf", "-mm", "-a", "--tags"
-_K_UI, _K_MCP_PROXY, _K_AGENT = "--ui", "--ui-mcp-proxy", "-ag"
+_K_UI, _K_AGENT = "--ui", "-ag"
 
 # Environment names a child must not inherit: they configure the router, or (upstream's
 # child-mode markers) would make llama-server talk the router pipe protocol to us.
@@ -314,7 +314,6 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         admin_api_keys=_csv(router.get("admin_api_key")),
         cors=_cors_policy(values, negated),
         webui=not negated.get(_K_UI, False),
-        ui_mcp_proxy=_switch(values, negated, _K_MCP_PROXY) or _switch(values, negated, _K_AGENT),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,
         models_preset=Path(preset) if preset else None,

@@ -130,8 +130,6 @@ class RouterConfig:
     cors: CorsPolicy = field(default_factory=CorsPolicy)
     # --ui/--no-ui (--webui/--no-webui): whether GET / serves the web UI.
     webui: bool = True
-    # --ui-mcp-proxy or --agent: reported as /props cors_proxy_enabled (router mode).
-    ui_mcp_proxy: bool = False
     server_bin: str = "llama-server"
     models_dir: Path | None = None
     models_preset: Path | None = None

@@ -26,13 +26,13 @@ from typing import NamedTuple
 from llamarouter.settings.flagtable import OPTIONS, Opt
 
 __all__ = [
+    "FORCED_PER_CHILD",
+    "NOT_INHERITED",
     "OPTIONS",
-    "PRESET_ONLY",
     "PRESET_IGNORED_KEYS",
+    "PRESET_ONLY",
     "RESERVED_ALWAYS",
     "RESERVED_MODEL",
-    "NOT_INHERITED",
-    "FORCED_PER_CHILD",
     "ROUTER_ONLY",
     "ArgItem",
     "EnvItem",
@@ -45,15 +45,15 @@ __all__ = [
     "default_table",
     "env_items",
     "env_names",
+    "first_invalid_argument",
     "is_autoy",
     "is_falsey",
     "is_truthy",
     "key",
+    "lacks_value",
     "negated_env",
     "split_argv",
-    "first_invalid_argument",
     "split_own",
-    "lacks_value",
 ]
 
 

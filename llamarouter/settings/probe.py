@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from ..errors import CommandLineRejected, ConfigError
 
 # "version: 0.6.0-dev (build 0, commit unknown)" (common/build-info, printed by --version)
-_VERSION = re.compile(r"^version:\s*(?P<text>.*?\(build (?P<build>\d+), commit (?P<commit>[^)\s]+)\))\s*$", re.M)
+_VERSION = re.compile(r"^version:\s*(?P<text>.*?\(build (?P<build>\d+), commit (?P<commit>[^)\s]+)\))\s*$", re.MULTILINE)
 
 
 @dataclass(frozen=True)

@@ -66,12 +66,26 @@ PROXIED_POST = (
     "/apply-template",
     "/v1/responses/input_tokens",
     "/responses/input_tokens",
+    "/chat/completions/input_tokens",
+    "/v1/chat/completions/input_tokens",
     "/lora-adapters",
     "/slots/{id_slot}",
 )
 # Routes upstream proxies by ?model= (GET /props and GET /metrics without it are the
 # router's own).
 PROXIED_GET = ("/slots", "/lora-adapters")
+
+# The router's own model list and metrics, also reachable in -m/-hf mode, where /models
+# and /metrics are the child's.
+ROUTER_MODELS_PATH = "/llamarouter/models"
+ROUTER_METRICS_PATH = "/llamarouter/metrics"
+
+# Features llama-server answers with 403 unless started with them (server.cpp): the MCP
+# CORS proxy of its web UI and the built-in agent tools.
+DISABLED_FEATURES = ("/cors-proxy", "/tools")
+
+# llama-server's answer to every request before its model is loaded (server-http.cpp).
+_LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
 
 # What /readyz?model= says about a model that is not loaded.
 _NOT_READY = {
@@ -124,27 +138,67 @@ class Api:
 
     def add_routes(self, app: web.Application) -> None:
         r = app.router
-        r.add_get("/health", self.health)
-        r.add_get("/v1/health", self.health)
+        # The router's own endpoints, on paths llama-server does not use (both modes).
         r.add_get("/livez", self.livez)
         r.add_get("/readyz", self.readyz)
-        r.add_get("/metrics", self.metrics_endpoint)
-        r.add_get("/models", self.list_models)
-        r.add_get("/v1/models", self.list_models)
-        r.add_get("/props", self.props)
         r.add_post("/models/load", self.load)
         r.add_post("/models/unload", self.unload)
         r.add_get("/models/sse", self.sse)
         r.add_get("/models/logs", self.logs)
         r.add_get("/memory", self.memory)
+        r.add_get("/openapi.json", self.openapi)
+        r.add_get(ROUTER_METRICS_PATH, self.router_metrics)
+        r.add_get(ROUTER_MODELS_PATH, self.list_models)
+        if self.config.single_model is not None:
+            # -m/-hf: the one child answers every other path, as a llama-server would.
+            r.add_get("/health", self.single_health)
+            r.add_get("/v1/health", self.single_health)
+            r.add_route("*", "/{tail:.*}", self.single_proxy)
+            return
+        r.add_get("/health", self.health)
+        r.add_get("/v1/health", self.health)
+        r.add_get("/metrics", self.metrics_endpoint)
+        r.add_get("/models", self.list_models)
+        r.add_get("/v1/models", self.list_models)
+        r.add_get("/props", self.props)
         r.add_post("/models", self.download)
         r.add_delete("/models", self.delete)
-        r.add_get("/openapi.json", self.openapi)
         for path in PROXIED_POST:
             r.add_post(path, self.proxy_post)
         for path in PROXIED_GET:
             r.add_get(path, self.proxy_get)
-        webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
+        for path in DISABLED_FEATURES:
+            r.add_get(path, self.feature_disabled)
+            r.add_post(path, self.feature_disabled)
+        if self.config.webui:
+            webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
+
+    # ----------------------------------------------------------------- single-model mode
+    async def single_health(self, request: web.Request) -> web.StreamResponse:
+        """The child's own /health once it is ready; while it loads (or restarts) the
+        answer llama-server gives before its model is loaded."""
+        single = self.config.single_model
+        assert single is not None
+        proc = self.sup.find(single.name) if getattr(self, "sup", None) is not None else None
+        if proc is None or proc.state != State.READY:
+            return _json(_LOADING, 503)
+        return await self._route(request, single.name, None)
+
+    async def single_proxy(self, request: web.Request) -> web.StreamResponse:
+        """Any path, any method, any `model` value (or none): the one model's child."""
+        single = self.config.single_model
+        assert single is not None
+        body = await _read_body(request, self.config.limits.max_body_bytes) if request.can_read_body else None
+        return await self._route(request, single.name, body)
+
+    async def feature_disabled(self, request: web.Request) -> web.Response:
+        # What llama-server answers on /cors-proxy and /tools when they are off; the router
+        # does not provide them itself (docs/api.md, Differences from llama-server).
+        return _json({"error": {"message": "this feature is disabled", "type": "feature_disabled"}}, 403)
+
+    async def router_metrics(self, request: web.Request) -> web.StreamResponse:
+        data = await self.metrics.render(self.sup, self.session)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
     # ----------------------------------------------------------------- own endpoints
     async def health(self, request: web.Request) -> web.Response:
@@ -277,7 +331,8 @@ class Api:
                 "default_generation_settings": {"params": None, "n_ctx": 0},
                 "ui_settings": {},
                 "build_info": self.config.build_info,
-                "cors_proxy_enabled": self.config.ui_mcp_proxy,
+                # The router serves no MCP CORS proxy itself (see DISABLED_FEATURES).
+                "cors_proxy_enabled": False,
             }
         )
 
