@@ -9,14 +9,16 @@ binary must generate the same text through both.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Router
+from tests.conftest import ROOT, Router
 from tests.fakes.helpers import wait_for
 from tests.integration.conftest import Pair, StartPair, TinyModels
 
@@ -270,7 +272,7 @@ async def test_router_props_match(start_pair: StartPair, tiny_models: TinyModels
     for who, router in pair.both():
         status, body = await router.get("/props")
         assert status == 200, (who, body)
-        assert isinstance(body.pop("build_info"), str)
+        assert isinstance(body["build_info"], str)
         props[who] = body
     assert props["upstream"]["role"] == "router"
     assert props["upstream"]["max_instances"] == 4 and props["upstream"]["models_autoload"] is True
@@ -392,3 +394,178 @@ async def test_unload_shows_unloaded(
     for who, router in pair.both():
         assert error_view(*await router.post("/models/unload", {"model": "alpha"})) == (
             400, "invalid_request_error", "model is not running"), who
+
+
+# ---------------------------------------------------------------------------
+# 9. the command line: refused the same way, before anything listens
+
+
+async def _run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=str(cwd),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--models-dirr", "x"],
+        ["--bogus-flag", "3"],
+        ["--ctx-size", "foo"],
+        ["-c"],
+        ["--ctx-size=512"],
+        ["positional"],
+        ["-c", "512", "--temp", "warm"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+async def test_bad_command_line_is_refused_like_upstream(
+    args: list[str], llama_server_bin: Path, tmp_path: Path
+) -> None:
+    up = await _run_cli([str(llama_server_bin), *args], tmp_path)
+    ours = await _run_cli(
+        [sys.executable, "-m", "llamarouter", "--server-bin", str(llama_server_bin), *args], ROOT)
+    assert up[0] == 1, up
+    assert ours == up
+
+
+# ---------------------------------------------------------------------------
+# 10. /props build_info, CORS, routes, --no-ui (router mode)
+
+
+async def test_build_info_is_the_binarys(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models))
+    infos = {who: (await router.get("/props"))[1]["build_info"] for who, router in pair.both()}
+    assert infos["upstream"] == "b0-unknown"  # this sdist build, in llama_build_info()'s form
+    assert infos["llamarouter"] == infos["upstream"]
+
+
+CORS_HEADERS = (
+    "Access-Control-Allow-Origin", "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods", "Access-Control-Allow-Headers",
+)
+ORIGINS = (
+    None, "http://app.example", "http://localhost:5173", "http://127.0.0.1", "http://[::1]:8000",
+    "https://localhost.example.com",
+)
+
+
+async def cors_view(router: Router) -> list[tuple[Any, ...]]:
+    """What each (method, path, Origin) gets: status and the CORS headers, both on a
+    preflight and on normal answers (a router answer, an error, an unknown path)."""
+    out: list[tuple[Any, ...]] = []
+    for origin in ORIGINS:
+        headers = {"Origin": origin} if origin else {}
+        for method, path in (("OPTIONS", "/v1/chat/completions"), ("OPTIONS", "/no/such"),
+                             ("GET", "/models"), ("GET", "/no/such"), ("POST", "/v1/chat/completions")):
+            async with router.session.request(method, router.url + path, headers=headers, json=None) as resp:
+                await resp.read()
+                out.append((origin, method, path, resp.status,
+                            tuple(resp.headers.get(h) for h in CORS_HEADERS)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "cors_args",
+    [(), ("--cors-origins", "localhost"), ("--cors-origins", "http://app.example"),
+     ("--no-cors-credentials",), ("--cors-methods", "GET", "--cors-headers", "content-type")],
+    ids=["defaults", "localhost", "one origin", "no credentials", "methods and headers"],
+)
+async def test_cors_matches(
+    start_pair: StartPair, tiny_models: TinyModels, cors_args: tuple[str, ...]
+) -> None:
+    pair = await start_pair(*models_args(tiny_models, *cors_args))
+    up, ours = await cors_view(pair.upstream), await cors_view(pair.ours)
+    assert up == ours
+
+
+async def test_every_route_is_served(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models))
+    answers: dict[str, list[tuple[Any, ...]]] = {}
+    for who, router in pair.both():
+        view: list[tuple[Any, ...]] = []
+        for path in ("/chat/completions/input_tokens", "/v1/chat/completions/input_tokens"):
+            view.append((path, *await router.post(path, {"model": "alpha", "messages": MESSAGES})))
+        for method, path in (("GET", "/cors-proxy"), ("POST", "/cors-proxy"), ("GET", "/tools"),
+                             ("POST", "/tools")):
+            async with router.session.request(method, router.url + path, json={}) as resp:
+                view.append((method, path, resp.status, json.loads(await resp.read())))
+        answers[who] = view
+    assert answers["upstream"][0][1] == 200 and answers["upstream"][0][2]["input_tokens"] > 0
+    assert answers["upstream"][2][2:] == (403, {"error": {"message": "this feature is disabled",
+                                                          "type": "feature_disabled"}})
+    assert answers["llamarouter"] == answers["upstream"]
+
+
+async def test_no_ui_serves_no_page(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models, "--no-ui"))
+    for who, router in pair.both():
+        assert error_view(*await router.get("/")) == (404, "not_found_error", "File Not Found"), who
+
+
+# ---------------------------------------------------------------------------
+# 11. single-model mode (-m): llamarouter answers as the model's own llama-server
+
+
+def single_args(models: TinyModels, *extra: str) -> tuple[str, ...]:
+    return ("-m", str(models.alpha), *BASE_ARGS, *extra)
+
+
+async def test_single_model_answers_any_model_name(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*single_args(tiny_models, "--alias", "tiny"))
+    request = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "seed": 11}
+    for model in (None, "tiny", "gpt-3.5-turbo", "text-embedding-3-small"):
+        body = request if model is None else {**request, "model": model}
+        (up_status, up), (our_status, ours) = await chat_both(pair, **body)
+        assert up_status == our_status == 200, (model, up, ours)
+        assert normalise_completion(ours) == normalise_completion(up), model
+        for path, payload in (("/tokenize", {"content": "hello"}), ("/apply-template", {"messages": MESSAGES}),
+                              ("/v1/messages/count_tokens", {"messages": MESSAGES})):
+            if model is not None:
+                payload = {**payload, "model": model}
+            up_answer, our_answer = await pair.upstream.post(path, payload), await pair.ours.post(path, payload)
+            assert up_answer[0] == 200, (path, up_answer)
+            assert our_answer == up_answer, (path, model)
+
+
+#: Values a llama-server picks afresh at every start or request (a random media marker).
+VOLATILE_CHILD_KEYS = {"created", "t_start", "id_task", "media_marker"}
+
+
+def _drop_volatile(body: Any) -> Any:
+    if isinstance(body, dict):
+        return {k: _drop_volatile(v) for k, v in body.items() if k not in VOLATILE_CHILD_KEYS}
+    if isinstance(body, list):
+        return [_drop_volatile(v) for v in body]
+    return body
+
+
+async def test_single_model_gets_are_the_childs(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*single_args(tiny_models, "--alias", "b,a,c", "--tags", "t2,t1"))
+    for path in ("/health", "/v1/health", "/props", "/slots", "/metrics", "/lora-adapters", "/models",
+                 "/v1/models", "/no/such/path"):
+        up, ours = await pair.upstream.get(path), await pair.ours.get(path)
+        assert ours[0] == up[0], (path, up, ours)
+        assert _drop_volatile(ours[1]) == _drop_volatile(up[1]), path
+    status, props = await pair.ours.get("/props")
+    assert props["model_path"] == str(tiny_models.alpha) and "is_sleeping" in props
+    assert (await pair.ours.get("/metrics"))[0] == 501  # no --metrics: llama-server's 501
+    status, models = await pair.ours.get("/v1/models")
+    assert [(m["id"], m["aliases"], m["tags"]) for m in models["data"]] == [("a", ["a", "b", "c"], ["t1", "t2"])]
+    # The router's own list and metrics stay reachable on their own paths.
+    status, own = await pair.ours.get("/llamarouter/models")
+    assert status == 200 and own["data"][0]["status"]["value"] == "loaded"
+    status, text = await pair.ours.get("/llamarouter/metrics")
+    assert status == 200 and "llamarouter_" in text
+
+
+async def test_single_model_metrics_with_flag(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*single_args(tiny_models, "--metrics"))
+    for who, router in pair.both():
+        async with router.session.get(router.url + "/metrics") as resp:
+            assert resp.status == 200, who
+            assert "llamacpp:prompt_tokens_total" in await resp.text(), who
