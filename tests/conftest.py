@@ -30,6 +30,9 @@ class Router:
     session: aiohttp.ClientSession
     known_children: set[int] = field(default_factory=set)
     headers: dict[str, str] = field(default_factory=dict)  # sent with every helper request
+    # The router's own model list: /models, or /llamarouter/models in -m/-hf mode, where
+    # /models is the child's.
+    models_path: str = "/models"
 
     @property
     def url(self) -> str:
@@ -59,7 +62,7 @@ class Router:
             return resp.status, await _body(resp)
 
     async def models(self) -> dict[str, dict[str, Any]]:
-        status, body = await self.get("/models")
+        status, body = await self.get(self.models_path)
         assert status == 200, body
         return {m["id"]: m for m in body["data"]}
 
