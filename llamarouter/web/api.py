@@ -31,6 +31,7 @@ from ..errors import (
     UpstreamError,
 )
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
+from ..core.failure import explain_failure
 from ..core.process import ModelProcess
 from .proxy import Proxy
 from ..core.states import State
@@ -284,6 +285,11 @@ class Api:
         status["state"] = str(proc.state)
         if proc.failure:
             status["error"] = proc.failure
+            # The child's own words for why its last load failed ("No such file", "invalid
+            # magic characters"), which the generic exit lines above do not say.
+            cause = explain_failure(proc.log_tail(self.config.limits.log_lines))
+            if cause is not None:
+                status["cause"] = cause
             status["log_tail"] = proc.log_tail(20)
         if proc.stop_reason and proc.api_status == "unloaded":
             status["stop_reason"] = proc.stop_reason

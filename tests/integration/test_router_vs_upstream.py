@@ -28,7 +28,7 @@ BASE_ARGS = ("-c", "512", "-np", "1")
 
 #: llamarouter's documented additions to a /models item, and to its `status`.
 OUR_EXTRA_ITEM_KEYS = {"in_flight", "queued", "restarts", "pinned", "last_used"}
-OUR_EXTRA_STATUS_KEYS = {"state", "stop_reason", "error", "log_tail"}
+OUR_EXTRA_STATUS_KEYS = {"state", "stop_reason", "error", "cause", "log_tail"}
 
 #: Per-completion values that differ from one request to the next.
 VOLATILE_COMPLETION_KEYS = {"id", "created", "timings"}
@@ -569,3 +569,27 @@ async def test_single_model_metrics_with_flag(start_pair: StartPair, tiny_models
         async with router.session.get(router.url + "/metrics") as resp:
             assert resp.status == 200, who
             assert "llamacpp:prompt_tokens_total" in await resp.text(), who
+
+
+# ---------------------------------------------------------------------------
+# 12. a model file that cannot load says why
+
+
+async def test_corrupt_model_failure_says_why(start_pair: StartPair, tmp_path: Path) -> None:
+    models = tmp_path / "broken-models"
+    models.mkdir()
+    (models / "broken.gguf").write_bytes(b"NOPE" + bytes(1020))
+    pair = await start_pair("--models-dir", str(models), *BASE_ARGS)
+    answers = {}
+    for who, router in pair.both():
+        status, body = await router.chat("broken", max_tokens=1)
+        answers[who] = (status, body)
+        item = await router.wait_status("broken", "unloaded")
+        answers[who + " status"] = item["status"]
+    up_status, up_body = answers["upstream"]
+    assert up_status >= 400, up_body
+    assert answers["upstream status"].get("failed") is True
+    ours = answers["llamarouter status"]
+    assert ours.get("failed") is True and ours.get("exit_code") == answers["upstream status"]["exit_code"]
+    # Upstream only says "failed to load"; the cause is in our status (a documented addition).
+    assert ours["cause"] == "invalid magic characters: 'NOPE', expected 'GGUF'"
