@@ -29,7 +29,7 @@ from .core.supervisor import Supervisor
 from .settings.childargs import ChildArgs
 from .settings.config import CorsPolicy, Limits, ModelSpec, RouterConfig, Timeouts
 from .settings.discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
-from .errors import BinaryNotFound, CommandLineRejected, ConfigError, LlamaRouterError
+from .errors import BinaryNotFound, CommandLineRejected, ConfigError, ListenFailed, LlamaRouterError
 from .settings.flags import (
     PRESET_ONLY,
     ROUTER_ONLY,
@@ -253,6 +253,11 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     port = int(_number(get(_K_PORT) or "8080", "int", "--port"))  # type: ignore[call-overload]
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range")
+    hosts = _csv(host)
+    if not hosts:
+        raise ConfigError("--host requires at least one address")
+    if port == 0 and sum(not h.endswith(".sock") for h in hosts) > 1:
+        raise ConfigError("--port 0 is not supported with multiple TCP addresses")
     api_keys = [k for k in (get(_K_API_KEY) or "").split(",") if k]
     key_file = get(_K_API_KEY_FILE)
     if key_file:
@@ -463,11 +468,10 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     try:
         await runner.setup()
-        site = web.TCPSite(runner, config.host, config.port, reuse_address=True)
-        await site.start()
-        log.info("llamarouter %s listening on http://%s:%d", __version__, config.host, config.port)
-        if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
-            log.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
+        await _listen(runner, config)
+        for host in config.hosts:
+            if not host.endswith(".sock") and host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+                log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
         notifier.ready(f"listening on {config.host}:{config.port}")
         watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
         await stop.wait()
@@ -497,6 +501,28 @@ async def serve(
         notifier.close()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+
+
+async def _listen(runner: web.AppRunner, config: RouterConfig) -> None:
+    """Listen on every --host address (llama-server's comma-separated list; a path ending
+    in .sock is a UNIX socket). Any address that cannot be bound is a startup error: the
+    app, its children included, is cleaned up and the error names the address."""
+    for host in config.hosts:
+        site: web.BaseSite
+        if host.endswith(".sock"):
+            site = web.UnixSite(runner, host)
+            where = f"unix:{host}"
+        else:
+            site = web.TCPSite(runner, host, config.port, reuse_address=True)
+            where = f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
+        try:
+            await site.start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenFailed(
+                f"couldn't bind HTTP server socket, hostname: {host}, port: {config.port}: {exc.strerror or exc}"
+            ) from None
+        log.info("llamarouter %s listening on %s", __version__, where)
 
 
 def _run(main: Coroutine[object, object, int]) -> int:

@@ -94,3 +94,7 @@ class CommandLineRejected(ConfigError):
     def __init__(self, message: str, exit_code: int = 1) -> None:
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class ListenFailed(LlamaRouterError):
+    """An address of --host could not be bound at startup."""

@@ -154,3 +154,8 @@ class RouterConfig:
     # Environment given to children (the router's, minus router-only LLAMA_ARG_* names).
     child_env: tuple[tuple[str, str], ...] = ()
     build_info: str = ""
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """--host as llama-server reads it: comma-separated addresses (or .sock paths)."""
+        return tuple(h.strip() for h in self.host.split(",") if h.strip())
