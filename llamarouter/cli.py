@@ -150,6 +150,12 @@ _CHILD_ENV_DROP = frozenset(
         "LLAMA_ARG_HF_REPO",
         "LLAMA_ARG_MMPROJ",
         "LLAMA_ARG_ALIAS",
+        # Vertex AI mode is the router's: a child that inherited it would listen on
+        # AIP_HTTP_PORT instead of the port it was given.
+        "AIP_MODE",
+        "AIP_HTTP_PORT",
+        "AIP_HEALTH_ROUTE",
+        "AIP_PREDICT_ROUTE",
         # systemd's notify/watchdog protocol belongs to the router: a child that inherited
         # these could report readiness or keep the watchdog fed on our behalf.
         "NOTIFY_SOCKET",
@@ -253,6 +259,10 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     port = int(_number(get(_K_PORT) or "8080", "int", "--port"))  # type: ignore[call-overload]
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range")
+    gcp = _gcp_settings(environ)
+    if gcp is not None and gcp[2] != port:
+        log.warning("Google Cloud Platform compat: overriding server port %d with AIP_HTTP_PORT %d", port, gcp[2])
+        port = gcp[2]
     hosts = _csv(host)
     if not hosts:
         raise ConfigError("--host requires at least one address")
@@ -297,6 +307,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         aliases = sorted(set(_csv(get(_K_ALIAS))))
         name = aliases[0] if aliases else (Path(model).name.removesuffix(".gguf") if model else hf or "")
         own = [(_K_MODEL, model)] if model else [(_K_HF, hf or "")]
+        if get(_K_ALIAS):
+            own.append((_K_ALIAS, get(_K_ALIAS) or ""))
         if get(_K_MMPROJ):
             own.append((_K_MMPROJ, get(_K_MMPROJ) or ""))
         single = ModelSpec(
@@ -334,6 +346,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         fake_timing=fake_timing,
         child_env=child_env,
         build_info=f"llamarouter-{__version__}",
+        gcp_predict_route=gcp[0] if gcp is not None else None,
+        gcp_health_route=gcp[1] if gcp is not None else None,
     )
     if single is not None:
         fixed = {single.name: single}
@@ -341,6 +355,22 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     else:
         discovery = Discovery(Sources(config.models_dir, config.models_preset, config.cache_dir), table)
     return config, discovery, table
+
+
+def _gcp_settings(environ: Mapping[str, str]) -> tuple[str, str | None, int] | None:
+    """(predict route, health route, port) with AIP_MODE=PREDICTION, as llama-server reads
+    Vertex AI's variables (server-http.cpp gcp_params); None otherwise."""
+    if environ.get("AIP_MODE", "") != "PREDICTION":
+        return None
+
+    def route(name: str, default: str) -> str:
+        value = environ.get(name, "") or default
+        return value if not value or value.startswith("/") else "/" + value
+
+    health = route("AIP_HEALTH_ROUTE", "")
+    port = _number(environ.get("AIP_HTTP_PORT", "") or "8080", "int", "AIP_HTTP_PORT")
+    assert isinstance(port, int)
+    return route("AIP_PREDICT_ROUTE", "/predict"), health or None, port
 
 
 def _switch(values: Mapping[str, tuple[str, ...]], negated: Mapping[str, bool], k: str) -> bool:

@@ -139,7 +139,8 @@ async def start_router(tmp_path: Path, fake_bin: Path) -> AsyncIterator[StartRou
         cache.mkdir(exist_ok=True)
         full_env = dict(os.environ)
         full_env.pop("LLAMA_SERVER_DEBUG_FAKE_TIMING", None)  # only where a test asks for it
-        full_env.update({"LLAMA_CACHE": str(cache), **(env or {})})
+        # "{port}" in a value stands for the port chosen here (e.g. AIP_HTTP_PORT).
+        full_env.update({"LLAMA_CACHE": str(cache), **{k: v.replace("{port}", str(port)) for k, v in (env or {}).items()}})
         argv = [sys.executable, "-m", "llamarouter", "--port", str(port)]
         argv += ["--server-bin", str(server_bin or fake_bin), *args]
         log_path = tmp_path / f"router-{port}.log"

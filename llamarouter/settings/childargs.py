@@ -62,10 +62,14 @@ class ChildArgs:
             opts.pop(forced, None)
         opts["--host"] = "127.0.0.1"
         opts["--port"] = str(port)
-        # The one model of -m/-hf mode keeps every name it was given (llama-server's
-        # `--alias a,b,c`), so the child answers with all of them as llama-server would.
-        names = (spec.name, *spec.aliases) if spec.source == "cli" else (spec.name,)
-        opts["-a"] = ",".join(names)
+        if spec.source == "cli":
+            # -m/-hf mode: the child gets the --alias it was given, or none, so it names
+            # itself exactly as a lone llama-server would (the file path without --alias).
+            alias = dict(spec.options).get("-a")
+            if alias:
+                opts["-a"] = alias
+        else:
+            opts["-a"] = spec.name
         opts["--log-colors"] = "off"
         argv = [self._config.server_bin]
         for opt_key in sorted(opts):

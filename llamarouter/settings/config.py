@@ -80,6 +80,8 @@ class Limits:
     ttl: float | None = None
     # --memory-budget auto: device memory minus this margin (bytes).
     memory_margin: int = 1024 * 1024 * 1024
+    # Vertex AI predict route: most instances one request may carry (llama-server's limit).
+    predict_instances: int = 128
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,10 @@ class RouterConfig:
     # Environment given to children (the router's, minus router-only LLAMA_ARG_* names).
     child_env: tuple[tuple[str, str], ...] = ()
     build_info: str = ""
+    # Google Cloud Vertex AI compatibility (AIP_MODE=PREDICTION, as llama-server): the
+    # predict route and an optional extra health route; None = off.
+    gcp_predict_route: str | None = None
+    gcp_health_route: str | None = None
 
     @property
     def hosts(self) -> tuple[str, ...]:

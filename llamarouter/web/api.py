@@ -85,6 +85,20 @@ ROUTER_METRICS_PATH = "/llamarouter/metrics"
 # CORS proxy of its web UI and the built-in agent tools.
 DISABLED_FEATURES = ("/cors-proxy", "/tools")
 
+def _gcp_format(path: str) -> str:
+    """llama-server's camelCase `@requestFormat` alias of a route: "/v1/chat/completions"
+    -> "chatCompletions", "/apply-template" -> "applyTemplate"."""
+    text = path.removeprefix("/v1").removeprefix("/")
+    words = re.split(r"[/_-]", text)
+    return words[0] + "".join(w[:1].upper() + w[1:] for w in words[1:])
+
+
+# Alias -> route. Where two routes share an alias (/completions, /v1/completions), the
+# OpenAI-style /v1 one is taken, so the choice is stable.
+_PREDICT_FORMATS = {
+    _gcp_format(p): p for p in sorted(PROXIED_POST, key=lambda p: p.startswith("/v1/")) if "{" not in p
+}
+
 # llama-server's answer to every request before its model is loaded (server-http.cpp).
 _LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
 
@@ -150,6 +164,11 @@ class Api:
         r.add_get("/openapi.json", self.openapi)
         r.add_get(ROUTER_METRICS_PATH, self.router_metrics)
         r.add_get(ROUTER_MODELS_PATH, self.list_models)
+        if self.config.gcp_predict_route is not None:
+            r.add_post(self.config.gcp_predict_route, self.predict)
+        if self.config.gcp_health_route is not None:
+            health = self.single_health if self.config.single_model is not None else self.health
+            r.add_get(self.config.gcp_health_route, health)
         if self.config.single_model is not None:
             # -m/-hf: the one child answers every other path, as a llama-server would.
             r.add_get("/health", self.single_health)
@@ -183,6 +202,9 @@ class Api:
         proc = self.sup.find(single.name) if getattr(self, "sup", None) is not None else None
         if proc is None or proc.state != State.READY:
             return _json(_LOADING, 503)
+        if request.path not in ("/health", "/v1/health"):
+            # AIP_HEALTH_ROUTE: a path the child does not know; a ready child says ok.
+            return _json({"status": "ok"})
         return await self._route(request, single.name, None)
 
     async def single_proxy(self, request: web.Request) -> web.StreamResponse:
@@ -191,6 +213,64 @@ class Api:
         assert single is not None
         body = await _read_body(request, self.config.limits.max_body_bytes) if request.can_read_body else None
         return await self._route(request, single.name, body)
+
+    async def predict(self, request: web.Request) -> web.Response:
+        """Vertex AI's predict protocol (AIP_MODE=PREDICTION), as llama-server serves it:
+        each instance names an endpoint in `@requestFormat` and is answered by it, the
+        answers are collected in order (server-http.cpp, register_gcp_compat)."""
+        raw = await _read_body(request, self.config.limits.max_body_bytes)
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        instances = data.get("instances")
+        if not isinstance(instances, list):
+            raise InvalidRequest("request body must include an array field named instances")
+        limit = self.config.limits.predict_instances
+        if len(instances) > limit:
+            raise InvalidRequest(f"instances array exceeds maximum size of {limit}")
+        answers = await asyncio.gather(*(self._predict_one(request, instance) for instance in instances))
+        return _json({"predictions": answers})
+
+    async def _predict_one(self, request: web.Request, instance: Any) -> Any:
+        if not isinstance(instance, dict):
+            return error_body(InvalidRequest("each instance must be a JSON object"))
+        fmt = instance.get("@requestFormat")
+        if not isinstance(fmt, str):
+            return error_body(InvalidRequest("each instance must include a string @requestFormat"))
+        payload = {k: v for k, v in instance.items() if k != "@requestFormat"}
+        if "stream" in payload:
+            payload["stream"] = False  # the predict route answers whole responses only
+        path = _PREDICT_FORMATS.get(fmt) or (fmt if fmt in PROXIED_POST else None)
+        if path is None:
+            return error_body(InvalidRequest(f"no handler registered for @requestFormat: {fmt}"))
+        single = self.config.single_model
+        name = single.name if single is not None else _model_field(payload)
+        try:
+            if not name:
+                raise InvalidRequest("model name is missing from the request")
+            proc = self.sup.resolve(name)
+            await self.sup.acquire(proc, self._autoload(request))
+            try:
+                url = f"http://127.0.0.1:{proc.port}{path}"
+                limit = self.config.timeouts.proxy or None
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
+                async with self.session.post(url, json=payload, timeout=timeout) as resp:
+                    body = await resp.read()
+            finally:
+                self.sup.release(proc)
+        except LlamaRouterError as exc:
+            return error_body(exc)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return error_body(UpstreamError(f"proxy error: {type(exc).__name__}: {exc}"))
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return body.decode("utf-8", "replace")
 
     async def feature_disabled(self, request: web.Request) -> web.Response:
         # What llama-server answers on /cors-proxy and /tools when they are off; the router

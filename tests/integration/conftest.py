@@ -81,7 +81,8 @@ async def start_upstream(tmp_path: Path, llama_server_bin: Path) -> AsyncIterato
         assert not any(cache.iterdir())
         full_env = dict(os.environ)
         full_env.pop("LLAMA_SERVER_DEBUG_FAKE_TIMING", None)
-        full_env.update({"LLAMA_CACHE": str(cache), **(env or {})})
+        # "{port}" in a value stands for the port chosen here (e.g. AIP_HTTP_PORT).
+        full_env.update({"LLAMA_CACHE": str(cache), **{k: v.replace("{port}", str(port)) for k, v in (env or {}).items()}})
         argv = [str(llama_server_bin), *args, "--port", str(port), "--host", "127.0.0.1"]
         log_path = tmp_path / f"upstream-{port}.log"
         with open(log_path, "wb") as log:
@@ -165,9 +166,9 @@ async def start_pair(
     Upstream is healthy (so its port is bound) before llamarouter picks a free port, so
     the two always listen on different ports."""
 
-    async def start(*args: str) -> Pair:
-        upstream = await start_upstream(*args)
-        ours = await start_router(*args, server_bin=llama_server_bin)
+    async def start(*args: str, env: dict[str, str] | None = None) -> Pair:
+        upstream = await start_upstream(*args, env=env)
+        ours = await start_router(*args, server_bin=llama_server_bin, env=env)
         return Pair(upstream, ours)
 
     return start

@@ -115,8 +115,11 @@ def test_single_model_aliases_tags_and_no_fake_timing(tmp_path: Path) -> None:
     assert (spec.name, spec.aliases, spec.tags) == ("a", ("b", "c"), ("t1", "t2"))
     assert not config.fake_timing  # upstream's router-mode hook never slows one model
     argv = ChildArgs(config, table).argv(spec, 1234)
-    assert argv[argv.index("--alias") + 1] == "a,b,c"
+    assert argv[argv.index("--alias") + 1] == "b, a,c,,a"  # as given: the child reads it alike
     assert argv[argv.index("--tags") + 1] == "t2,t1"  # passed on as given
+    plain, _, table = build_config(["-m", "/m/x.gguf", "--server-bin", binary], env)
+    assert plain.single_model is not None and plain.single_model.name == "x"
+    assert "--alias" not in ChildArgs(plain, table).argv(plain.single_model, 1234)  # names itself
     router, _, _ = build_config(["--models-dir", str(tmp_path), "--server-bin", binary], env)
     assert router.fake_timing
 
