@@ -11,6 +11,7 @@ import asyncio
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -331,6 +332,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         admin_api_keys=_csv(router.get("admin_api_key")),
         cors=_cors_policy(values, negated),
         webui=not negated.get(_K_UI, False),
+        ui_settings=_ui_settings(get("--ui-config"), get("--ui-config-file")),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,
         models_preset=Path(preset) if preset else None,
@@ -355,6 +357,24 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     else:
         discovery = Discovery(Sources(config.models_dir, config.models_preset, config.cache_dir), table)
     return config, discovery, table
+
+
+def _ui_settings(text: str | None, path: str | None) -> str:
+    """The web UI's default settings (llama-server's --ui-config / --ui-config-file), as
+    compact JSON; a value that is not JSON is a startup error, as upstream."""
+    where = "--ui-config"
+    if path:
+        where = f"--ui-config-file {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if not text:
+        return "{}"
+    try:
+        return json.dumps(json.loads(text), separators=(",", ":"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: failed to parse UI config: {exc}") from None
 
 
 def _gcp_settings(environ: Mapping[str, str]) -> tuple[str, str | None, int] | None:

@@ -132,6 +132,8 @@ class RouterConfig:
     cors: CorsPolicy = field(default_factory=CorsPolicy)
     # --ui/--no-ui (--webui/--no-webui): whether GET / serves the web UI.
     webui: bool = True
+    # --ui-config JSON / --ui-config-file PATH: /props ui_settings in router mode (JSON text).
+    ui_settings: str = "{}"
     server_bin: str = "llama-server"
     models_dir: Path | None = None
     models_preset: Path | None = None

@@ -437,6 +437,13 @@ async def test_bad_command_line_is_refused_like_upstream(
 # 10. /props build_info, CORS, routes, --no-ui (router mode)
 
 
+async def test_router_props_with_ui_config(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models, "--ui-config", '{"theme": "dark", "n": [1, 2]}'))
+    props = {who: (await router.get("/props"))[1] for who, router in pair.both()}
+    assert props["upstream"]["ui_settings"] == {"theme": "dark", "n": [1, 2]}
+    assert props["llamarouter"] == props["upstream"]
+
+
 async def test_build_info_is_the_binarys(start_pair: StartPair, tiny_models: TinyModels) -> None:
     pair = await start_pair(*models_args(tiny_models))
     infos = {who: (await router.get("/props"))[1]["build_info"] for who, router in pair.both()}
