@@ -332,6 +332,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         admin_api_keys=_csv(router.get("admin_api_key")),
         cors=_cors_policy(values, negated),
         webui=not negated.get(_K_UI, False),
+        reuse_port=_switch(values, negated, "--reuse-port"),
         ui_settings=_ui_settings(get("--ui-config"), get("--ui-config-file")),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,
@@ -563,7 +564,7 @@ async def _listen(runner: web.AppRunner, config: RouterConfig) -> None:
             site = web.UnixSite(runner, host)
             where = f"unix:{host}"
         else:
-            site = web.TCPSite(runner, host, config.port, reuse_address=True)
+            site = web.TCPSite(runner, host, config.port, reuse_address=True, reuse_port=config.reuse_port or None)
             where = f"http://[{host}]:{config.port}" if ":" in host else f"http://{host}:{config.port}"
         try:
             await site.start()

@@ -130,6 +130,8 @@ class RouterConfig:
     # (server-http.cpp, pre-routing handler): "*" with credentials echoes any Origin,
     # "localhost" echoes localhost origins only, anything else is sent as it is.
     cors: CorsPolicy = field(default_factory=CorsPolicy)
+    # --reuse-port: SO_REUSEPORT on the listening sockets, as llama-server sets it.
+    reuse_port: bool = False
     # --ui/--no-ui (--webui/--no-webui): whether GET / serves the web UI.
     webui: bool = True
     # --ui-config JSON / --ui-config-file PATH: /props ui_settings in router mode (JSON text).

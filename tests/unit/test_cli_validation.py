@@ -129,7 +129,10 @@ def test_hosts_and_ui(tmp_path: Path) -> None:
     config, _, _ = build_config(["--models-dir", str(tmp_path), "--host", "127.0.0.1, ::1,/run/x.sock",
                                  "--no-ui", "--server-bin", binary], {"PATH": "/nowhere"})
     assert config.hosts == ("127.0.0.1", "::1", "/run/x.sock")
-    assert config.webui is False
+    assert config.webui is False and config.reuse_port is False
+    config, _, _ = build_config(["--models-dir", str(tmp_path), "--reuse-port", "--server-bin", binary],
+                                {"PATH": "/nowhere"})
+    assert config.reuse_port is True
     with pytest.raises(ConfigError, match="--port 0 is not supported"):
         build_config(["--models-dir", str(tmp_path), "--host", "127.0.0.1,::1", "--port", "0",
                       "--server-bin", binary], {"PATH": "/nowhere"})
