@@ -28,6 +28,9 @@ def child_of(r: Router, name: str) -> psutil.Process | None:
             continue
         if "--alias" in cmd and cmd[cmd.index("--alias") + 1] == name:
             return proc
+        # -m mode without --alias: the child gets no --alias, as a lone llama-server.
+        if "--alias" not in cmd and "--model" in cmd and Path(cmd[cmd.index("--model") + 1]).stem == name:
+            return proc
     return None
 
 
