@@ -122,7 +122,7 @@ _K_API_KEY, _K_API_KEY_FILE = "--api-key", "--api-key-file"
 _K_MODELS_DIR, _K_PRESET, _K_MAX = "--models-dir", "--models-preset", "--models-max"
 _K_AUTOLOAD, _K_TIMEOUT = "--models-autoload", "-to"
 _K_MODEL, _K_HF, _K_MMPROJ, _K_ALIAS, _K_TAGS = "-m", "-hf", "-mm", "-a", "--tags"
-_K_UI, _K_AGENT = "--ui", "-ag"
+_K_UI, _K_AGENT, _K_API_PREFIX = "--ui", "-ag", "--api-prefix"
 
 # Environment names a child must not inherit: they configure the router, or (upstream's
 # child-mode markers) would make llama-server talk the router pipe protocol to us.
@@ -151,6 +151,8 @@ _CHILD_ENV_DROP = frozenset(
         "LLAMA_ARG_HF_REPO",
         "LLAMA_ARG_MMPROJ",
         "LLAMA_ARG_ALIAS",
+        # The router serves under --api-prefix; the children are probed unprefixed.
+        "LLAMA_ARG_API_PREFIX",
         # Vertex AI mode is the router's: a child that inherited it would listen on
         # AIP_HTTP_PORT instead of the port it was given.
         "AIP_MODE",
@@ -290,7 +292,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     model = get(_K_MODEL)
     hf = get(_K_HF)
 
-    child = parsed.without(ROUTER_ONLY | _EXTRA_KEYS)
+    # --api-prefix stays with the router: children are probed and proxied to unprefixed.
+    child = parsed.without(ROUTER_ONLY | _EXTRA_KEYS | {_K_API_PREFIX})
     child_options: list[tuple[str, str]] = []
     child_extra: list[str] = []
     for arg in child:
@@ -333,6 +336,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         cors=_cors_policy(values, negated),
         webui=not negated.get(_K_UI, False),
         reuse_port=_switch(values, negated, "--reuse-port"),
+        api_prefix=(get(_K_API_PREFIX) or "").rstrip("/"),
         ui_settings=_ui_settings(get("--ui-config"), get("--ui-config-file")),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,

@@ -133,6 +133,7 @@ async def start_router(tmp_path: Path, fake_bin: Path) -> AsyncIterator[StartRou
         env: dict[str, str] | None = None,
         server_bin: Path | str | None = None,
         wait: bool = True,
+        health_path: str = "/health",
     ) -> Router:
         port = free_port()
         cache = tmp_path / "hf-cache"
@@ -154,7 +155,7 @@ async def start_router(tmp_path: Path, fake_bin: Path) -> AsyncIterator[StartRou
             async def healthy() -> bool:
                 if proc.returncode is not None:
                     raise AssertionError(f"router exited with {proc.returncode}:\n{router.log()}")
-                async with session.get(router.url + "/health") as resp:
+                async with session.get(router.url + health_path) as resp:
                     return resp.status == 200
 
             await wait_for(healthy, 20, interval=0.02, ignore=(aiohttp.ClientError,))

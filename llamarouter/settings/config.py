@@ -130,6 +130,9 @@ class RouterConfig:
     # (server-http.cpp, pre-routing handler): "*" with credentials echoes any Origin,
     # "localhost" echoes localhost origins only, anything else is sent as it is.
     cors: CorsPolicy = field(default_factory=CorsPolicy)
+    # --api-prefix: every route is served under this path (no trailing slash); the children
+    # do not get it and see unprefixed paths.
+    api_prefix: str = ""
     # --reuse-port: SO_REUSEPORT on the listening sockets, as llama-server sets it.
     reuse_port: bool = False
     # --ui/--no-ui (--webui/--no-webui): whether GET / serves the web UI.

@@ -85,6 +85,27 @@ ROUTER_METRICS_PATH = "/llamarouter/metrics"
 # CORS proxy of its web UI and the built-in agent tools.
 DISABLED_FEATURES = ("/cors-proxy", "/tools")
 
+class _Prefixed:
+    """Route registration under a path prefix (llama-server's --api-prefix)."""
+
+    def __init__(self, router: web.UrlDispatcher, prefix: str) -> None:
+        self._router = router
+        self._prefix = prefix
+
+    def add_route(self, method: str, path: str, handler: Any) -> None:
+        self._router.add_route(method, self._prefix + path, handler)
+
+    def add_get(self, path: str, handler: Any) -> None:
+        # allow_head as aiohttp's add_get does by default.
+        self._router.add_get(self._prefix + path, handler)
+
+    def add_post(self, path: str, handler: Any) -> None:
+        self.add_route("POST", path, handler)
+
+    def add_delete(self, path: str, handler: Any) -> None:
+        self.add_route("DELETE", path, handler)
+
+
 def _gcp_format(path: str) -> str:
     """llama-server's camelCase `@requestFormat` alias of a route: "/v1/chat/completions"
     -> "chatCompletions", "/apply-template" -> "applyTemplate"."""
@@ -153,7 +174,8 @@ class Api:
         self.session = session
 
     def add_routes(self, app: web.Application) -> None:
-        r = app.router
+        # --api-prefix: every route is served under it, as llama-server serves its own.
+        r = _Prefixed(app.router, self.config.api_prefix)
         # The router's own endpoints, on paths llama-server does not use (both modes).
         r.add_get("/livez", self.livez)
         r.add_get("/readyz", self.readyz)
@@ -191,7 +213,7 @@ class Api:
         for path in DISABLED_FEATURES:
             r.add_get(path, self.feature_disabled)
             r.add_post(path, self.feature_disabled)
-        if self.config.webui:
+        if self.config.webui and not self.config.api_prefix:
             webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
 
     # ----------------------------------------------------------------- single-model mode
@@ -203,15 +225,16 @@ class Api:
         proc = self.sup.find(single.name) if getattr(self, "sup", None) is not None else None
         if proc is None or proc.state != State.READY:
             return _json(_LOADING, 503)
-        if request.path not in ("/health", "/v1/health"):
+        if request.path.removeprefix(self.config.api_prefix) not in ("/health", "/v1/health"):
             # AIP_HEALTH_ROUTE: a path the child does not know; a ready child says ok.
             return _json({"status": "ok"})
-        return await self._route(request, single.name, None)
+        return await self._route(self._for_child(request), single.name, None)
 
     async def single_proxy(self, request: web.Request) -> web.StreamResponse:
         """Any path, any method, any `model` value (or none): the one model's child."""
         single = self.config.single_model
         assert single is not None
+        request = self._for_child(request)  # before the body is read: a clone cannot be made after
         body = await _read_body(request, self.config.limits.max_body_bytes) if request.can_read_body else None
         return await self._route(request, single.name, body)
 
@@ -516,12 +539,21 @@ class Api:
         return _is_true(value)
 
     async def proxy_post(self, request: web.Request) -> web.StreamResponse:
+        request = self._for_child(request)  # before the body is read: a clone cannot be made after
         body = await _read_body(request, self.config.limits.max_body_bytes)
         name = _model_from_body(request, body)
         return await self._route(request, name, body)
 
     async def proxy_get(self, request: web.Request) -> web.StreamResponse:
-        return await self._route(request, request.query.get("model", ""), None)
+        return await self._route(self._for_child(request), request.query.get("model", ""), None)
+
+    def _for_child(self, request: web.Request) -> web.Request:
+        """The request as the child sees it: without --api-prefix, which children do not
+        get (the router probes their /health)."""
+        prefix = self.config.api_prefix
+        if not prefix:
+            return request
+        return request.clone(rel_url=request.rel_url.with_path(request.path.removeprefix(prefix) or "/"))
 
     async def _route(self, request: web.Request, name: str, body: bytes | None) -> web.StreamResponse:
         if not name:

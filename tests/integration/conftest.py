@@ -74,7 +74,7 @@ async def start_upstream(tmp_path: Path, llama_server_bin: Path) -> AsyncIterato
     started: list[Router] = []
     session = aiohttp.ClientSession(timeout=REQUEST_TIMEOUT)
 
-    async def start(*args: str, env: dict[str, str] | None = None) -> Router:
+    async def start(*args: str, env: dict[str, str] | None = None, health_path: str = "/health") -> Router:
         port = free_port()
         cache = tmp_path / "upstream-hf-cache"
         cache.mkdir(exist_ok=True)
@@ -96,7 +96,7 @@ async def start_upstream(tmp_path: Path, llama_server_bin: Path) -> AsyncIterato
         async def healthy() -> bool:
             if proc.returncode is not None:
                 raise AssertionError(f"upstream router exited with {proc.returncode}:\n{router.log()[-3000:]}")
-            async with session.get(router.url + "/health") as resp:
+            async with session.get(router.url + health_path) as resp:
                 return resp.status == 200
 
         await wait_for(healthy, UPSTREAM_STARTUP_S, interval=0.02, ignore=(aiohttp.ClientError,),
@@ -166,9 +166,9 @@ async def start_pair(
     Upstream is healthy (so its port is bound) before llamarouter picks a free port, so
     the two always listen on different ports."""
 
-    async def start(*args: str, env: dict[str, str] | None = None) -> Pair:
-        upstream = await start_upstream(*args, env=env)
-        ours = await start_router(*args, server_bin=llama_server_bin, env=env)
+    async def start(*args: str, env: dict[str, str] | None = None, health_path: str = "/health") -> Pair:
+        upstream = await start_upstream(*args, env=env, health_path=health_path)
+        ours = await start_router(*args, server_bin=llama_server_bin, env=env, health_path=health_path)
         return Pair(upstream, ours)
 
     return start

@@ -641,3 +641,27 @@ async def test_gcp_predict_matches(start_pair: StartPair, tiny_models: TinyModel
                                             "type": "server_error"}}
         up, ours = up[2:], ours[2:]
     assert ours == up
+
+
+# ---------------------------------------------------------------------------
+# 14. --api-prefix
+
+
+@pytest.mark.parametrize("mode", ["router", "single"])
+async def test_api_prefix_matches(start_pair: StartPair, tiny_models: TinyModels, mode: str) -> None:
+    args = models_args(tiny_models) if mode == "router" else single_args(tiny_models)
+    pair = await start_pair(*args, "--api-prefix", "/llama", health_path="/llama/health")
+    request = {"model": "alpha", "messages": MESSAGES, "max_tokens": 3, "temperature": 0, "seed": 9}
+    answers: dict[str, list[Any]] = {}
+    for who, router in pair.both():
+        view: list[Any] = []
+        status, body = await router.post("/llama/v1/chat/completions", request)
+        view.append((status, normalise_completion(body) if status == 200 else body))
+        view.append(await router.post("/llama/tokenize", {"model": "alpha", "content": "hello"}))
+        view.append((await router.get("/llama/props?model=alpha"))[0])
+        view.append(await router.get("/v1/models"))  # outside the prefix
+        view.append(await router.post("/v1/chat/completions", request))
+        view.append(await router.get("/llama/health"))
+        answers[who] = view
+    assert answers["upstream"][0][0] == 200 and answers["upstream"][3][0] == 404
+    assert answers["llamarouter"] == answers["upstream"]
