@@ -260,12 +260,12 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
 
     host = get(_K_HOST) or "127.0.0.1"
     port = int(_number(get(_K_PORT) or "8080", "int", "--port"))  # type: ignore[call-overload]
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"--port {port} is out of range")
     gcp = _gcp_settings(environ)
     if gcp is not None and gcp[2] != port:
         log.warning("Google Cloud Platform compat: overriding server port %d with AIP_HTTP_PORT %d", port, gcp[2])
         port = gcp[2]
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port} is out of range")
     hosts = _csv(host)
     if not hosts:
         raise ConfigError("--host requires at least one address")

@@ -255,7 +255,14 @@ class Api:
         limit = self.config.limits.predict_instances
         if len(instances) > limit:
             raise InvalidRequest(f"instances array exceeds maximum size of {limit}")
-        answers = await asyncio.gather(*(self._predict_one(request, instance) for instance in instances))
+        # Every instance runs to its end (each releases the model it acquired) before an
+        # unexpected error of one is raised.
+        answers = await asyncio.gather(
+            *(self._predict_one(request, instance) for instance in instances), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
         return _json({"predictions": answers})
 
     async def _predict_one(self, request: web.Request, instance: Any) -> Any:
