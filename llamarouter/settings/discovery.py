@@ -232,6 +232,20 @@ def _cached_ref(repo_dir: Path) -> str | None:
     return fallback
 
 
+def _default_cache_entry(repo: str, specs: Mapping[str, ModelSpec]) -> str:
+    """The cache entry an untagged `hf-repo` resolves to, as upstream picks a repo's file
+    (download.cpp find_best_model): Q4_K_M, else Q8_0, else the first file."""
+    entries = sorted(
+        (spec.model_path or "", name) for name, spec in specs.items()
+        if spec.source == "cache" and name.partition(":")[0] == repo
+    )
+    for tag in ("Q4_K_M", "Q8_0"):
+        for _, name in entries:
+            if name.endswith(":" + tag):
+                return name
+    return entries[0][1] if entries else repo
+
+
 # --------------------------------------------------------------------------- presets
 @dataclass(frozen=True)
 class Preset:
@@ -397,8 +411,10 @@ class Discovery:
                     continue
                 if opts.get(file_key):
                     files.add((repo.partition(":")[0], Path(opts[file_key]).name))
-                else:
+                elif ":" in repo:
                     ids.add(canonical_tag(repo))
+                else:
+                    ids.add(_default_cache_entry(repo, specs))
             if spec.model_path:
                 paths.add(os.path.realpath(spec.model_path))
         if not ids and not paths and not files:
