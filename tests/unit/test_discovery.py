@@ -842,3 +842,7 @@ def test_dedup_cache_models_untagged_repo_hides_its_default_file(tmp_path: Path)
     preset.write_text("[a]\nhf-repo = owner/multi\nspec-draft-hf = owner/one\ndedup-cache-models = 1\n")
     specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
     assert sorted(name for name, spec in specs.items() if spec.hidden) == ["owner/multi:Q4_K_M", "owner/one:F32"]
+    # From the global section too, as upstream.
+    preset.write_text("[*]\ndedup-cache-models = 1\n\n[a]\nhf-repo = owner/multi\n")
+    specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
+    assert sorted(name for name, spec in specs.items() if spec.hidden) == ["owner/multi:Q4_K_M"]
