@@ -163,7 +163,6 @@ class Api:
         self.config = config
         self.child_args = child_args
         self.metrics = metrics
-        self._ui_settings: Any = json.loads(config.ui_settings)
         self._item_cache: weakref.WeakKeyDictionary[
             ModelProcess, tuple[tuple[object, ...], tuple[bytes, bytes]]
         ] = weakref.WeakKeyDictionary()
@@ -446,7 +445,7 @@ class Api:
                 "model_alias": "llama-server",
                 "model_path": "none",
                 "default_generation_settings": {"params": None, "n_ctx": 0},
-                "ui_settings": self._ui_settings,
+                "ui_settings": json.loads(self.config.ui_settings),
                 "build_info": self.config.build_info,
                 # The router serves no MCP CORS proxy itself (see DISABLED_FEATURES).
                 "cors_proxy_enabled": False,
