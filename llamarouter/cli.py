@@ -337,6 +337,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         webui=not negated.get(_K_UI, False),
         reuse_port=_switch(values, negated, "--reuse-port"),
         api_prefix=(get(_K_API_PREFIX) or "").rstrip("/"),
+        static_path=_static_path(get("--path"), single is None),
         ui_settings=_ui_settings(get("--ui-config"), get("--ui-config-file")),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,
@@ -362,6 +363,16 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     else:
         discovery = Discovery(Sources(config.models_dir, config.models_preset, config.cache_dir), table)
     return config, discovery, table
+
+
+def _static_path(value: str | None, router_mode: bool) -> Path | None:
+    """--path: the directory served at / (router mode; in -m mode the child serves it)."""
+    if not value or not router_mode:
+        return None
+    if not Path(value).is_dir():
+        # llama-server refuses to start the same way, with exit code 1.
+        raise LlamaRouterError(f"static assets path not found: {value}")
+    return Path(value)
 
 
 def _ui_settings(text: str | None, path: str | None) -> str:

@@ -133,6 +133,8 @@ class RouterConfig:
     # --api-prefix: every route is served under this path (no trailing slash); the children
     # do not get it and see unprefixed paths.
     api_prefix: str = ""
+    # --path DIR: static files served at / in place of the web UI (router mode).
+    static_path: Path | None = None
     # --reuse-port: SO_REUSEPORT on the listening sockets, as llama-server sets it.
     reuse_port: bool = False
     # --ui/--no-ui (--webui/--no-webui): whether GET / serves the web UI.

@@ -212,7 +212,11 @@ class Api:
         for path in DISABLED_FEATURES:
             r.add_get(path, self.feature_disabled)
             r.add_post(path, self.feature_disabled)
-        if self.config.webui and not self.config.api_prefix:
+        if self.config.webui and self.config.static_path is not None:
+            # --path: that directory at /, instead of the built-in UI (registered last, so
+            # the API's own paths win).
+            r.add_get("/{tail:.*}", self.static_file)
+        elif self.config.webui and not self.config.api_prefix:
             webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
 
     # ----------------------------------------------------------------- single-model mode
@@ -301,6 +305,18 @@ class Api:
             return json.loads(body)
         except (ValueError, UnicodeDecodeError):
             return body.decode("utf-8", "replace")
+
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        root = self.config.static_path
+        assert root is not None
+        base = root.resolve()
+        target = (base / request.match_info["tail"]).resolve()
+        if target.is_dir():
+            target = target / "index.html"
+        # Nothing outside the directory, whatever the path says (.., symlinks).
+        if not target.is_relative_to(base) or not target.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(target)
 
     async def feature_disabled(self, request: web.Request) -> web.Response:
         # What llama-server answers on /cors-proxy and /tools when they are off; the router

@@ -665,3 +665,27 @@ async def test_api_prefix_matches(start_pair: StartPair, tiny_models: TinyModels
         answers[who] = view
     assert answers["upstream"][0][0] == 200 and answers["upstream"][3][0] == 404
     assert answers["llamarouter"] == answers["upstream"]
+
+
+# ---------------------------------------------------------------------------
+# 15. --path: static files in place of the web UI
+
+
+async def test_static_path_matches(start_pair: StartPair, tiny_models: TinyModels, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    (site / "index.html").write_text("<p>home</p>")
+    (site / "sub" / "a.txt").write_text("hello")
+    (tmp_path / "secret.txt").write_text("secret")
+    pair = await start_pair(*models_args(tiny_models, "--path", str(site)))
+    answers = {}
+    for who, router in pair.both():
+        view = []
+        for path in ("/", "/index.html", "/sub/a.txt", "/sub/missing.txt", "/../secret.txt",
+                     "/sub/../../secret.txt", "/models"):
+            async with router.session.get(router.url + path) as resp:
+                body = await resp.read()
+                view.append((path, resp.status, body if resp.status == 200 and path != "/models" else b""))
+        answers[who] = view
+    assert answers["upstream"][0] == ("/", 200, b"<p>home</p>")
+    assert answers["llamarouter"] == answers["upstream"]
