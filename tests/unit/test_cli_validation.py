@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llamarouter.cli import _EXTRA_KEYS, build_config, check_with_server, flag_tables
-from llamarouter.errors import CommandLineRejected, ConfigError
+from llamarouter.errors import CommandLineRejected, ConfigError, LlamaRouterError
 from llamarouter.settings.childargs import ChildArgs
 from llamarouter.settings.flags import first_invalid_argument, lacks_value, split_own
 from llamarouter.settings.probe import parse_version, probe_server
@@ -136,3 +136,15 @@ def test_hosts_and_ui(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="--port 0 is not supported"):
         build_config(["--models-dir", str(tmp_path), "--host", "127.0.0.1,::1", "--port", "0",
                       "--server-bin", binary], {"PATH": "/nowhere"})
+
+
+def test_static_path(tmp_path: Path) -> None:
+    binary = script(tmp_path, "exit 0\n")
+    args = ["--models-dir", str(tmp_path), "--server-bin", binary]
+    config, _, _ = build_config([*args, "--path", str(tmp_path)], {"PATH": "/nowhere"})
+    assert config.static_path == tmp_path
+    with pytest.raises(LlamaRouterError, match="static assets path not found") as info:
+        build_config([*args, "--path", str(tmp_path / "none")], {"PATH": "/nowhere"})
+    assert not isinstance(info.value, ConfigError)  # exit code 1, as llama-server
+    single, _, _ = build_config(["-m", "/m/x.gguf", "--server-bin", binary, "--path", "/none"], {"PATH": "/nowhere"})
+    assert single.static_path is None  # the child serves it
