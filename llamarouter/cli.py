@@ -660,6 +660,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config, discovery, table = build_config(args, environ)
         config = dataclasses.replace(config, build_info=build.build_info)
         log.info("llama-server: %s, version %s", config.server_bin, build.version)
+        if config.cors.origins == "*" and not config.api_keys:
+            # llama-server's own warning for its default: any web page may call this server.
+            log.warning("security: no API key is set and CORS allows all origins "
+                        "(set --api-key, or --cors-origins to limit which pages may call)")
         if config.single_model is None:
             # fail fast on a bad models dir or preset, before binding the port
             log_models_found(config, discovery())
