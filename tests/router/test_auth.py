@@ -129,3 +129,11 @@ def test_key_check_compares_every_key_in_constant_time(monkeypatch: pytest.Monke
     assert app_module._key_ok(config, request) is (given == "k2")
     # No early exit: every configured key is compared, whichever matches.
     assert [b for _, b in calls] == [b"k1", b"k2", b"k3"]
+
+
+async def test_open_cors_without_key_logs_a_warning(tmp_path: Path, start_router: StartRouter) -> None:
+    d = models(tmp_path)
+    warning = "security: no API key is set and CORS allows all origins"
+    assert warning in (await start_router("--models-dir", str(d))).log()
+    assert warning not in (await start_router("--models-dir", str(d), "--api-key", "k")).log()
+    assert warning not in (await start_router("--models-dir", str(d), "--cors-origins", "localhost")).log()
