@@ -8,7 +8,10 @@ passed to each child. `llamarouter dev ...` holds developer tools (model generat
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -27,10 +30,10 @@ from aiohttp import web
 from . import __version__
 from .core.memory import parse_bytes
 from .core.supervisor import Supervisor
-from .errors import BinaryNotFound, ConfigError, LlamaRouterError
+from .errors import BinaryNotFound, CommandLineRejected, ConfigError, ListenFailed, LlamaRouterError
 from .sdnotify import Notifier
 from .settings.childargs import ChildArgs
-from .settings.config import Limits, ModelSpec, RouterConfig, Timeouts
+from .settings.config import CorsPolicy, Limits, ModelSpec, RouterConfig, Timeouts
 from .settings.discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
 from .settings.flags import (
     PRESET_ONLY,
@@ -38,10 +41,14 @@ from .settings.flags import (
     FlagTable,
     Opt,
     env_items,
+    first_invalid_argument,
     key,
+    lacks_value,
     split_argv,
+    split_own,
 )
 from .settings.flagtable import OPTIONS
+from .settings.probe import ServerBuild, probe_server
 from .web.app import ACTIVE, SUPERVISOR, build_app
 
 log = logging.getLogger("llamarouter")
@@ -146,7 +153,8 @@ _K_HOST, _K_PORT = "--host", "--port"
 _K_API_KEY, _K_API_KEY_FILE = "--api-key", "--api-key-file"
 _K_MODELS_DIR, _K_PRESET, _K_MAX = "--models-dir", "--models-preset", "--models-max"
 _K_AUTOLOAD, _K_TIMEOUT = "--models-autoload", "-to"
-_K_MODEL, _K_HF, _K_MMPROJ, _K_ALIAS = "-m", "-hf", "-mm", "-a"
+_K_MODEL, _K_HF, _K_MMPROJ, _K_ALIAS, _K_TAGS = "-m", "-hf", "-mm", "-a", "--tags"
+_K_UI, _K_AGENT, _K_API_PREFIX = "--ui", "-ag", "--api-prefix"
 
 # Environment names a child must not inherit: they configure the router, or (upstream's
 # child-mode markers) would make llama-server talk the router pipe protocol to us.
@@ -175,6 +183,14 @@ _CHILD_ENV_DROP = frozenset(
         "LLAMA_ARG_HF_REPO",
         "LLAMA_ARG_MMPROJ",
         "LLAMA_ARG_ALIAS",
+        # The router serves under --api-prefix; the children are probed unprefixed.
+        "LLAMA_ARG_API_PREFIX",
+        # Vertex AI mode is the router's: a child that inherited it would listen on
+        # AIP_HTTP_PORT instead of the port it was given.
+        "AIP_MODE",
+        "AIP_HTTP_PORT",
+        "AIP_HEALTH_ROUTE",
+        "AIP_PREDICT_ROUTE",
         # systemd's notify/watchdog protocol belongs to the router: a child that inherited
         # these could report readiness or keep the watchdog fed on our behalf.
         "NOTIFY_SOCKET",
@@ -280,8 +296,17 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
 
     host = get(_K_HOST) or "127.0.0.1"
     port = int(_number(get(_K_PORT) or "8080", "int", "--port"))  # type: ignore[call-overload]  # _number() returns object: the kind string decides the type
+    gcp = _gcp_settings(environ)
+    if gcp is not None and gcp[2] != port:
+        log.warning("Google Cloud Platform compat: overriding server port %d with AIP_HTTP_PORT %d", port, gcp[2])
+        port = gcp[2]
     if not 0 <= port <= 65535:
         raise ConfigError(f"--port {port} is out of range")
+    hosts = _csv(host)
+    if not hosts:
+        raise ConfigError("--host requires at least one address")
+    if port == 0 and sum(not h.endswith(".sock") for h in hosts) > 1:
+        raise ConfigError("--port 0 is not supported with multiple TCP addresses")
     api_keys = [k for k in (get(_K_API_KEY) or "").split(",") if k]
     key_file = get(_K_API_KEY_FILE)
     if key_file:
@@ -303,7 +328,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     model = get(_K_MODEL)
     hf = get(_K_HF)
 
-    child = parsed.without(ROUTER_ONLY | _EXTRA_KEYS)
+    # --api-prefix stays with the router: children are probed and proxied to unprefixed.
+    child = parsed.without(ROUTER_ONLY | _EXTRA_KEYS | {_K_API_PREFIX})
     child_options: list[tuple[str, str]] = []
     child_extra: list[str] = []
     for arg in child:
@@ -316,17 +342,24 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
 
     single: ModelSpec | None = None
     if model or hf:
-        name = get(_K_ALIAS) or (Path(model).name.removesuffix(".gguf") if model else hf or "")
+        # `--alias a,b,c` is three names; llama-server's model name is the first of its
+        # (sorted) set, the others are aliases.
+        aliases = sorted(set(_csv(get(_K_ALIAS))))
+        name = aliases[0] if aliases else (Path(model).name.removesuffix(".gguf") if model else hf or "")
         own = [(_K_MODEL, model)] if model else [(_K_HF, hf or "")]
+        if get(_K_ALIAS):
+            own.append((_K_ALIAS, get(_K_ALIAS) or ""))
         if get(_K_MMPROJ):
             own.append((_K_MMPROJ, get(_K_MMPROJ) or ""))
         single = ModelSpec(
             name=name, source="cli", options=tuple(sorted(own)), pin=True,
-            load_on_startup=True, model_path=model,
+            load_on_startup=True, model_path=model, aliases=tuple(aliases[1:]),
+            tags=tuple(sorted(set(_csv(get(_K_TAGS))))),
         )
 
     server_bin = find_server_bin(router.pop("server_bin", None), environ)  # type: ignore[arg-type]  # values parsed per SETTINGS kind are typed object
-    fake_timing = bool(environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING", ""))
+    # Upstream's router-mode test hook; a single-model llama-server never sleeps for it.
+    fake_timing = bool(environ.get("LLAMA_SERVER_DEBUG_FAKE_TIMING", "")) and single is None
     child_env = tuple(
         (k, v) for k, v in environ.items() if k not in _CHILD_ENV_DROP
     )
@@ -340,8 +373,12 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         port=port,
         api_keys=tuple(api_keys),
         admin_api_keys=_csv(router.get("admin_api_key")),
-        # llama-server's own --cors-origins (LLAMA_ARG_CORS_ORIGINS), answered by the router.
-        cors_origins=_csv(get("--cors-origins")),
+        cors=_cors_policy(values, negated),
+        webui=not negated.get(_K_UI, False),
+        reuse_port=_switch(values, negated, "--reuse-port"),
+        api_prefix=(get(_K_API_PREFIX) or "").rstrip("/"),
+        static_path=_static_path(get("--path"), single is None),
+        ui_settings=_ui_settings(get("--ui-config"), get("--ui-config-file")),
         server_bin=server_bin,
         models_dir=Path(models_dir) if models_dir else None,
         models_preset=Path(preset) if preset else None,
@@ -360,6 +397,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         fake_timing=fake_timing,
         child_env=child_env,
         build_info=f"llamarouter-{__version__}",
+        gcp_predict_route=gcp[0] if gcp is not None else None,
+        gcp_health_route=gcp[1] if gcp is not None else None,
     )
     if single is not None:
         fixed = {single.name: single}
@@ -367,6 +406,74 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     else:
         discovery = Discovery(Sources(config.models_dir, config.models_preset, config.cache_dir), table)
     return config, discovery, table
+
+
+def _static_path(value: str | None, router_mode: bool) -> Path | None:
+    """--path: the directory served at / (router mode; in -m mode the child serves it)."""
+    if not value or not router_mode:
+        return None
+    if not Path(value).is_dir():
+        # llama-server refuses to start the same way, with exit code 1.
+        raise LlamaRouterError(f"static assets path not found: {value}")
+    return Path(value)
+
+
+def _ui_settings(text: str | None, path: str | None) -> str:
+    """The web UI's default settings (llama-server's --ui-config / --ui-config-file), as
+    compact JSON; a value that is not JSON is a startup error, as upstream."""
+    where = "--ui-config"
+    if path:
+        where = f"--ui-config-file {path}"
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+    if not text:
+        return "{}"
+    try:
+        return json.dumps(json.loads(text), separators=(",", ":"))
+    except ValueError as exc:
+        raise ConfigError(f"{where}: failed to parse UI config: {exc}") from None
+
+
+def _gcp_settings(environ: Mapping[str, str]) -> tuple[str, str | None, int] | None:
+    """(predict route, health route, port) with AIP_MODE=PREDICTION, as llama-server reads
+    Vertex AI's variables (server-http.cpp gcp_params); None otherwise."""
+    if environ.get("AIP_MODE", "") != "PREDICTION":
+        return None
+
+    def route(name: str, default: str) -> str:
+        value = environ.get(name, "") or default
+        return value if not value or value.startswith("/") else "/" + value
+
+    health = route("AIP_HEALTH_ROUTE", "")
+    port = _number(environ.get("AIP_HTTP_PORT", "") or "8080", "int", "AIP_HTTP_PORT")
+    assert isinstance(port, int)
+    return route("AIP_PREDICT_ROUTE", "/predict"), health or None, port
+
+
+def _switch(values: Mapping[str, tuple[str, ...]], negated: Mapping[str, bool], k: str) -> bool:
+    return k in values and not negated.get(k, False)
+
+
+def _cors_policy(values: Mapping[str, tuple[str, ...]], negated: Mapping[str, bool]) -> CorsPolicy:
+    """llama-server's CORS settings (common.h defaults; arg.cpp: --tools, MCP servers or
+    --agent without an explicit --cors-origins limit it to localhost)."""
+    default = CorsPolicy()
+    explicit = values.get("--cors-origins")
+    origins = explicit[0] if explicit else default.origins
+    tools = bool(values.get("--tools", ("",))[0]) or _switch(values, negated, _K_AGENT)
+    mcp = any(values.get(k, ("",))[0] for k in ("--mcp-servers-config", "--mcp-servers-json"))
+    if (tools or mcp) and not explicit:
+        origins = "localhost"
+    methods = values.get("--cors-methods")
+    headers = values.get("--cors-headers")
+    return CorsPolicy(
+        origins=origins,
+        methods=methods[0] if methods else default.methods,
+        headers=headers[0] if headers else default.headers,
+        credentials=not negated.get("--cors-credentials", False),
+    )
 
 
 def _csv(value: object) -> tuple[str, ...]:
@@ -384,33 +491,99 @@ class _Fixed:
         return dict(self._specs)
 
 
-# --------------------------------------------------------------------------- running
-def bind_listeners(host: str, port: int) -> list[socket.socket]:
-    """Bind every address `host` resolves to, before anything else starts: a taken port is
-    a startup error in every mode, with no child spawned and nothing to clean up."""
-    socks: list[socket.socket] = []
+def check_with_server(args: Sequence[str], environ: Mapping[str, str]) -> ServerBuild:
+    """Let the llama-server binary parse the command line (less our own options) and its
+    environment as a real start would: a bad value is refused at startup with its own
+    message and exit code, instead of failing every model on first use. Also names the
+    build."""
+    cli_table, _ = flag_tables()
+    upstream, ours = split_own(list(args), cli_table, _EXTRA_KEYS)
     try:
-        infos = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
+        own = split_argv(ours, cli_table)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    server_bin_opt = cli_table.by_key("--server-bin")
+    assert server_bin_opt is not None
+    given = own.last(server_bin_opt)
+    server_bin = find_server_bin(given.values[0] if given else None, environ)
+    return probe_server(
+        server_bin, upstream, environ, Timeouts().version_probe, complete=not lacks_value(upstream, cli_table)
+    )
+
+
+def log_models_found(config: RouterConfig, specs: Mapping[str, ModelSpec]) -> None:
+    """One line per source, so an empty router (a wrong path, an empty cache) is obvious."""
+    where = {
+        "models_dir": str(config.models_dir) if config.models_dir else None,
+        "preset": str(config.models_preset) if config.models_preset else None,
+        "cache": str(config.cache_dir) if config.cache_dir else None,
+    }
+    counts = collections.Counter(spec.source for spec in specs.values())
+    for source, path in where.items():
+        if path is not None:
+            log.info("models from %s (%s): %d", source, path, counts.get(source, 0))
+    if not specs:
+        log.warning("no models found: requests will answer 'model not found' until models appear "
+                    "and GET /models?reload=1 (or SIGHUP) rescans")
+
+
+# --------------------------------------------------------------------------- running
+def bind_listeners(config: RouterConfig) -> list[tuple[socket.socket, str]]:
+    """Bind every --host address (llama-server's comma-separated list; a path ending in
+    .sock is a UNIX socket) before anything else starts: an address that cannot be bound
+    is a startup error in every mode, with no child spawned and nothing to clean up."""
+    bound: list[tuple[socket.socket, str]] = []
+    port = config.port
+    try:
+        for host in config.hosts:
+            try:
+                bound.extend(_bind_one(host, port, config.reuse_port))
+            except OSError as exc:
+                raise ListenFailed(
+                    f"couldn't bind HTTP server socket, hostname: {host}, port: {port}: {exc.strerror or exc}"
+                ) from None
+    except BaseException:
+        for sock, _ in bound:
+            sock.close()
+        raise
+    return bound
+
+
+def _bind_one(host: str, port: int, reuse_port: bool) -> list[tuple[socket.socket, str]]:
+    if host.endswith(".sock"):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(host)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return [(sock, f"unix:{host}")]
+    out: list[tuple[socket.socket, str]] = []
+    try:
         seen: set[tuple[object, ...]] = set()
-        for family, kind, proto, _, addr in infos:
+        for family, kind, proto, _, addr in socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        ):
             if (family, addr) in seen:
                 continue
             seen.add((family, addr))
             sock = socket.socket(family, kind, proto)
-            socks.append(sock)
+            out.append((sock, f"http://[{addr[0]}]:{port}" if family == socket.AF_INET6 else f"http://{addr[0]}:{port}"))
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind(addr)
             sock.listen(1024)
             sock.setblocking(False)
-    except OSError as exc:
-        for sock in socks:
+    except OSError:
+        for sock, _ in out:
             sock.close()
-        raise OSError(exc.errno, f"couldn't bind HTTP server socket, hostname: {host}, port: {port}: {exc.strerror or exc}") from None
-    return socks
+        raise
+    return out
 
 
 class _Stop:
@@ -438,7 +611,7 @@ async def serve(
     parallel (each bounded), the session closed and the lock released. A second signal
     kills every child's process group and exits at once with code 1."""
     notifier = notifier or Notifier({})
-    socks = bind_listeners(config.host, config.port)
+    socks = bind_listeners(config)
     app = build_app(config, discovery, ChildArgs(config, table))
     runner = web.AppRunner(
         app,
@@ -490,15 +663,16 @@ async def serve(
     try:
         try:
             await runner.setup()
-            sites = [web.SockSite(runner, sock) for sock in socks]
-            for site in sites:
+            sites = [web.SockSite(runner, sock) for sock, _ in socks]
+            for site, (_, where) in zip(sites, socks, strict=True):
                 await site.start()
+                log.info("llamarouter %s listening on %s", __version__, where)
         except BaseException:
             await runner.cleanup()
             raise
-        log.info("llamarouter %s listening on http://%s:%d", __version__, config.host, config.port)
-        if config.host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
-            log.warning("listening on %s without --api-key: anyone who can reach it can use it", config.host)
+        for host in config.hosts:
+            if not host.endswith(".sock") and host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+                log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
         notifier.ready(f"listening on {config.host}:{config.port}")
         watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
         await stop.requested.wait()
@@ -527,7 +701,7 @@ async def serve(
         notifier.close()
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-        for sock in socks:
+        for sock, _ in socks:
             sock.close()
 
 
@@ -622,11 +796,30 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(0)
     environ = dict(os.environ)
     _setup_logging(environ)
+    cli_table, _ = flag_tables()
+    bad = first_invalid_argument(args, cli_table, _EXTRA_KEYS)
+    if bad is not None:
+        # llama-server's own words and exit code for a flag it does not know.
+        click.echo(f"error: invalid argument: {bad}", err=True)
+        sys.exit(1)
     try:
+        build = check_with_server(args, environ)
         config, discovery, table = build_config(args, environ)
+        config = dataclasses.replace(config, build_info=build.build_info)
+        log.info("llama-server: %s, version %s", config.server_bin, build.version)
+        if config.cors.origins == "*" and not config.api_keys:
+            # llama-server's own warning for its default: any web page may call this server.
+            log.warning("security: no API key is set and CORS allows all origins "
+                        "(set --api-key, or --cors-origins to limit which pages may call)")
         if config.single_model is None:
-            discovery()  # fail fast on a bad models dir or preset, before binding the port
+            # fail fast on a bad models dir or preset, before binding the port
+            log_models_found(config, discovery())
+        else:
+            log.info("single-model mode: %s", config.single_model.name)
         code = _run(serve(config, discovery, table, Notifier(environ)), config.timeouts.force_exit)
+    except CommandLineRejected as exc:
+        click.echo(exc.message, err=True)
+        sys.exit(exc.exit_code)
     except ConfigError as exc:
         click.echo(f"llamarouter: error: {exc.message}", err=True)
         sys.exit(2)

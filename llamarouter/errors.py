@@ -86,3 +86,15 @@ class UpstreamError(LlamaRouterError):
 
 class ChildUnreachable(UpstreamError):
     """Connecting to the child failed, so it never saw the request: safe to send again."""
+
+
+class CommandLineRejected(ConfigError):
+    """llama-server refused the command line; `message` is its own text, printed as is."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class ListenFailed(LlamaRouterError):
+    """An address of --host could not be bound at startup."""

@@ -30,6 +30,9 @@ class Router:
     session: aiohttp.ClientSession
     known_children: set[int] = field(default_factory=set)
     headers: dict[str, str] = field(default_factory=dict)  # sent with every helper request
+    # The router's own model list: /models, or /llamarouter/models in -m/-hf mode, where
+    # /models is the child's.
+    models_path: str = "/models"
 
     @property
     def url(self) -> str:
@@ -59,7 +62,7 @@ class Router:
             return resp.status, await _body(resp)
 
     async def models(self) -> dict[str, dict[str, Any]]:
-        status, body = await self.get("/models")
+        status, body = await self.get(self.models_path)
         assert status == 200, body
         return {m["id"]: m for m in body["data"]}
 
@@ -130,13 +133,15 @@ async def start_router(tmp_path: Path, fake_bin: Path) -> AsyncIterator[StartRou
         env: dict[str, str] | None = None,
         server_bin: Path | str | None = None,
         wait: bool = True,
+        health_path: str = "/health",
     ) -> Router:
         port = free_port()
         cache = tmp_path / "hf-cache"
         cache.mkdir(exist_ok=True)
         full_env = dict(os.environ)
         full_env.pop("LLAMA_SERVER_DEBUG_FAKE_TIMING", None)  # only where a test asks for it
-        full_env.update({"LLAMA_CACHE": str(cache), **(env or {})})
+        # "{port}" in a value stands for the port chosen here (e.g. AIP_HTTP_PORT).
+        full_env.update({"LLAMA_CACHE": str(cache), **{k: v.replace("{port}", str(port)) for k, v in (env or {}).items()}})
         argv = [sys.executable, "-m", "llamarouter", "--port", str(port)]
         argv += ["--server-bin", str(server_bin or fake_bin), *args]
         log_path = tmp_path / f"router-{port}.log"
@@ -150,7 +155,7 @@ async def start_router(tmp_path: Path, fake_bin: Path) -> AsyncIterator[StartRou
             async def healthy() -> bool:
                 if proc.returncode is not None:
                     raise AssertionError(f"router exited with {proc.returncode}:\n{router.log()}")
-                async with session.get(router.url + "/health") as resp:
+                async with session.get(router.url + health_path) as resp:
                     return resp.status == 200
 
             await wait_for(healthy, 20, interval=0.02, ignore=(aiohttp.ClientError,))

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ShuttingDown
 from ..settings.config import ModelSpec, RouterConfig
 from .canary import canary_due
+from .failure import classify
 from .gguf_info import parse_buffer_line
 from .kvcache import SAVE_ON_STOP
 from .launcher import Child, Launcher
@@ -503,6 +504,15 @@ class ModelProcess:
         limits = self._config.limits
         self.crashed = True
         self.failure = ex.cause or "child exited"
+        found = classify(self.logs.tail(limits.log_lines)) if not ex.loaded else None
+        if found is not None and found.cause:
+            # The child's own words ("invalid magic characters", "No such file") say why.
+            self.failure = f"{self.failure}; cause: {found.cause}"
+        if found is not None and found.permanent:
+            # A file that cannot load at all is not retried as if it had crashed.
+            log.error("[%s] the model cannot load: %s", self.name, self.failure)
+            self._set_state(State.FAILED)
+            return
         self.crash_times.append(now)
         while self.crash_times and now - self.crash_times[0] > limits.restart_window:
             self.crash_times.popleft()

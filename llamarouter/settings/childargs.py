@@ -99,7 +99,14 @@ class ChildArgs:
             opts.pop(forced, None)
         opts["--host"] = "127.0.0.1"
         opts["--port"] = str(port)
-        opts["-a"] = spec.name
+        if spec.source == "cli":
+            # -m/-hf mode: the child gets the --alias it was given, or none, so it names
+            # itself exactly as a lone llama-server would (the file path without --alias).
+            alias = dict(spec.options).get("-a")
+            if alias:
+                opts["-a"] = alias
+        else:
+            opts["-a"] = spec.name
         opts["--log-colors"] = "off"
         argv = [self._config.server_bin]
         for opt_key in sorted(opts):

@@ -76,6 +76,9 @@ class Timeouts:
     # `canary_timeout`; `health_failures` failed ones in a row replace the child.
     canary_interval: float | None = None
     canary_timeout: float = 10.0
+    # At startup, `llama-server ARGS --version` validates the command line and names the
+    # build; a binary that does not answer within this many seconds is a startup error.
+    version_probe: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,18 @@ class Limits:
     # llama-server's own --sleep-idle-seconds for every model (None = not set; the preset
     # key `sleep-idle` overrides): weights freed after this idle time, process kept.
     sleep_idle: float | None = None
+    # Vertex AI predict route: most instances one request may carry (llama-server's limit).
+    predict_instances: int = 128
+
+
+@dataclass(frozen=True)
+class CorsPolicy:
+    # llama-server's defaults (common.h); --tools / MCP servers without an explicit
+    # --cors-origins turn "*" into "localhost" (arg.cpp, after parsing).
+    origins: str = "*"
+    methods: str = "GET, POST, DELETE, OPTIONS"
+    headers: str = "*"
+    credentials: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,8 +164,21 @@ class RouterConfig:
     # --admin-api-key: when set, only these keys may load, unload, reload and read logs;
     # they are accepted on every other endpoint too.
     admin_api_keys: tuple[str, ...] = ()
-    # --cors-origins: origins answered with Access-Control-Allow-Origin ("*" = any).
-    cors_origins: tuple[str, ...] = ()
+    # llama-server's CORS settings, answered by the router exactly as llama-server does
+    # (server-http.cpp, pre-routing handler): "*" with credentials echoes any Origin,
+    # "localhost" echoes localhost origins only, anything else is sent as it is.
+    cors: CorsPolicy = field(default_factory=CorsPolicy)
+    # --api-prefix: every route is served under this path (no trailing slash); the children
+    # do not get it and see unprefixed paths.
+    api_prefix: str = ""
+    # --path DIR: static files served at / in place of the web UI (router mode).
+    static_path: Path | None = None
+    # --reuse-port: SO_REUSEPORT on the listening sockets, as llama-server sets it.
+    reuse_port: bool = False
+    # --ui/--no-ui (--webui/--no-webui): whether GET / serves the web UI.
+    webui: bool = True
+    # --ui-config JSON / --ui-config-file PATH: /props ui_settings in router mode (JSON text).
+    ui_settings: str = "{}"
     server_bin: str = "llama-server"
     models_dir: Path | None = None
     models_preset: Path | None = None
@@ -182,3 +210,12 @@ class RouterConfig:
     keep_cache_dir: Path | None = None
     # Watch --models-dir and the preset file and reload on change (--no-watch turns it off).
     watch: bool = True
+    # Google Cloud Vertex AI compatibility (AIP_MODE=PREDICTION, as llama-server): the
+    # predict route and an optional extra health route; None = off.
+    gcp_predict_route: str | None = None
+    gcp_health_route: str | None = None
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        """--host as llama-server reads it: comma-separated addresses (or .sock paths)."""
+        return tuple(h.strip() for h in self.host.split(",") if h.strip())

@@ -33,6 +33,8 @@ MODEL_ENV = "LLAMA_ARG_MODEL"
 MMPROJ_ENV = "LLAMA_ARG_MMPROJ"
 DRAFT_ENV = "LLAMA_ARG_SPEC_DRAFT_MODEL"
 HF_REPO_ENV = "LLAMA_ARG_HF_REPO"
+HF_FILE_ENV = "LLAMA_ARG_HF_FILE"
+DRAFT_HF_REPO_ENV = "LLAMA_ARG_SPEC_DRAFT_HF_REPO"
 ALIAS_ENV = "LLAMA_ARG_ALIAS"
 TAGS_ENV = "LLAMA_ARG_TAGS"
 
@@ -238,6 +240,20 @@ def _cached_ref(repo_dir: Path) -> str | None:
     return fallback
 
 
+def _default_cache_entry(repo: str, specs: Mapping[str, ModelSpec]) -> str:
+    """The cache entry an untagged `hf-repo` resolves to, as upstream picks a repo's file
+    (download.cpp find_best_model): Q4_K_M, else Q8_0, else the first file."""
+    entries = sorted(
+        (spec.model_path or "", name) for name, spec in specs.items()
+        if spec.source == "cache" and name.partition(":")[0] == repo
+    )
+    for tag in ("Q4_K_M", "Q8_0"):
+        for _, name in entries:
+            if name.endswith(":" + tag):
+                return name
+    return entries[0][1] if entries else repo
+
+
 # --------------------------------------------------------------------------- presets
 @dataclass(frozen=True)
 class Preset:
@@ -328,6 +344,12 @@ class Discovery:
         self._mmproj_key = self._key_of(MMPROJ_ENV)
         self._draft_key = self._key_of(DRAFT_ENV)
         self._hf_key = self._key_of(HF_REPO_ENV)
+        # (repo key, file key) pairs that name a cached Hugging Face file, as upstream's
+        # dedup reads them (server-models.cpp): the model's and the draft model's.
+        self._hf_pairs = (
+            (self._hf_key, self._key_of(HF_FILE_ENV)),
+            (self._key_of(DRAFT_HF_REPO_ENV), self._draft_key),
+        )
         self._alias_key = self._key_of(ALIAS_ENV)
         self._tags_key = self._key_of(TAGS_ENV)
 
@@ -380,25 +402,37 @@ class Discovery:
         return specs
 
     def _hide_covered_cache_models(self, specs: dict[str, ModelSpec]) -> None:
-        """`dedup-cache-models = true` in a preset hides the cache entry for the same model
-        (same `hf-repo` id or same file), so it is listed once, under the preset's name."""
+        """`dedup-cache-models = true` in a preset hides the cache entries it already covers,
+        so each is listed once, under the preset's name (and still answers to its own name):
+        the repo named by `hf-repo` or `spec-draft-hf` (with `hf-file` / `spec-draft-model`
+        naming the file, when given), and the file named by `model`."""
         ids: set[str] = set()
+        files: set[tuple[str, str]] = set()  # (owner/repo, file name inside the snapshot)
         paths: set[str] = set()
         for spec in specs.values():
             opts = dict(spec.options)
             if spec.source != "preset" or not is_truthy(opts.get("dedup-cache-models", "")):
                 continue
-            if self._hf_key in opts:
-                ids.add(canonical_tag(opts[self._hf_key]))
+            for repo_key, file_key in self._hf_pairs:
+                repo = opts.get(repo_key, "")
+                if not repo:
+                    continue
+                if opts.get(file_key):
+                    files.add((repo.partition(":")[0], Path(opts[file_key]).name))
+                elif ":" in repo:
+                    ids.add(canonical_tag(repo))
+                else:
+                    ids.add(_default_cache_entry(repo, specs))
             if spec.model_path:
                 paths.add(os.path.realpath(spec.model_path))
-        if not ids and not paths:
+        if not ids and not paths and not files:
             return
         for name, spec in specs.items():
             if spec.source != "cache":
                 continue
             path = os.path.realpath(spec.model_path) if spec.model_path else None
-            if name in ids or path in paths:
+            by_file = spec.model_path is not None and (name.partition(":")[0], Path(spec.model_path).name) in files
+            if name in ids or path in paths or by_file:
                 specs[name] = spec.with_changes(hidden=True)
 
     def _spec(self, name: str, source: str, opts: Options) -> ModelSpec:

@@ -45,12 +45,15 @@ __all__ = [
     "default_table",
     "env_items",
     "env_names",
+    "first_invalid_argument",
     "is_autoy",
     "is_falsey",
     "is_truthy",
     "key",
+    "lacks_value",
     "negated_env",
     "split_argv",
+    "split_own",
 ]
 
 
@@ -583,3 +586,66 @@ def env_items(environ: Mapping[str, str], table: FlagTable | None = None) -> lis
         elif opt.nargs == 1:
             out.append(EnvItem(opt, var, (value,), False))
     return out
+
+
+# ---------------------------------------------------------------------------
+# command-line validation, as llama-server does it
+# ---------------------------------------------------------------------------
+
+
+def first_invalid_argument(argv: list[str], table: FlagTable, own: Collection[str] = ()) -> str | None:
+    """The first token llama-server would refuse as ``error: invalid argument: X``, or None.
+
+    Mirrors arg.cpp:821-872: every token must be a known spelling (``--x_y`` read as
+    ``--x-y``, with no ``--flag=value`` form and no positional arguments); a known option
+    consumes exactly its number of values, whatever they look like. A missing value is
+    not reported here (upstream reports it with the option's usage text). Options whose
+    key is in ``own`` (llamarouter's) may also be written ``--flag=value``.
+    """
+    i, n = 0, len(argv)
+    while i < n:
+        tok = _normalize_spelling(argv[i])
+        hit = table.lookup(tok)
+        if hit is None:
+            if _own_inline(tok, table, own):
+                i += 1
+                continue
+            return tok
+        i += 1 + hit[0].nargs
+    return None
+
+
+def lacks_value(argv: list[str], table: FlagTable) -> bool:
+    """True when the last option of a valid command line is missing its value(s)."""
+    i, n = 0, len(argv)
+    while i < n:
+        hit = table.lookup(argv[i])
+        i += 1 + (hit[0].nargs if hit is not None else 0)
+    return i > n
+
+
+def _own_inline(tok: str, table: FlagTable, own: Collection[str]) -> bool:
+    if "=" not in tok:
+        return False
+    named = table.lookup(tok.partition("=")[0])
+    return named is not None and key(named[0]) in own
+
+
+def split_own(argv: list[str], table: FlagTable, own: Collection[str]) -> tuple[list[str], list[str]]:
+    """(llama-server's tokens, our own options' tokens) of a command line that
+    :func:`first_invalid_argument` accepted; ``own`` holds option keys. Our own options
+    may also be written ``--flag=value``."""
+    upstream: list[str] = []
+    ours: list[str] = []
+    i, n = 0, len(argv)
+    while i < n:
+        tok = argv[i]
+        hit = table.lookup(tok)
+        if hit is None and _own_inline(tok, table, own):
+            ours.append(tok)
+            i += 1
+            continue
+        end = i + 1 + (hit[0].nargs if hit is not None else 0)
+        (ours if hit is not None and key(hit[0]) in own else upstream).extend(argv[i:end])
+        i = end
+    return upstream, ours

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from ..core.failure import explain_failure
 from ..core.process import ModelProcess
 from ..core.sleep import sleeping_from_log
 from ..core.states import State
@@ -70,12 +71,61 @@ PROXIED_POST = (
     "/apply-template",
     "/v1/responses/input_tokens",
     "/responses/input_tokens",
+    "/chat/completions/input_tokens",
+    "/v1/chat/completions/input_tokens",
     "/lora-adapters",
     "/slots/{id_slot}",
 )
 # Routes upstream proxies by ?model= (GET /props and GET /metrics without it are the
 # router's own).
 PROXIED_GET = ("/slots", "/lora-adapters")
+
+# The router's own model list and metrics, also reachable in -m/-hf mode, where /models
+# and /metrics are the child's.
+ROUTER_MODELS_PATH = "/llamarouter/models"
+ROUTER_METRICS_PATH = "/llamarouter/metrics"
+
+# Features llama-server answers with 403 unless started with them (server.cpp): the MCP
+# CORS proxy of its web UI and the built-in agent tools.
+DISABLED_FEATURES = ("/cors-proxy", "/tools")
+
+class _Prefixed:
+    """Route registration under a path prefix (llama-server's --api-prefix)."""
+
+    def __init__(self, router: web.UrlDispatcher, prefix: str) -> None:
+        self._router = router
+        self._prefix = prefix
+
+    def add_route(self, method: str, path: str, handler: Any) -> None:
+        self._router.add_route(method, self._prefix + path, handler)
+
+    def add_get(self, path: str, handler: Any) -> None:
+        # allow_head as aiohttp's add_get does by default.
+        self._router.add_get(self._prefix + path, handler)
+
+    def add_post(self, path: str, handler: Any) -> None:
+        self.add_route("POST", path, handler)
+
+    def add_delete(self, path: str, handler: Any) -> None:
+        self.add_route("DELETE", path, handler)
+
+
+def _gcp_format(path: str) -> str:
+    """llama-server's camelCase `@requestFormat` alias of a route: "/v1/chat/completions"
+    -> "chatCompletions", "/apply-template" -> "applyTemplate"."""
+    text = path.removeprefix("/v1").removeprefix("/")
+    words = re.split(r"[/_-]", text)
+    return words[0] + "".join(w[:1].upper() + w[1:] for w in words[1:])
+
+
+# Alias -> route. Where two routes share an alias (/completions, /v1/completions), the
+# OpenAI-style /v1 one is taken, so the choice is stable.
+_PREDICT_FORMATS = {
+    _gcp_format(p): p for p in sorted(PROXIED_POST, key=lambda p: p.startswith("/v1/")) if "{" not in p
+}
+
+# llama-server's answer to every request before its model is loaded (server-http.cpp).
+_LOADING = {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}}
 
 # What /readyz?model= says about a model that is not loaded.
 _NOT_READY = {
@@ -128,28 +178,159 @@ class Api:
         self.session = session
 
     def add_routes(self, app: web.Application) -> None:
-        r = app.router
-        r.add_get("/health", self.health)
-        r.add_get("/v1/health", self.health)
+        # --api-prefix: every route is served under it, as llama-server serves its own.
+        r = _Prefixed(app.router, self.config.api_prefix)
+        # The router's own endpoints, on paths llama-server does not use (both modes).
         r.add_get("/livez", self.livez)
         r.add_get("/readyz", self.readyz)
-        r.add_get("/metrics", self.metrics_endpoint)
-        r.add_get("/models", self.list_models)
-        r.add_get("/v1/models", self.list_models)
-        r.add_get("/props", self.props)
         r.add_post("/models/load", self.load)
         r.add_post("/models/unload", self.unload)
         r.add_get("/models/sse", self.sse)
         r.add_get("/models/logs", self.logs)
         r.add_get("/memory", self.memory)
+        r.add_get("/openapi.json", self.openapi)
+        r.add_get(ROUTER_METRICS_PATH, self.router_metrics)
+        r.add_get(ROUTER_MODELS_PATH, self.list_models)
+        if self.config.gcp_predict_route is not None:
+            r.add_post(self.config.gcp_predict_route, self.predict)
+        if self.config.gcp_health_route is not None:
+            health = self.single_health if self.config.single_model is not None else self.health
+            r.add_get(self.config.gcp_health_route, health)
+        if self.config.single_model is not None:
+            # -m/-hf: the one child answers every other path, as a llama-server would.
+            r.add_get("/health", self.single_health)
+            r.add_get("/v1/health", self.single_health)
+            r.add_route("*", "/{tail:.*}", self.single_proxy)
+            return
+        r.add_get("/health", self.health)
+        r.add_get("/v1/health", self.health)
+        r.add_get("/metrics", self.metrics_endpoint)
+        r.add_get("/models", self.list_models)
+        r.add_get("/v1/models", self.list_models)
+        r.add_get("/props", self.props)
         r.add_post("/models", self.download)
         r.add_delete("/models", self.delete)
-        r.add_get("/openapi.json", self.openapi)
         for path in PROXIED_POST:
             r.add_post(path, self.proxy_post)
         for path in PROXIED_GET:
             r.add_get(path, self.proxy_get)
-        webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
+        for path in DISABLED_FEATURES:
+            r.add_get(path, self.feature_disabled)
+            r.add_post(path, self.feature_disabled)
+        if self.config.webui and self.config.static_path is not None:
+            # --path: that directory at /, instead of the built-in UI (registered last, so
+            # the API's own paths win).
+            r.add_get("/{tail:.*}", self.static_file)
+        elif self.config.webui and not self.config.api_prefix:
+            webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
+
+    # ----------------------------------------------------------------- single-model mode
+    async def single_health(self, request: web.Request) -> web.StreamResponse:
+        """The child's own /health once it is ready; while it loads (or restarts) the
+        answer llama-server gives before its model is loaded."""
+        single = self.config.single_model
+        assert single is not None
+        proc = self.sup.find(single.name) if getattr(self, "sup", None) is not None else None
+        if proc is None or proc.state != State.READY:
+            return _json(_LOADING, 503)
+        if request.path.removeprefix(self.config.api_prefix) not in ("/health", "/v1/health"):
+            # AIP_HEALTH_ROUTE: a path the child does not know; a ready child says ok.
+            return _json({"status": "ok"})
+        return await self._route(self._for_child(request), single.name, None)
+
+    async def single_proxy(self, request: web.Request) -> web.StreamResponse:
+        """Any path, any method, any `model` value (or none): the one model's child."""
+        single = self.config.single_model
+        assert single is not None
+        request = self._for_child(request)  # before the body is read: a clone cannot be made after
+        body = await _read_body(request, self.config.limits.max_body_bytes) if request.can_read_body else None
+        return await self._route(request, single.name, body)
+
+    async def predict(self, request: web.Request) -> web.Response:
+        """Vertex AI's predict protocol (AIP_MODE=PREDICTION), as llama-server serves it:
+        each instance names an endpoint in `@requestFormat` and is answered by it, the
+        answers are collected in order (server-http.cpp, register_gcp_compat)."""
+        raw = await _read_body(request, self.config.limits.max_body_bytes)
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise InvalidRequest(str(exc)) from None
+        if not isinstance(data, dict):
+            raise InvalidRequest("request body must be a JSON object")
+        instances = data.get("instances")
+        if not isinstance(instances, list):
+            raise InvalidRequest("request body must include an array field named instances")
+        limit = self.config.limits.predict_instances
+        if len(instances) > limit:
+            raise InvalidRequest(f"instances array exceeds maximum size of {limit}")
+        # Every instance runs to its end (each releases the model it acquired) before an
+        # unexpected error of one is raised.
+        answers = await asyncio.gather(
+            *(self._predict_one(request, instance) for instance in instances), return_exceptions=True
+        )
+        for answer in answers:
+            if isinstance(answer, BaseException):
+                raise answer
+        return _json({"predictions": answers})
+
+    async def _predict_one(self, request: web.Request, instance: Any) -> Any:
+        if not isinstance(instance, dict):
+            return error_body(InvalidRequest("each instance must be a JSON object"))
+        fmt = instance.get("@requestFormat")
+        if not isinstance(fmt, str):
+            return error_body(InvalidRequest("each instance must include a string @requestFormat"))
+        payload = {k: v for k, v in instance.items() if k != "@requestFormat"}
+        if "stream" in payload:
+            payload["stream"] = False  # the predict route answers whole responses only
+        path = _PREDICT_FORMATS.get(fmt) or (fmt if fmt in PROXIED_POST else None)
+        if path is None:
+            return error_body(InvalidRequest(f"no handler registered for @requestFormat: {fmt}"))
+        single = self.config.single_model
+        name = single.name if single is not None else _model_field(payload)
+        try:
+            if not name:
+                raise InvalidRequest("model name is missing from the request")
+            lease = await self.sup.acquire(self.sup.resolve(name), self._autoload(request))
+            proc = lease.proc
+            try:
+                url = f"http://127.0.0.1:{proc.port}{path}"
+                limit = self.config.timeouts.proxy or None
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
+                async with self.session.post(url, json=payload, timeout=timeout) as resp:
+                    body = await resp.read()
+            finally:
+                lease.release()
+        except LlamaRouterError as exc:
+            return error_body(exc)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return error_body(UpstreamError(f"proxy error: {type(exc).__name__}: {exc}"))
+        if not body:
+            return None
+        try:
+            return json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            return body.decode("utf-8", "replace")
+
+    async def static_file(self, request: web.Request) -> web.StreamResponse:
+        root = self.config.static_path
+        assert root is not None
+        base = root.resolve()
+        target = (base / request.match_info["tail"]).resolve()
+        if target.is_dir():
+            target = target / "index.html"
+        # Nothing outside the directory, whatever the path says (.., symlinks).
+        if not target.is_relative_to(base) or not target.is_file():
+            raise web.HTTPNotFound()
+        return web.FileResponse(target)
+
+    async def feature_disabled(self, request: web.Request) -> web.Response:
+        # What llama-server answers on /cors-proxy and /tools when they are off; the router
+        # does not provide them itself (docs/api.md, Differences from llama-server).
+        return _json({"error": {"message": "this feature is disabled", "type": "feature_disabled"}}, 403)
+
+    async def router_metrics(self, request: web.Request) -> web.StreamResponse:
+        data = await self.metrics.render(self.sup, self.session)
+        return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
     # ----------------------------------------------------------------- own endpoints
     async def health(self, request: web.Request) -> web.Response:
@@ -237,6 +418,11 @@ class Api:
         status["state"] = str(proc.state)
         if proc.failure:
             status["error"] = proc.failure
+            # The child's own words for why its last load failed ("No such file", "invalid
+            # magic characters"), which the generic exit lines above do not say.
+            cause = explain_failure(proc.log_tail(self.config.limits.log_lines))
+            if cause is not None:
+                status["cause"] = cause
             status["log_tail"] = proc.log_tail(20)
         if proc.stop_reason and proc.api_status == "unloaded":
             status["stop_reason"] = proc.stop_reason
@@ -312,8 +498,9 @@ class Api:
                 "model_alias": "llama-server",
                 "model_path": "none",
                 "default_generation_settings": {"params": None, "n_ctx": 0},
-                "ui_settings": {},
+                "ui_settings": json.loads(self.config.ui_settings),
                 "build_info": self.config.build_info,
+                # The router serves no MCP CORS proxy itself (see DISABLED_FEATURES).
                 "cors_proxy_enabled": False,
             }
         )
@@ -425,12 +612,21 @@ class Api:
         return _is_true(value)
 
     async def proxy_post(self, request: web.Request) -> web.StreamResponse:
+        request = self._for_child(request)  # before the body is read: a clone cannot be made after
         body = await _read_body(request, self.config.limits.max_body_bytes)
         name = _model_from_body(request, body) or self._default_name()
         return await self._route(request, name, body)
 
     async def proxy_get(self, request: web.Request) -> web.StreamResponse:
-        return await self._route(request, request.query.get("model", "") or self._default_name(), None)
+        return await self._route(self._for_child(request), request.query.get("model", "") or self._default_name(), None)
+
+    def _for_child(self, request: web.Request) -> web.Request:
+        """The request as the child sees it: without --api-prefix, which children do not
+        get (the router probes their /health)."""
+        prefix = self.config.api_prefix
+        if not prefix:
+            return request
+        return request.clone(rel_url=request.rel_url.with_path(request.path.removeprefix(prefix) or "/"))
 
     async def _route(self, request: web.Request, name: str, body: bytes | None) -> web.StreamResponse:
         if not name:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from urllib.parse import urlsplit
 
 import aiohttp
 from aiohttp import web
@@ -27,7 +28,7 @@ from ..core.supervisor import Supervisor
 from ..core.watch import Watcher
 from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
 from ..settings.childargs import ChildArgs, keeps_cache
-from ..settings.config import ModelSpec, RouterConfig
+from ..settings.config import CorsPolicy, ModelSpec, RouterConfig
 from . import webui
 from .api import Api, error_body
 from .metrics import RouterMetrics
@@ -93,13 +94,6 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Discover = Callable[[], dict[str, ModelSpec]]
 
 
-_PREFLIGHT = {
-    "Access-Control-Allow-Credentials": "true",
-    "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-    "Access-Control-Allow-Headers": "*",
-}
-
-
 def _error_response(exc: LlamaRouterError) -> web.Response:
     headers = {}
     if exc.retry_after is not None:
@@ -151,14 +145,32 @@ def _authorize(config: RouterConfig, request: web.Request) -> None:
             raise Unauthorized("Invalid API Key")
 
 
-def _cors_origin(config: RouterConfig, request: web.Request) -> str | None:
-    """The Origin to echo in Access-Control-Allow-Origin, or None (CORS off by default)."""
-    origin = request.headers.get("Origin")
-    if not origin or not config.cors_origins:
-        return None
-    if "*" in config.cors_origins or origin in config.cors_origins:
-        return origin
-    return None
+def _is_localhost_origin(origin: str) -> bool:
+    # As upstream: the URL's host is localhost, 127.0.0.1 or ::1, whatever the port.
+    try:
+        host = urlsplit(origin).hostname
+    except ValueError:
+        return False
+    return host in ("localhost", "127.0.0.1", "::1")
+
+
+def cors_headers(cors: CorsPolicy, method: str, origin: str | None) -> dict[str, str]:
+    """The CORS headers llama-server puts on every answer (and, for OPTIONS, the preflight
+    ones), from its settings and the request's Origin."""
+    out: dict[str, str] = {}
+    if cors.credentials and cors.origins == "*":
+        # Echoed whatever it is, even absent (an empty header), as upstream does.
+        out["Access-Control-Allow-Origin"] = origin or ""
+    elif cors.origins == "localhost":
+        if origin and _is_localhost_origin(origin):
+            out["Access-Control-Allow-Origin"] = origin
+    else:
+        out["Access-Control-Allow-Origin"] = cors.origins
+    if method == "OPTIONS":
+        out["Access-Control-Allow-Credentials"] = "true" if cors.credentials else "false"
+        out["Access-Control-Allow-Methods"] = cors.methods
+        out["Access-Control-Allow-Headers"] = cors.headers
+    return out
 
 
 def build_app(
@@ -173,6 +185,10 @@ def build_app(
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         task = active.enter()
         try:
+            if request.method == "OPTIONS":
+                # Preflight, on any path and before the key check (browsers send no key):
+                # an empty 200 carrying the CORS headers, as upstream.
+                return web.Response(status=200, body=b"", content_type="text/html")
             _authorize(config, request)
             return await handler(request)
         except LlamaRouterError as exc:
@@ -182,9 +198,6 @@ def build_app(
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            if request.method == "OPTIONS":
-                # CORS preflight: answered like upstream, without naming an allowed origin.
-                return web.Response(status=200, headers=_PREFLIGHT)
             if exc.status in (404, 405):
                 # Unknown path or method: upstream answers both with this 404.
                 return _error_response(NotFound("File Not Found"))
@@ -197,15 +210,11 @@ def build_app(
         finally:
             active.leave(task)
 
-    async def cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-        if (origin := _cors_origin(config, request)) is not None:
-            response.headers["Access-Control-Allow-Origin"] = origin
-            response.headers["Access-Control-Allow-Credentials"] = "true"
-            response.headers.add("Vary", "Origin")
+    async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(cors_headers(config.cors, request.method, request.headers.get("Origin")))
 
     app = web.Application(middlewares=[errors], client_max_size=config.limits.max_body_bytes)
-    if config.cors_origins:
-        app.on_response_prepare.append(cors_headers)
+    app.on_response_prepare.append(add_cors)
     app[CONFIG] = config
     app[ACTIVE] = active
     metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape)

@@ -160,6 +160,10 @@ _BOOL_FLAGS = {
 }
 
 
+# What `--version` reports, in llama-server's format (build number, commit).
+FAKE_VERSION = "0.0.0-fake (build 7, commit fake)"
+
+
 class ConfigError(Exception):
     pass
 
@@ -1193,6 +1197,10 @@ def _early_signal(signum: int, frame: object) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--version" in argv:
+        # As llama-server: the version on stderr, exit 0, nothing loaded.
+        sys.stderr.write(f"version: {FAKE_VERSION}\nbuilt with python for fake-llama-server\n")
+        return 0
     try:
         opts, cli_knobs = parse_args(argv)
         knobs = load_knobs(opts, cli_knobs)

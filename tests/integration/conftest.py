@@ -74,14 +74,15 @@ async def start_upstream(tmp_path: Path, llama_server_bin: Path) -> AsyncIterato
     started: list[Router] = []
     session = aiohttp.ClientSession(timeout=REQUEST_TIMEOUT)
 
-    async def start(*args: str, env: dict[str, str] | None = None) -> Router:
+    async def start(*args: str, env: dict[str, str] | None = None, health_path: str = "/health") -> Router:
         port = free_port()
         cache = tmp_path / "upstream-hf-cache"
         cache.mkdir(exist_ok=True)
         assert not any(cache.iterdir())
         full_env = dict(os.environ)
         full_env.pop("LLAMA_SERVER_DEBUG_FAKE_TIMING", None)
-        full_env.update({"LLAMA_CACHE": str(cache), **(env or {})})
+        # "{port}" in a value stands for the port chosen here (e.g. AIP_HTTP_PORT).
+        full_env.update({"LLAMA_CACHE": str(cache), **{k: v.replace("{port}", str(port)) for k, v in (env or {}).items()}})
         argv = [str(llama_server_bin), *args, "--port", str(port), "--host", "127.0.0.1"]
         log_path = tmp_path / f"upstream-{port}.log"
         with open(log_path, "wb") as log:
@@ -95,7 +96,7 @@ async def start_upstream(tmp_path: Path, llama_server_bin: Path) -> AsyncIterato
         async def healthy() -> bool:
             if proc.returncode is not None:
                 raise AssertionError(f"upstream router exited with {proc.returncode}:\n{router.log()[-3000:]}")
-            async with session.get(router.url + "/health") as resp:
+            async with session.get(router.url + health_path) as resp:
                 return resp.status == 200
 
         await wait_for(healthy, UPSTREAM_STARTUP_S, interval=0.02, ignore=(aiohttp.ClientError,),
@@ -165,9 +166,9 @@ async def start_pair(
     Upstream is healthy (so its port is bound) before llamarouter picks a free port, so
     the two always listen on different ports."""
 
-    async def start(*args: str) -> Pair:
-        upstream = await start_upstream(*args)
-        ours = await start_router(*args, server_bin=llama_server_bin)
+    async def start(*args: str, env: dict[str, str] | None = None, health_path: str = "/health") -> Pair:
+        upstream = await start_upstream(*args, env=env, health_path=health_path)
+        ours = await start_router(*args, server_bin=llama_server_bin, env=env, health_path=health_path)
         return Pair(upstream, ours)
 
     return start

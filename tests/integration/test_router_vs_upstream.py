@@ -9,14 +9,16 @@ binary must generate the same text through both.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.conftest import Router
+from tests.conftest import ROOT, Router
 from tests.fakes.helpers import wait_for
 from tests.integration.conftest import Pair, StartPair, TinyModels
 
@@ -26,7 +28,7 @@ BASE_ARGS = ("-c", "512", "-np", "1")
 
 #: llamarouter's documented additions to a /models item, and to its `status`.
 OUR_EXTRA_ITEM_KEYS = {"in_flight", "queued", "restarts", "pinned", "last_used"}
-OUR_EXTRA_STATUS_KEYS = {"state", "stop_reason", "error", "log_tail"}
+OUR_EXTRA_STATUS_KEYS = {"state", "stop_reason", "error", "cause", "log_tail"}
 
 #: Per-completion values that differ from one request to the next.
 VOLATILE_COMPLETION_KEYS = {"id", "created", "timings"}
@@ -270,7 +272,7 @@ async def test_router_props_match(start_pair: StartPair, tiny_models: TinyModels
     for who, router in pair.both():
         status, body = await router.get("/props")
         assert status == 200, (who, body)
-        assert isinstance(body.pop("build_info"), str)
+        assert isinstance(body["build_info"], str)
         props[who] = body
     assert props["upstream"]["role"] == "router"
     assert props["upstream"]["max_instances"] == 4 and props["upstream"]["models_autoload"] is True
@@ -392,3 +394,298 @@ async def test_unload_shows_unloaded(
     for who, router in pair.both():
         assert error_view(*await router.post("/models/unload", {"model": "alpha"})) == (
             400, "invalid_request_error", "model is not running"), who
+
+
+# ---------------------------------------------------------------------------
+# 9. the command line: refused the same way, before anything listens
+
+
+async def _run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, cwd=str(cwd),
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode is not None
+    return proc.returncode, (out + err).decode(errors="replace")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--models-dirr", "x"],
+        ["--bogus-flag", "3"],
+        ["--ctx-size", "foo"],
+        ["-c"],
+        ["--ctx-size=512"],
+        ["positional"],
+        ["-c", "512", "--temp", "warm"],
+    ],
+    ids=lambda a: " ".join(a),
+)
+async def test_bad_command_line_is_refused_like_upstream(
+    args: list[str], llama_server_bin: Path, tmp_path: Path
+) -> None:
+    up = await _run_cli([str(llama_server_bin), *args], tmp_path)
+    ours = await _run_cli(
+        [sys.executable, "-m", "llamarouter", "--server-bin", str(llama_server_bin), *args], ROOT)
+    assert up[0] == 1, up
+    assert ours == up
+
+
+# ---------------------------------------------------------------------------
+# 10. /props build_info, CORS, routes, --no-ui (router mode)
+
+
+async def test_router_props_with_ui_config(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models, "--ui-config", '{"theme": "dark", "n": [1, 2]}'))
+    props = {who: (await router.get("/props"))[1] for who, router in pair.both()}
+    assert props["upstream"]["ui_settings"] == {"theme": "dark", "n": [1, 2]}
+    assert props["llamarouter"] == props["upstream"]
+
+
+async def test_build_info_is_the_binarys(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models))
+    infos = {who: (await router.get("/props"))[1]["build_info"] for who, router in pair.both()}
+    assert infos["upstream"] == "b0-unknown"  # this sdist build, in llama_build_info()'s form
+    assert infos["llamarouter"] == infos["upstream"]
+
+
+CORS_HEADERS = (
+    "Access-Control-Allow-Origin", "Access-Control-Allow-Credentials",
+    "Access-Control-Allow-Methods", "Access-Control-Allow-Headers",
+)
+ORIGINS = (
+    None, "http://app.example", "http://localhost:5173", "http://127.0.0.1", "http://[::1]:8000",
+    "https://localhost.example.com",
+)
+
+
+async def cors_view(router: Router) -> list[tuple[Any, ...]]:
+    """What each (method, path, Origin) gets: status and the CORS headers, both on a
+    preflight and on normal answers (a router answer, an error, an unknown path)."""
+    out: list[tuple[Any, ...]] = []
+    for origin in ORIGINS:
+        headers = {"Origin": origin} if origin else {}
+        for method, path in (("OPTIONS", "/v1/chat/completions"), ("OPTIONS", "/no/such"),
+                             ("GET", "/models"), ("GET", "/no/such"), ("POST", "/v1/chat/completions")):
+            async with router.session.request(method, router.url + path, headers=headers, json=None) as resp:
+                await resp.read()
+                out.append((origin, method, path, resp.status,
+                            tuple(resp.headers.get(h) for h in CORS_HEADERS)))
+    return out
+
+
+@pytest.mark.parametrize(
+    "cors_args",
+    [(), ("--cors-origins", "localhost"), ("--cors-origins", "http://app.example"),
+     ("--no-cors-credentials",), ("--cors-methods", "GET", "--cors-headers", "content-type")],
+    ids=["defaults", "localhost", "one origin", "no credentials", "methods and headers"],
+)
+async def test_cors_matches(
+    start_pair: StartPair, tiny_models: TinyModels, cors_args: tuple[str, ...]
+) -> None:
+    pair = await start_pair(*models_args(tiny_models, *cors_args))
+    up, ours = await cors_view(pair.upstream), await cors_view(pair.ours)
+    assert up == ours
+
+
+async def test_every_route_is_served(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models))
+    answers: dict[str, list[tuple[Any, ...]]] = {}
+    for who, router in pair.both():
+        view: list[tuple[Any, ...]] = []
+        for path in ("/chat/completions/input_tokens", "/v1/chat/completions/input_tokens"):
+            view.append((path, *await router.post(path, {"model": "alpha", "messages": MESSAGES})))
+        for method, path in (("GET", "/cors-proxy"), ("POST", "/cors-proxy"), ("GET", "/tools"),
+                             ("POST", "/tools")):
+            async with router.session.request(method, router.url + path, json={}) as resp:
+                view.append((method, path, resp.status, json.loads(await resp.read())))
+        answers[who] = view
+    assert answers["upstream"][0][1] == 200 and answers["upstream"][0][2]["input_tokens"] > 0
+    assert answers["upstream"][2][2:] == (403, {"error": {"message": "this feature is disabled",
+                                                          "type": "feature_disabled"}})
+    assert answers["llamarouter"] == answers["upstream"]
+
+
+async def test_no_ui_serves_no_page(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*models_args(tiny_models, "--no-ui"))
+    for who, router in pair.both():
+        assert error_view(*await router.get("/")) == (404, "not_found_error", "File Not Found"), who
+
+
+# ---------------------------------------------------------------------------
+# 11. single-model mode (-m): llamarouter answers as the model's own llama-server
+
+
+def single_args(models: TinyModels, *extra: str) -> tuple[str, ...]:
+    return ("-m", str(models.alpha), *BASE_ARGS, *extra)
+
+
+async def test_single_model_answers_any_model_name(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*single_args(tiny_models, "--alias", "tiny"))
+    request = {"messages": MESSAGES, "max_tokens": 3, "temperature": 0, "seed": 11}
+    for model in (None, "tiny", "gpt-3.5-turbo", "text-embedding-3-small"):
+        body = request if model is None else {**request, "model": model}
+        (up_status, up), (our_status, ours) = await chat_both(pair, **body)
+        assert up_status == our_status == 200, (model, up, ours)
+        assert normalise_completion(ours) == normalise_completion(up), model
+        for path, payload in (("/tokenize", {"content": "hello"}), ("/apply-template", {"messages": MESSAGES}),
+                              ("/v1/messages/count_tokens", {"messages": MESSAGES})):
+            if model is not None:
+                payload = {**payload, "model": model}
+            up_answer, our_answer = await pair.upstream.post(path, payload), await pair.ours.post(path, payload)
+            assert up_answer[0] == 200, (path, up_answer)
+            assert our_answer == up_answer, (path, model)
+
+
+#: Values a llama-server picks afresh at every start or request (a random media marker).
+VOLATILE_CHILD_KEYS = {"created", "t_start", "id_task", "media_marker"}
+
+
+def _drop_volatile(body: Any) -> Any:
+    if isinstance(body, dict):
+        return {k: _drop_volatile(v) for k, v in body.items() if k not in VOLATILE_CHILD_KEYS}
+    if isinstance(body, list):
+        return [_drop_volatile(v) for v in body]
+    return body
+
+
+async def test_single_model_gets_are_the_childs(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*single_args(tiny_models, "--alias", "b,a,c", "--tags", "t2,t1"))
+    for path in ("/health", "/v1/health", "/props", "/slots", "/metrics", "/lora-adapters", "/models",
+                 "/v1/models", "/no/such/path"):
+        up, ours = await pair.upstream.get(path), await pair.ours.get(path)
+        assert ours[0] == up[0], (path, up, ours)
+        assert _drop_volatile(ours[1]) == _drop_volatile(up[1]), path
+    status, props = await pair.ours.get("/props")
+    assert props["model_path"] == str(tiny_models.alpha) and "is_sleeping" in props
+    assert (await pair.ours.get("/metrics"))[0] == 501  # no --metrics: llama-server's 501
+    status, models = await pair.ours.get("/v1/models")
+    assert [(m["id"], m["aliases"], m["tags"]) for m in models["data"]] == [("a", ["a", "b", "c"], ["t1", "t2"])]
+    # The router's own list and metrics stay reachable on their own paths.
+    status, own = await pair.ours.get("/llamarouter/models")
+    assert status == 200 and own["data"][0]["status"]["value"] == "loaded"
+    status, text = await pair.ours.get("/llamarouter/metrics")
+    assert status == 200 and "llamarouter_" in text
+
+
+async def test_single_model_metrics_with_flag(start_pair: StartPair, tiny_models: TinyModels) -> None:
+    pair = await start_pair(*single_args(tiny_models, "--metrics"))
+    for who, router in pair.both():
+        async with router.session.get(router.url + "/metrics") as resp:
+            assert resp.status == 200, who
+            assert "llamacpp:prompt_tokens_total" in await resp.text(), who
+
+
+# ---------------------------------------------------------------------------
+# 12. a model file that cannot load says why
+
+
+async def test_corrupt_model_failure_says_why(start_pair: StartPair, tmp_path: Path) -> None:
+    models = tmp_path / "broken-models"
+    models.mkdir()
+    (models / "broken.gguf").write_bytes(b"NOPE" + bytes(1020))
+    pair = await start_pair("--models-dir", str(models), *BASE_ARGS)
+    answers = {}
+    for who, router in pair.both():
+        status, body = await router.chat("broken", max_tokens=1)
+        answers[who] = (status, body)
+        item = await router.wait_status("broken", "unloaded")
+        answers[who + " status"] = item["status"]
+    up_status, up_body = answers["upstream"]
+    assert up_status >= 400, up_body
+    assert answers["upstream status"].get("failed") is True
+    ours = answers["llamarouter status"]
+    assert ours.get("failed") is True and ours.get("exit_code") == answers["upstream status"]["exit_code"]
+    # Upstream only says "failed to load"; the cause is in our status (a documented addition).
+    assert ours["cause"] == "invalid magic characters: 'NOPE', expected 'GGUF'"
+
+
+# ---------------------------------------------------------------------------
+# 13. Google Cloud Vertex AI compatibility (AIP_MODE=PREDICTION)
+
+GCP_ENV = {"AIP_MODE": "PREDICTION", "AIP_HTTP_PORT": "{port}", "AIP_HEALTH_ROUTE": "healthz"}
+
+
+@pytest.mark.parametrize("mode", ["router", "single"])
+async def test_gcp_predict_matches(start_pair: StartPair, tiny_models: TinyModels, mode: str) -> None:
+    args = models_args(tiny_models) if mode == "router" else single_args(tiny_models)
+    pair = await start_pair(*args, env=GCP_ENV)
+    chat = {"model": "alpha", "messages": MESSAGES, "max_tokens": 3, "temperature": 0, "seed": 5}
+    body = {"instances": [
+        {"@requestFormat": "chatCompletions", **chat, "stream": True},
+        {"@requestFormat": "/tokenize", "model": "alpha", "content": "hello"},
+        {"@requestFormat": "nope", "model": "alpha"},
+        "not an object",
+        {"model": "alpha"},
+    ]}
+    answers = {}
+    for who, router in pair.both():
+        status, got = await router.post("/predict", body)
+        assert status == 200, (who, got)
+        predictions = got["predictions"]
+        predictions[0] = normalise_completion(predictions[0])
+        answers[who] = predictions
+        assert (await router.get("/healthz"))[0] == 200, who
+        for bad in ({"instances": {}}, [1], {"instances": [{}] * 129}):
+            answers[who].append(error_view(*await router.post("/predict", bad)))
+    up, ours = answers["upstream"], answers["llamarouter"]
+    assert up[2] == {"error": {"code": 400, "message": "no handler registered for @requestFormat: nope",
+                               "type": "invalid_request_error"}}
+    assert ours[0]["object"] == "chat.completion" and ours[1]["tokens"]
+    if mode == "router":
+        # Upstream's router children inherit AIP_MODE and try to listen on the router's own
+        # port, so every model fails to load: a documented difference (docs/api.md).
+        assert up[0] == up[1] == {"error": {"code": 500, "message": "model name=alpha failed to load",
+                                            "type": "server_error"}}
+        up, ours = up[2:], ours[2:]
+    assert ours == up
+
+
+# ---------------------------------------------------------------------------
+# 14. --api-prefix
+
+
+@pytest.mark.parametrize("mode", ["router", "single"])
+async def test_api_prefix_matches(start_pair: StartPair, tiny_models: TinyModels, mode: str) -> None:
+    args = models_args(tiny_models) if mode == "router" else single_args(tiny_models)
+    pair = await start_pair(*args, "--api-prefix", "/llama", health_path="/llama/health")
+    request = {"model": "alpha", "messages": MESSAGES, "max_tokens": 3, "temperature": 0, "seed": 9}
+    answers: dict[str, list[Any]] = {}
+    for who, router in pair.both():
+        view: list[Any] = []
+        status, body = await router.post("/llama/v1/chat/completions", request)
+        view.append((status, normalise_completion(body) if status == 200 else body))
+        view.append(await router.post("/llama/tokenize", {"model": "alpha", "content": "hello"}))
+        view.append((await router.get("/llama/props?model=alpha"))[0])
+        view.append(await router.get("/v1/models"))  # outside the prefix
+        view.append(await router.post("/v1/chat/completions", request))
+        view.append(await router.get("/llama/health"))
+        answers[who] = view
+    assert answers["upstream"][0][0] == 200 and answers["upstream"][3][0] == 404
+    assert answers["llamarouter"] == answers["upstream"]
+
+
+# ---------------------------------------------------------------------------
+# 15. --path: static files in place of the web UI
+
+
+async def test_static_path_matches(start_pair: StartPair, tiny_models: TinyModels, tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    (site / "index.html").write_text("<p>home</p>")
+    (site / "sub" / "a.txt").write_text("hello")
+    (tmp_path / "secret.txt").write_text("secret")
+    pair = await start_pair(*models_args(tiny_models, "--path", str(site)))
+    answers = {}
+    for who, router in pair.both():
+        view = []
+        for path in ("/", "/index.html", "/sub/a.txt", "/sub/missing.txt", "/../secret.txt",
+                     "/sub/../../secret.txt", "/models"):
+            async with router.session.get(router.url + path) as resp:
+                body = await resp.read()
+                view.append((path, resp.status, body if resp.status == 200 and path != "/models" else b""))
+        answers[who] = view
+    assert answers["upstream"][0] == ("/", 200, b"<p>home</p>")
+    assert answers["llamarouter"] == answers["upstream"]

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -26,6 +27,9 @@ def child_of(r: Router, name: str) -> psutil.Process | None:
         except psutil.Error:
             continue
         if "--alias" in cmd and cmd[cmd.index("--alias") + 1] == name:
+            return proc
+        # -m mode without --alias: the child gets no --alias, as a lone llama-server.
+        if "--alias" not in cmd and "--model" in cmd and Path(cmd[cmd.index("--model") + 1]).stem == name:
             return proc
     return None
 
@@ -284,9 +288,37 @@ async def test_sighup_reloads(tmp_path: Path, start_router: StartRouter) -> None
 async def test_single_model_mode_is_supervised(tmp_path: Path, start_router: StartRouter) -> None:
     model = write_fake_model(tmp_path / "solo.gguf")
     r = await start_router("-m", str(model), "-c", "256")
+    r.models_path = "/llamarouter/models"
     await r.wait_status("solo", "loaded")
     assert (await r.chat("solo", max_tokens=1))[0] == 200
     await kill_and_wait_replaced(r, "solo")
+
+
+async def test_single_model_health_says_loading_until_ready(tmp_path: Path, start_router: StartRouter) -> None:
+    # As llama-server: 503 "Loading model" until the model is loaded, then the child's own
+    # answer; every path, any `model` value (or none), goes to the one child.
+    model = write_fake_model(tmp_path / "solo.gguf", load_secs=4)
+    r = await start_router("-m", str(model), wait=False)
+
+    async def health() -> tuple[int, object] | None:
+        try:
+            return await r.get("/health")
+        except aiohttp.ClientError:
+            return None
+
+    first = await wait_for(health, 20, interval=0.02, message="router to listen")
+    assert first == (503, {"error": {"message": "Loading model", "type": "unavailable_error", "code": 503}})
+    await wait_for(lambda: _is_ok(health), 20, interval=0.05, message="the model to load")
+    for model_field in ({}, {"model": "gpt-3.5-turbo"}, {"model": "solo"}):
+        body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 1, **model_field}
+        assert (await r.post("/v1/chat/completions", body))[0] == 200, model_field
+    status, listing = await r.get("/v1/models")
+    assert status == 200 and "status" not in listing["data"][0]  # the child's list, not the router's
+
+
+async def _is_ok(health: Callable[[], Awaitable[tuple[int, object] | None]]) -> bool:
+    got = await health()
+    return got is not None and got[0] == 200
 
 
 async def test_second_signal_forces_exit(tmp_path: Path, start_router: StartRouter) -> None:

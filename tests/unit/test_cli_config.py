@@ -270,7 +270,8 @@ def test_single_model_alias_and_mmproj(tmp_path: Path, environ: dict[str, str], 
     spec = config.single_model
     assert spec is not None
     assert spec.name == "nice-name"
-    assert dict(spec.options) == {"-m": "/w/m.gguf", "-mm": "/w/mmproj.gguf"}
+    # The alias is kept as given: the child gets it (and names itself) as llama-server would.
+    assert dict(spec.options) == {"-m": "/w/m.gguf", "-mm": "/w/mmproj.gguf", "-a": "nice-name"}
     assert option_keys(config) & {"-a", "-mm", "-m"} == set()
 
 

@@ -793,3 +793,56 @@ def test_dedup_cache_models_hides_the_cache_entry_a_preset_covers(tmp_path: Path
     preset.write_text("[mine]\nhf-repo = owner/repo:Q4_K_M\n")
     specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
     assert not specs["owner/repo:Q4_K_M"].hidden  # without the key both stay listed
+
+
+def test_dedup_cache_models_also_covers_draft_and_named_files(tmp_path: Path) -> None:
+    from llamarouter.cli import flag_tables
+    from llamarouter.settings.discovery import Discovery, Sources
+
+    commit = "b" * 40
+    for repo_name, files in (("owner--big", ("big-Q4_K_M.gguf", "big-Q8_0.gguf")),
+                             ("owner--small", ("small-Q4_K_M.gguf",)),
+                             ("owner--other", ("other-Q4_K_M.gguf",))):
+        repo = tmp_path / "cache" / f"models--{repo_name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for f in files:
+            (snap / f).write_bytes(b"GGUF")
+    preset = tmp_path / "p.ini"
+    preset.write_text(
+        "[spec]\nhf-repo = owner/big\nhf-file = big-Q8_0.gguf\n"
+        "spec-draft-hf = owner/small:q4_k_m\ndedup-cache-models = true\n"
+    )
+    specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
+    hidden = sorted(name for name, spec in specs.items() if spec.hidden)
+    # The file hf-file names and the draft repo are covered; the repo's other file and an
+    # unrelated repo stay listed.
+    assert hidden == ["owner/big:Q8_0", "owner/small:Q4_K_M"]
+    assert not specs["owner/big:Q4_K_M"].hidden and not specs["owner/other:Q4_K_M"].hidden
+
+
+def test_dedup_cache_models_untagged_repo_hides_its_default_file(tmp_path: Path) -> None:
+    # As upstream resolves an untagged repo: Q4_K_M, else Q8_0, else the first file.
+    from llamarouter.cli import flag_tables
+    from llamarouter.settings.discovery import Discovery, Sources
+
+    commit = "c" * 40
+    for repo_name, files in (("owner--multi", ("m-F16.gguf", "m-Q8_0.gguf", "m-Q4_K_M.gguf")),
+                             ("owner--one", ("one-F32.gguf",))):
+        repo = tmp_path / "cache" / f"models--{repo_name}"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(commit)
+        snap = repo / "snapshots" / commit
+        snap.mkdir(parents=True)
+        for f in files:
+            (snap / f).write_bytes(b"GGUF")
+    preset = tmp_path / "p.ini"
+    preset.write_text("[a]\nhf-repo = owner/multi\nspec-draft-hf = owner/one\ndedup-cache-models = 1\n")
+    specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
+    assert sorted(name for name, spec in specs.items() if spec.hidden) == ["owner/multi:Q4_K_M", "owner/one:F32"]
+    # From the global section too, as upstream.
+    preset.write_text("[*]\ndedup-cache-models = 1\n\n[a]\nhf-repo = owner/multi\n")
+    specs = Discovery(Sources(None, preset, tmp_path / "cache"), flag_tables()[1])()
+    assert sorted(name for name, spec in specs.items() if spec.hidden) == ["owner/multi:Q4_K_M"]
