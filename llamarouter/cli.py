@@ -104,6 +104,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--admin-api-key", "LLAMAROUTER_ADMIN_API_KEY", "router.admin_api_key", "str",
             "key(s), comma-separated, required for /models/load, /models/unload, "
             "/models?reload=1 and /models/logs (also accepted everywhere else)"),
+    Setting("--ui-dir", "LLAMAROUTER_UI_DIR", "router.ui_dir", "path",
+            "built llama.cpp web UI to serve at / (default: .webui/dist of the checkout, "
+            "made by bin/build-webui; --no-ui serves the dashboard there instead)"),
 )
 
 EXTRA_OPTIONS: tuple[Opt, ...] = tuple(Opt((s.flag,), (), s.env, 1) for s in SETTINGS)
@@ -317,6 +320,7 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         fake_timing=fake_timing,
         child_env=child_env,
         build_info=f"llamarouter-{__version__}",
+        ui_dir=_ui_dir(router.get("ui_dir"), get("--path"), negated.get("--ui", False)),
     )
     if single is not None:
         fixed = {single.name: single}
@@ -324,6 +328,18 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
     else:
         discovery = Discovery(Sources(config.models_dir, config.models_preset, config.cache_dir), table)
     return config, discovery, table
+
+
+def _ui_dir(given: object, static_path: str | None, no_ui: bool) -> Path | None:
+    """The llama.cpp UI to serve: --ui-dir, else upstream's --path, else the checkout's build."""
+    if no_ui:
+        return None
+    if isinstance(given, Path):
+        return given
+    if static_path:
+        return Path(static_path)
+    built = Path(__file__).resolve().parent.parent / ".webui" / "dist"
+    return built if (built / "index.html").is_file() else None
 
 
 def _csv(value: object) -> tuple[str, ...]:

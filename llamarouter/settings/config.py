@@ -77,6 +77,9 @@ class Limits:
     ttl: float | None = None
     # --memory-budget auto: device memory minus this margin (bytes).
     memory_margin: int = 1024 * 1024 * 1024
+    # The dashboard's timeline (GET /dashboard/history): seconds kept, and bucket width.
+    history_span: float = 900.0
+    history_step: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -137,3 +140,5 @@ class RouterConfig:
     # Environment given to children (the router's, minus router-only LLAMA_ARG_* names).
     child_env: tuple[tuple[str, str], ...] = ()
     build_info: str = ""
+    # Built llama.cpp web UI (bin/build-webui) served at `/`; None = serve the dashboard there.
+    ui_dir: Path | None = None

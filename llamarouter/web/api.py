@@ -35,7 +35,6 @@ from ..core.process import ModelProcess
 from .proxy import Proxy
 from ..core.states import State
 from ..core.supervisor import Supervisor
-from . import webui
 
 # Routes upstream proxies by the body's "model" (server.cpp, router branch).
 PROXIED_POST = (
@@ -140,11 +139,16 @@ class Api:
         r.add_post("/models", self.download)
         r.add_delete("/models", self.delete)
         r.add_get("/openapi.json", self.openapi)
+        # Upstream's router answers these llama.cpp UI endpoints with 403 unless server tools
+        # or the MCP proxy are configured (server.cpp); the UI then hides those features.
+        for path in ("/tools", "/cors-proxy"):
+            r.add_get(path, self.feature_disabled)
+            r.add_post(path, self.feature_disabled)
+        r.add_get("/dashboard/history", self.history)
         for path in PROXIED_POST:
             r.add_post(path, self.proxy_post)
         for path in PROXIED_GET:
             r.add_get(path, self.proxy_get)
-        webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
 
     # ----------------------------------------------------------------- own endpoints
     async def health(self, request: web.Request) -> web.Response:
@@ -314,6 +318,14 @@ class Api:
         if memory is not None:
             body.update(memory.report(procs))
         return _json(body)
+
+    async def feature_disabled(self, request: web.Request) -> web.Response:
+        # Upstream's exact body: no `code` field in this one.
+        return _json({"error": {"message": "this feature is disabled", "type": "feature_disabled"}}, 403)
+
+    async def history(self, request: web.Request) -> web.Response:
+        """The dashboard's timeline: the last minutes of requests, memory and load events."""
+        return _json(self.metrics.history_snapshot(self.sup))
 
     async def openapi(self, request: web.Request) -> web.Response:
         """docs/openapi.yaml (shipped as llamarouter/web/openapi.yaml) as JSON."""

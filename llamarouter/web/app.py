@@ -16,13 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 from aiohttp import web
 
-from . import webui
+from . import llamaui, webui
 from .api import Api, error_body
 from ..settings.childargs import ChildArgs
 from ..settings.config import ModelSpec, RouterConfig
-from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
+from ..errors import ConfigError, LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
 from ..core.launcher import Launcher, OsLauncher
 from ..core.memory import MemoryManager
+from .history import History
 from .metrics import RouterMetrics
 from .proxy import Proxy
 from ..core.statedir import StateDir
@@ -38,7 +39,8 @@ METRICS = web.AppKey("metrics", RouterMetrics)
 # the probes too, since kubelets and load balancers send no credentials.
 # The web UI's static files are public too (upstream exempts its UI assets); the UI's own
 # API calls send the key.
-_PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/livez", "/readyz", *webui.PUBLIC_PATHS})
+# The llama.cpp UI's files are added to these when it is built (build_app).
+_PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/livez", "/readyz", "/", "/sw.js", *webui.PUBLIC_PATHS})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Discover = Callable[[], dict[str, ModelSpec]]
@@ -87,8 +89,8 @@ def _is_admin_request(request: web.Request) -> bool:
     return method == "GET" and path in ("/models", "/v1/models") and bool(request.query.get("reload", ""))
 
 
-def _authorize(config: RouterConfig, request: web.Request) -> None:
-    if request.path in _PUBLIC_PATHS or request.method == "OPTIONS":
+def _authorize(config: RouterConfig, request: web.Request, public: frozenset[str] = _PUBLIC_PATHS) -> None:
+    if request.path in public or request.method == "OPTIONS":
         return
     if config.admin_api_keys and _is_admin_request(request):
         if not _key_ok(config, request, config.admin_api_keys):
@@ -112,6 +114,15 @@ def _cors_origin(config: RouterConfig, request: web.Request) -> str | None:
     return None
 
 
+def _llama_ui(config: RouterConfig) -> llamaui.LlamaUi | None:
+    if config.ui_dir is None:
+        return None
+    try:
+        return llamaui.LlamaUi(config.ui_dir)
+    except OSError as exc:
+        raise ConfigError(f"--ui-dir: {exc}") from None
+
+
 def build_app(
     config: RouterConfig,
     discover: Discover,
@@ -121,7 +132,7 @@ def build_app(
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            _authorize(config, request)
+            _authorize(config, request, public)
             return await handler(request)
         except LlamaRouterError as exc:
             return _error_response(exc)
@@ -153,9 +164,18 @@ def build_app(
     if config.cors_origins:
         app.on_response_prepare.append(cors_headers)
     app[CONFIG] = config
-    metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape)
+    history = History(config.limits.history_span, config.limits.history_step)
+    metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape, history)
     api = Api(config, child_args, metrics)
     api.add_routes(app)  # the router freezes before startup, so routes go in now
+    public = _PUBLIC_PATHS
+    ui = _llama_ui(config)
+    if ui is not None:
+        ui.add_routes(app)  # `/` is llama.cpp's UI; the dashboard stays at /dashboard/
+        public = public | ui.public_paths
+    else:
+        app.router.add_get("/sw.js", llamaui.sw_remove)
+    webui.add_routes(app, at_root=ui is None)
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state_dir = StateDir(config.state_dir) if config.state_dir is not None else None

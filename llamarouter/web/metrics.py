@@ -23,6 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..core.states import State
+from .history import History
 
 if TYPE_CHECKING:
     from ..core.process import ModelProcess
@@ -49,15 +50,17 @@ class RequestTiming:
     """Filled in by the proxy when the child's response headers arrive (time to first
     byte as the client sees it, queueing and loading included)."""
 
-    __slots__ = ("start", "headers_at")
+    __slots__ = ("start", "headers_at", "events")
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.headers_at = 0.0
+        self.events = 0  # `data:` events relayed (streamed responses only)
 
 
 class RouterMetrics:
-    def __init__(self, scrape_timeout: float) -> None:
+    def __init__(self, scrape_timeout: float, history: History | None = None) -> None:
+        self.history = history
         self.registry = CollectorRegistry(auto_describe=True)
         self._scrape_timeout = scrape_timeout
         r = self.registry
@@ -116,6 +119,11 @@ class RouterMetrics:
         hists[0].observe(now - timing.start)
         if timing.headers_at:
             hists[1].observe(timing.headers_at - timing.start)
+        if self.history is not None:
+            ttft = timing.headers_at - timing.start if timing.headers_at else None
+            # The final event and the `[DONE]` line carry no token.
+            tokens = max(0, timing.events - 2) if timing.events else None
+            self.history.request(model, code < 400, ttft, tokens)
 
     # ----------------------------------------------------------------- lifecycle events
     def on_state(self, proc: ModelProcess, old: State, new: State) -> None:
@@ -132,6 +140,33 @@ class RouterMetrics:
             self.restarts.labels(name).inc()
         elif new == State.STOPPING:
             self.evictions.labels(name, proc.stop_reason or "unknown").inc()
+        if self.history is not None:
+            self._history_mark(proc, old, new)
+
+    def _history_mark(self, proc: ModelProcess, old: State, new: State) -> None:
+        assert self.history is not None
+        if new == State.STARTING:
+            self.history.mark(proc.name, "load")
+        elif new == State.READY and old == State.STARTING:
+            self.history.mark(proc.name, "loaded")
+            if proc.measured_bytes is not None:
+                self.history.memory(proc.name, proc.measured_bytes)
+        elif new == State.STOPPING:
+            self.history.mark(proc.name, proc.stop_reason or "stop")
+        elif old in _RUNNING and new in _CRASH_TARGETS:
+            self.history.mark(proc.name, "crash")
+
+    def history_snapshot(self, sup: Supervisor) -> dict[str, object]:
+        """The timeline, after sampling the memory of every running model (so memory is
+        recorded while the dashboard watches, and at each load)."""
+        if self.history is None:
+            return {"buckets": [], "marks": []}
+        for proc in sup.models.values():
+            if proc.state == State.READY:
+                nbytes = proc.measured_bytes or sup.rss_of(proc)
+                if nbytes:
+                    self.history.memory(proc.name, nbytes)
+        return self.history.snapshot()
 
     # ----------------------------------------------------------------- scrape
     async def render(self, sup: Supervisor, session: aiohttp.ClientSession) -> bytes:

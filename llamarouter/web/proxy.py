@@ -107,12 +107,16 @@ class Proxy:
         if timing is not None:
             timing.headers_at = now  # time to first byte: the same clock read, no extra cost
         try:
-            return await self._relay(request, proc, upstream)
+            return await self._relay(request, proc, upstream, timing)
         finally:
             await upstream_cm.__aexit__(None, None, None)
 
     async def _relay(
-        self, request: web.Request, proc: ModelProcess, upstream: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        proc: ModelProcess,
+        upstream: aiohttp.ClientResponse,
+        timing: RequestTiming | None = None,
     ) -> web.StreamResponse:
         headers = _response_headers(upstream)
         length = upstream.content_length
@@ -128,6 +132,9 @@ class Proxy:
         await resp.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
+                if timing is not None:
+                    # Streamed events, about one per generated token (the dashboard's tokens/s).
+                    timing.events += chunk.count(b"data: ")
                 await resp.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientConnectionError, TimeoutError) as exc:
