@@ -27,6 +27,7 @@ from ..errors import (
     InvalidRequest,
     LlamaRouterError,
     ModelNotFound,
+    NotFound,
     PayloadTooLarge,
     UpstreamError,
 )
@@ -144,6 +145,12 @@ class Api:
         for path in ("/tools", "/cors-proxy"):
             r.add_get(path, self.feature_disabled)
             r.add_post(path, self.feature_disabled)
+        # Resumable streams: upstream's router maps X-Conversation-Id to the owning child. We
+        # keep no such map, so we answer as upstream does when its map is empty; the UI then
+        # simply does not offer to resume.
+        r.add_post("/v1/streams/lookup", self.streams_lookup)
+        r.add_get("/v1/stream", self.stream_get)
+        r.add_delete("/v1/stream", self.stream_delete)
         r.add_get("/dashboard/history", self.history)
         for path in PROXIED_POST:
             r.add_post(path, self.proxy_post)
@@ -322,6 +329,20 @@ class Api:
     async def feature_disabled(self, request: web.Request) -> web.Response:
         # Upstream's exact body: no `code` field in this one.
         return _json({"error": {"message": "this feature is disabled", "type": "feature_disabled"}}, 403)
+
+    async def streams_lookup(self, request: web.Request) -> web.Response:
+        await _json_body(request, self.config.limits.max_body_bytes)
+        return _json([])
+
+    async def stream_get(self, request: web.Request) -> web.Response:
+        if not request.query.get("conv_id"):
+            raise InvalidRequest("Missing conversation id in path")
+        raise NotFound("Stream not found or expired")
+
+    async def stream_delete(self, request: web.Request) -> web.Response:
+        if not request.query.get("conv_id"):
+            raise InvalidRequest("Missing conversation id in path")
+        return web.Response(status=204, content_type="application/json")
 
     async def history(self, request: web.Request) -> web.Response:
         """The dashboard's timeline: the last minutes of requests, memory and load events."""

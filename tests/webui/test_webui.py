@@ -7,31 +7,16 @@ overrides the path). Waiting is Playwright's auto-waiting `expect(...)` and
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Locator, Page, expect
 
 from tests.conftest import Router, StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
+from tests.webui.conftest import T
 
 pytestmark = pytest.mark.webui
-
-CHROMIUM = os.environ.get("LLAMAROUTER_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-T = 15_000  # ms, for Playwright's auto-waiting
-
 
 def tokens(n: int) -> str:
     return " ".join(f"tok{i}" for i in range(n))
@@ -44,43 +29,11 @@ def models_dir(tmp_path: Path, **models: dict) -> Path:
     return d
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (or set LLAMAROUTER_CHROMIUM)")
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh profile per test; fails the test on a script error or a CSP violation."""
-    context = await browser.new_context(viewport={"width": 1400, "height": 900})
-    pg = await context.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-
-    def on_console(msg: ConsoleMessage) -> None:
-        if msg.type == "error" and "Content Security Policy" in msg.text:
-            problems.append(f"console: {msg.text}")
-
-    pg.on("console", on_console)
-    try:
-        yield pg
-    finally:
-        await context.close()
-    assert not problems, problems
-
-
-def row(page: Page, model: str):  # noqa: ANN201 - a Playwright Locator
+def row(page: Page, model: str) -> Locator:
     return page.locator(f'#models tbody tr[data-model="{model}"]')
 
 
-def status_word(page: Page, model: str):  # noqa: ANN201
+def status_word(page: Page, model: str) -> Locator:
     return row(page, model).locator("td.status .word")
 
 

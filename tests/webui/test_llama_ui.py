@@ -1,0 +1,131 @@
+"""llama.cpp's own web UI, built by bin/build-webui, driven against llamarouter.
+
+The router runs the real llama-server with two generated models. The test does what a user
+does: pick a model, send a message, read the streamed answer, switch to the other model
+mid-conversation, and see it load and answer. Screenshots of the UI go to docs/img/.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from playwright.async_api import Page, Request, expect
+
+from llamarouter.devtools.tinymodel import write_model
+from tests.conftest import ROOT, StartRouter
+from tests.integration.conftest import llama_server_bin  # noqa: F401 - a fixture, used by name
+from tests.webui.conftest import shoot
+
+pytestmark = pytest.mark.webui
+
+UI_DIR = ROOT / ".webui" / "dist"
+# The real model loads and answers within seconds; the margin is for 2 busy CI cores.
+T = 60_000
+
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("ui-models")
+    write_model(root / "alpha.gguf", seed=1)
+    write_model(root / "beta.gguf", seed=2)
+    return root
+
+
+@pytest.fixture
+def ui_dir() -> Path:
+    if not (UI_DIR / "index.html").is_file():
+        pytest.fail(f"llama.cpp's web UI is not built in {UI_DIR}: run `make webui`")
+    return UI_DIR
+
+
+async def test_static_files_like_upstream(start_router: StartRouter, two_models: Path, ui_dir: Path) -> None:
+    r = await start_router("--models-dir", str(two_models), "--ui-dir", str(ui_dir), "--api-key", "k")
+    async with r.session.get(r.url + "/") as resp:  # public, like upstream's embedded UI
+        assert resp.status == 200 and resp.content_type == "text/html"
+        assert resp.headers["Cache-Control"] == "no-cache"
+        assert resp.headers["Cross-Origin-Opener-Policy"] == "same-origin"
+        assert resp.headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+        etag = resp.headers["ETag"]
+        html = await resp.text()
+    assert html == (ui_dir / "index.html").read_text()
+    async with r.session.get(r.url + "/", headers={"If-None-Match": etag}) as resp:
+        assert resp.status == 304
+    bundle = next((ui_dir / "_app" / "immutable").glob("bundle.*.js")).name
+    async with r.session.get(f"{r.url}/_app/immutable/{bundle}") as resp:
+        assert resp.status == 200 and resp.content_type == "text/javascript"
+        assert resp.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    async with r.session.get(r.url + "/sw.js") as resp:
+        assert resp.status == 200 and resp.headers["Cache-Control"] == "no-cache"
+    # The dashboard moved aside; the API still needs the key.
+    async with r.session.get(r.url + "/dashboard/") as resp:
+        assert resp.status == 200 and "/dashboard/app.js" in await resp.text()
+    assert (await r.get("/v1/models"))[0] == 401
+    # The endpoints the UI probes answer as upstream's router does without tools or MCP.
+    r.headers["Authorization"] = "Bearer k"
+    assert await r.get("/tools") == (
+        403, {"error": {"message": "this feature is disabled", "type": "feature_disabled"}}
+    )
+    assert await r.post("/v1/streams/lookup", {"conversation_ids": ["x"]}) == (200, [])
+
+
+async def test_conversation_across_two_models(
+    start_router: StartRouter,
+    two_models: Path,
+    ui_dir: Path,
+    llama_server_bin: Path,  # noqa: F811 - the imported fixture
+    page: Page,
+) -> None:
+    r = await start_router(
+        "--models-dir", str(two_models), "--ui-dir", str(ui_dir), "-c", "512", "-n", "24",
+        server_bin=llama_server_bin,
+    )
+    chats: list[Request] = []
+    page.on("request", lambda req: chats.append(req) if req.url.endswith("/v1/chat/completions") else None)
+    await page.goto(r.url + "/")
+    main = page.get_by_role("main")
+    composer_model = main.get_by_role("button", name="alpha", exact=True).last
+    await expect(composer_model).to_be_visible(timeout=T)  # the first model is preselected
+    await shoot(page, "llama-ui")
+
+    # Turn 1 with alpha: its load is started by the request itself.
+    box = main.get_by_role("textbox", name="Type a message...")
+    await box.fill("Hello, alpha")
+    await box.press("Enter")
+    answers = main.get_by_role("group", name="Assistant message with actions")
+    await expect(answers).to_have_count(1, timeout=T)
+    first = answers.nth(0)
+    await expect(first.get_by_role("button", name="Regenerate")).to_be_visible(timeout=T)
+    await expect(first.get_by_role("button", name="alpha", exact=True)).to_be_visible()
+    assert (await first.locator("p").first.inner_text()).strip()
+    assert await r.status_of("alpha") == "loaded"
+
+    # Switch to beta in the composer: the menu lists both, from the router's /v1/models.
+    await main.get_by_role("button", name="alpha", exact=True).last.click()
+    menu = page.get_by_role("menu").last
+    await expect(menu.get_by_role("option", name="beta", exact=False)).to_be_visible(timeout=T)
+    await menu.get_by_role("button", name="beta", exact=True).click()
+    await expect(main.get_by_role("button", name="beta", exact=True).last).to_be_visible(timeout=T)
+
+    # Turn 2 with beta: it loads and answers; the conversation keeps turn 1.
+    await box.fill("And now you, beta")
+    await box.press("Enter")
+    await expect(answers).to_have_count(2, timeout=T)
+    second = answers.nth(1)
+    await expect(second.get_by_role("button", name="Regenerate")).to_be_visible(timeout=T)
+    await expect(second.get_by_role("button", name="beta", exact=True)).to_be_visible()
+    assert (await second.locator("p").first.inner_text()).strip()
+    assert await r.status_of("beta") == "loaded"
+
+    # Both turns went through the router as streamed chat completions for the chosen model,
+    # the second one with the whole conversation.
+    bodies = [json.loads(req.post_data or "{}") for req in chats]
+    assert [b.get("model") for b in bodies] == ["alpha", "beta"], bodies
+    assert all(b.get("stream") is True for b in bodies)
+    assert [m["role"] for m in bodies[1]["messages"]][-3:] == ["user", "assistant", "user"]
+    for req in chats:
+        resp = await req.response()
+        assert resp is not None and resp.status == 200
+        assert (await resp.header_value("content-type") or "").startswith("text/event-stream")
+    await shoot(page, "llama-ui-chat")
