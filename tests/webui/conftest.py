@@ -7,6 +7,8 @@ apt-get; LLAMAROUTER_CHROMIUM overrides the path).
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -74,3 +76,38 @@ async def shoot(page: Page, name: str, height: int = 900) -> None:
         await page.screenshot(path=DOCS_IMG / f"{name}-{width}.png")
     if old is not None:
         await page.set_viewport_size(old)
+
+
+# axe-core, the accessibility checker, comes from the npm registry at a pinned version into
+# the git-ignored .webui/ folder, once; nothing of it is committed.
+AXE_VERSION = "4.10.3"
+AXE_DIR = Path(__file__).resolve().parents[2] / ".webui" / "test-tools"
+NPM_INSTALL_TIMEOUT = 300
+
+
+@pytest.fixture(scope="session")
+def axe_source() -> str:
+    js = AXE_DIR / "node_modules" / "axe-core" / "axe.min.js"
+    if not js.is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.fail("npm is missing: the accessibility scan installs axe-core with it")
+        subprocess.run(
+            [npm, "install", "--no-save", "--no-audit", "--no-fund", "--prefix", str(AXE_DIR),
+             f"axe-core@{AXE_VERSION}"],
+            check=True, timeout=NPM_INSTALL_TIMEOUT,
+        )
+    return js.read_text(encoding="utf-8")
+
+
+async def axe_violations(page: Page, axe_js: str) -> list[dict[str, object]]:
+    """Serious and critical axe-core violations on the page (the context must bypass CSP,
+    since axe is injected as an inline script)."""
+    await page.add_script_tag(content=axe_js)
+    found: list[dict[str, object]] = await page.evaluate(
+        """async () => (await axe.run(document, {resultTypes: ['violations']})).violations
+             .filter(v => v.impact === 'serious' || v.impact === 'critical')
+             .map(v => ({id: v.id, impact: v.impact, help: v.help,
+                         nodes: v.nodes.map(n => n.target.join(' '))}))"""
+    )
+    return found
