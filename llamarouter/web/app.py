@@ -168,14 +168,11 @@ def build_app(
     metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape, history)
     api = Api(config, child_args, metrics)
     api.add_routes(app)  # the router freezes before startup, so routes go in now
-    public = _PUBLIC_PATHS
+    # `/` is llama.cpp's UI when built, else the dashboard; the dashboard is at /dashboard/.
     ui = _llama_ui(config)
-    if ui is not None:
-        ui.add_routes(app)  # `/` is llama.cpp's UI; the dashboard stays at /dashboard/
-        public = public | ui.public_paths
-    else:
-        app.router.add_get("/sw.js", llamaui.sw_remove)
     webui.add_routes(app, at_root=ui is None)
+    llamaui.add_routes(app, ui)  # last: its `/{path}` must not shadow any other route
+    public = _PUBLIC_PATHS | ui.public_paths if ui is not None else _PUBLIC_PATHS
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         state_dir = StateDir(config.state_dir) if config.state_dir is not None else None

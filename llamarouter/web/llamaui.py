@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import mimetypes
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -88,20 +87,30 @@ class LlamaUi:
         charset = "utf-8" if ctype.startswith(_TEXT) else None
         return web.Response(body=body, content_type=ctype, charset=charset, headers=headers)
 
-    def add_routes(self, app: web.Application) -> None:
-        def handler(name: str) -> Callable[[web.Request], Awaitable[web.Response]]:
-            async def serve(request: web.Request) -> web.Response:
-                return self._serve(request, name)
+    async def index(self, request: web.Request) -> web.Response:
+        return self._serve(request, "index.html")
 
-            return serve
-
-        app.router.add_get("/", handler("index.html"))
-        for name in self.files:
-            app.router.add_get("/" + name, handler(name))
+    async def asset(self, request: web.Request) -> web.Response:
+        name = request.match_info["path"]
+        if name not in self.files:
+            raise web.HTTPNotFound()
+        return self._serve(request, name)
 
 
-async def sw_remove(request: web.Request) -> web.Response:
+async def _no_ui_asset(request: web.Request) -> web.Response:
+    if request.match_info["path"] != "sw.js":
+        raise web.HTTPNotFound()
+    # What upstream answers for /sw.js when its UI is off (see SW_REMOVE).
     return web.Response(
         body=SW_REMOVE, content_type="text/javascript", charset="utf-8",
         headers={"Cache-Control": "no-cache"},
     )
+
+
+def add_routes(app: web.Application, ui: LlamaUi | None) -> None:
+    """`/` and `/{path}` for the UI's files, or only the self-removing /sw.js without a UI
+    (the dashboard then takes `/`). Registered after every other route, which therefore
+    wins; an unknown path still gets the usual 404."""
+    if ui is not None:
+        app.router.add_get("/", ui.index)
+    app.router.add_get("/{path:.+}", ui.asset if ui is not None else _no_ui_asset)

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Page, Request, expect
+from playwright.async_api import Locator, Page, Request, expect
 
 from llamarouter.devtools.tinymodel import write_model
 from tests.conftest import ROOT, StartRouter
@@ -38,6 +38,21 @@ def ui_dir() -> Path:
     if not (UI_DIR / "index.html").is_file():
         pytest.fail(f"llama.cpp's web UI is not built in {UI_DIR}: run `make webui`")
     return UI_DIR
+
+
+async def send(page: Page, box: Locator, text: str) -> int:
+    """Send a message; return the number of tokens the child says it generated, after
+    checking that the answer came as a stream of several events."""
+    await box.fill(text)
+    async with page.expect_response(lambda r: r.url.endswith("/v1/chat/completions"), timeout=T) as info:
+        await box.press("Enter")
+    resp = await info.value
+    events = [line[6:] for line in (await resp.text()).splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]", events[-3:]
+    chunks = [json.loads(e) for e in events[:-1]]
+    pieces = [c["choices"][0]["delta"].get("content") for c in chunks if c.get("choices")]
+    assert sum(1 for p in pieces if p) >= 3, chunks  # token by token, not one block
+    return int(next(c["timings"]["predicted_n"] for c in reversed(chunks) if "timings" in c))
 
 
 async def test_static_files_like_upstream(start_router: StartRouter, two_models: Path, ui_dir: Path) -> None:
@@ -78,7 +93,7 @@ async def test_conversation_across_two_models(
     page: Page,
 ) -> None:
     r = await start_router(
-        "--models-dir", str(two_models), "--ui-dir", str(ui_dir), "-c", "512", "-n", "24",
+        "--models-dir", str(two_models), "--ui-dir", str(ui_dir), "-c", "512", "-n", "24", "--seed", "7",
         server_bin=llama_server_bin,
     )
     chats: list[Request] = []
@@ -91,12 +106,11 @@ async def test_conversation_across_two_models(
 
     # Turn 1 with alpha: its load is started by the request itself.
     box = main.get_by_role("textbox", name="Type a message...")
-    await box.fill("Hello, alpha")
-    await box.press("Enter")
     answers = main.get_by_role("group", name="Assistant message with actions")
-    await expect(answers).to_have_count(1, timeout=T)
+    predicted = await send(page, box, "Hello, alpha")
     first = answers.nth(0)
-    await expect(first.get_by_role("button", name="Regenerate")).to_be_visible(timeout=T)
+    # The UI shows the child's own count of generated tokens once the stream has ended.
+    await expect(first.get_by_role("button", name=f"{predicted} tokens", exact=True)).to_be_visible(timeout=T)
     await expect(first.get_by_role("button", name="alpha", exact=True)).to_be_visible()
     assert (await first.locator("p").first.inner_text()).strip()
     assert await r.status_of("alpha") == "loaded"
@@ -109,11 +123,11 @@ async def test_conversation_across_two_models(
     await expect(main.get_by_role("button", name="beta", exact=True).last).to_be_visible(timeout=T)
 
     # Turn 2 with beta: it loads and answers; the conversation keeps turn 1.
-    await box.fill("And now you, beta")
-    await box.press("Enter")
+    predicted = await send(page, box, "And now you, beta")
     await expect(answers).to_have_count(2, timeout=T)
     second = answers.nth(1)
-    await expect(second.get_by_role("button", name="Regenerate")).to_be_visible(timeout=T)
+    await expect(second.get_by_role("button", name=f"{predicted} tokens", exact=True)).to_be_visible(timeout=T)
+    await expect(page.get_by_text("Model loaded: beta")).to_be_visible(timeout=T)  # from /models/sse
     await expect(second.get_by_role("button", name="beta", exact=True)).to_be_visible()
     assert (await second.locator("p").first.inner_text()).strip()
     assert await r.status_of("beta") == "loaded"
