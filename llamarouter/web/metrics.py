@@ -46,16 +46,34 @@ _RUNNING = frozenset({State.STARTING, State.READY})
 _CRASH_TARGETS = frozenset({State.BACKOFF, State.FAILED, State.STOPPED})
 
 
+# llama-server ends each completion (the last event of a stream, or the whole JSON answer)
+# with `"timings":{..."predicted_n":N,...}`: the tokens it generated.
+PREDICTED_MARK = b'"predicted_n":'
+
+
+def predicted_tokens(data: bytes) -> int | None:
+    """N from the last `"predicted_n":N` in data (None when absent or cut off)."""
+    at = data.rfind(PREDICTED_MARK)
+    if at < 0:
+        return None
+    start = at + len(PREDICTED_MARK)
+    end = start
+    while end < len(data) and data[end] in b" 0123456789":
+        end += 1
+    digits = data[start:end].strip()
+    return int(digits) if digits and end < len(data) else None
+
+
 class RequestTiming:
     """Filled in by the proxy when the child's response headers arrive (time to first
     byte as the client sees it, queueing and loading included)."""
 
-    __slots__ = ("start", "headers_at", "events")
+    __slots__ = ("headers_at", "start", "tokens")
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.headers_at = 0.0
-        self.events = 0  # `data:` events relayed (streamed responses only)
+        self.tokens = 0  # generated tokens, as the child reported them (see predicted_tokens)
 
 
 class RouterMetrics:
@@ -121,9 +139,7 @@ class RouterMetrics:
             hists[1].observe(timing.headers_at - timing.start)
         if self.history is not None:
             ttft = timing.headers_at - timing.start if timing.headers_at else None
-            # The final event and the `[DONE]` line carry no token.
-            tokens = max(0, timing.events - 2) if timing.events else None
-            self.history.request(model, code < 400, ttft, tokens)
+            self.history.request(model, code < 400, ttft, timing.tokens or None)
 
     # ----------------------------------------------------------------- lifecycle events
     def on_state(self, proc: ModelProcess, old: State, new: State) -> None:

@@ -18,7 +18,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..errors import ChildUnreachable, UpstreamError
-from .metrics import RequestTiming
+from .metrics import PREDICTED_MARK, RequestTiming, predicted_tokens
 from ..core.process import ModelProcess
 
 log = logging.getLogger("llamarouter.web.proxy")
@@ -125,6 +125,8 @@ class Proxy:
                 data = await upstream.read()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise UpstreamError(f"proxy error: {_describe(exc)}") from exc
+            if timing is not None and PREDICTED_MARK in data:
+                timing.tokens = predicted_tokens(data) or 0
             return web.Response(status=upstream.status, body=data, headers=headers)
 
         headers["X-Accel-Buffering"] = "no"
@@ -132,9 +134,8 @@ class Proxy:
         await resp.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
-                if timing is not None:
-                    # Streamed events, about one per generated token (the dashboard's tokens/s).
-                    timing.events += chunk.count(b"data: ")
+                if timing is not None and PREDICTED_MARK in chunk:
+                    timing.tokens = predicted_tokens(chunk) or timing.tokens
                 await resp.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientConnectionError, TimeoutError) as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llamarouter.web.history import History, percentile
+from llamarouter.web.metrics import predicted_tokens
 
 
 class Clock:
@@ -76,3 +77,12 @@ def test_bad_settings_are_refused() -> None:
         History(span=10, step=0)
     with pytest.raises(ValueError):
         History(span=1, step=5)
+
+
+def test_predicted_tokens_from_the_childs_timings() -> None:
+    last_event = b'data: {"choices":[],"timings":{"prompt_n":5,"predicted_n":24,"predicted_ms":3.1}}\n\n'
+    assert predicted_tokens(last_event) == 24
+    assert predicted_tokens(b'{"timings": {"predicted_n": 7}}') == 7
+    assert predicted_tokens(b'"predicted_n":3,"x":1,"predicted_n":9}') == 9  # the last one
+    assert predicted_tokens(b"data: [DONE]") is None
+    assert predicted_tokens(b'"predicted_n":12') is None  # cut off: the number may go on

@@ -155,3 +155,41 @@ async def test_dashboard_at_root_says_how_to_build_the_chat_ui(
     await expect(page.locator("#conn")).to_have_text("live", timeout=T)
     await expect(page.locator("#ui-note")).to_be_hidden()
     await expect(page.get_by_role("link", name="Chat (llama.cpp web UI)")).to_have_attribute("href", "/")
+
+
+async def test_ui_endpoints_answer_like_upstream_and_history_is_recorded(
+    tmp_path: Path, start_router: StartRouter
+) -> None:
+    d = tmp_path / "models"
+    write_fake_model(d / "alpha.gguf", tokens=10)
+    r = await start_router("--models-dir", str(d), "--no-ui")
+    # What llama.cpp's UI probes, answered as upstream's router does without tools, MCP
+    # proxy or known resumable streams.
+    disabled = {"error": {"message": "this feature is disabled", "type": "feature_disabled"}}
+    assert await r.get("/tools") == (403, disabled)
+    assert await r.post("/tools", {}) == (403, disabled)
+    assert await r.get("/cors-proxy") == (403, disabled)
+    assert await r.post("/v1/streams/lookup", {"conversation_ids": ["c1"]}) == (200, [])
+    assert (await r.get("/v1/stream?conv_id=c1"))[0] == 404
+    assert (await r.get("/v1/stream"))[0] == 400
+    async with r.session.delete(r.url + "/v1/stream?conv_id=c1") as resp:
+        assert resp.status == 204
+    async with r.session.get(r.url + "/sw.js") as resp:  # no UI: a worker that removes itself
+        assert resp.status == 200 and "unregister()" in await resp.text()
+
+    status, body = await r.chat("alpha", stream=True)
+    assert status == 200, body
+    status, body = await r.chat("alpha")
+    assert status == 200, body
+    status, hist = await r.get("/dashboard/history")
+    assert status == 200
+    assert hist["span"] == 900 and hist["step"] == 5
+    alpha = [b["models"]["alpha"] for b in hist["buckets"] if "alpha" in b["models"]]
+    assert sum(m["requests"] for m in alpha) == 2
+    assert sum(m["errors"] for m in alpha) == 0
+    # Tokens as the child reports them at the end of each answer, streamed or not.
+    assert sum(m["tokens"] for m in alpha) == 20
+    assert all(m["ttft_p95"] >= m["ttft_p50"] > 0 for m in alpha if "ttft_p50" in m)
+    assert any("memory_bytes" in m for m in alpha)  # sampled by this very read
+    kinds = [(m["model"], m["kind"]) for m in hist["marks"]]
+    assert kinds[:2] == [("alpha", "load"), ("alpha", "loaded")], kinds

@@ -77,12 +77,10 @@ async def test_static_files_like_upstream(start_router: StartRouter, two_models:
     async with r.session.get(r.url + "/dashboard/") as resp:
         assert resp.status == 200 and "/dashboard/app.js" in await resp.text()
     assert (await r.get("/v1/models"))[0] == 401
-    # The endpoints the UI probes answer as upstream's router does without tools or MCP.
+    assert (await r.get("/_app/nothing.js"))[0] == 401  # not a file of the UI: not public
     r.headers["Authorization"] = "Bearer k"
-    assert await r.get("/tools") == (
-        403, {"error": {"message": "this feature is disabled", "type": "feature_disabled"}}
-    )
-    assert await r.post("/v1/streams/lookup", {"conversation_ids": ["x"]}) == (200, [])
+    status, body = await r.get("/_app/nothing.js")
+    assert status == 404 and body["error"]["message"] == "File Not Found"
 
 
 async def test_conversation_across_two_models(
@@ -107,7 +105,7 @@ async def test_conversation_across_two_models(
     # Turn 1 with alpha: its load is started by the request itself.
     box = main.get_by_role("textbox", name="Type a message...")
     answers = main.get_by_role("group", name="Assistant message with actions")
-    predicted = await send(page, box, "Hello, alpha")
+    predicted = alpha_tokens = await send(page, box, "Hello, alpha")
     first = answers.nth(0)
     # The UI shows the child's own count of generated tokens once the stream has ended.
     await expect(first.get_by_role("button", name=f"{predicted} tokens", exact=True)).to_be_visible(timeout=T)
@@ -143,3 +141,12 @@ async def test_conversation_across_two_models(
         assert resp is not None and resp.status == 200
         assert (await resp.header_value("content-type") or "").startswith("text/event-stream")
     await shoot(page, "llama-ui-chat")
+
+    # The dashboard's timeline counted the streamed tokens as llama-server did.
+    status, hist = await r.get("/dashboard/history")
+    assert status == 200
+    counted = {
+        name: sum(b["models"][name]["tokens"] for b in hist["buckets"] if name in b["models"])
+        for name in ("alpha", "beta")
+    }
+    assert counted == {"alpha": alpha_tokens, "beta": predicted}, counted
