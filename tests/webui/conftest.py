@@ -27,6 +27,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 T = 15_000  # ms, for Playwright's auto-waiting
+LOCALE = {"locale": "en-US", "timezone_id": "UTC"}
 
 
 @pytest.fixture
@@ -44,7 +45,8 @@ async def browser() -> AsyncIterator[Browser]:
 @pytest.fixture
 async def page(browser: Browser) -> AsyncIterator[Page]:
     """A fresh profile per test; fails the test on a script error or a CSP violation."""
-    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    # A fixed locale and time zone keep screenshots and formatted times alike across hosts.
+    context = await browser.new_context(viewport={"width": 1400, "height": 900}, **LOCALE)
     pg = await context.new_page()
     problems: list[str] = []
     pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))

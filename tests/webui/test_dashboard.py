@@ -14,7 +14,7 @@ from playwright.async_api import Browser, Locator, Page, expect
 
 from tests.conftest import Router, StartRouter
 from tests.fakes.helpers import write_fake_model
-from tests.webui.conftest import WIDTHS, T, axe_violations, shoot
+from tests.webui.conftest import LOCALE, WIDTHS, T, axe_violations, shoot
 
 pytestmark = pytest.mark.webui
 
@@ -28,7 +28,7 @@ def row(page: Page, model: str) -> Locator:
 @pytest.fixture
 async def csp_free_page(browser: Browser) -> AsyncIterator[Page]:
     # axe-core is injected as an inline script, which the dashboard's CSP rightly refuses.
-    context = await browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True)
+    context = await browser.new_context(viewport={"width": 1280, "height": 900}, bypass_csp=True, **LOCALE)
     page = await context.new_page()
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -100,7 +100,6 @@ async def test_conversation_across_two_models(
     main = page.get_by_role("main")
     composer_model = main.get_by_role("button", name="alpha", exact=True).last
     await expect(composer_model).to_be_visible(timeout=T)  # the first model is preselected
-    await shoot(page, "llama-ui")
 
     # Turn 1 with alpha: its load is started by the request itself.
     box = main.get_by_role("textbox", name="Type a message...")

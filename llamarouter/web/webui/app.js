@@ -556,6 +556,10 @@
   async function refreshTimeline() {
     clearTimeout(timelineTimer);
     let step = 5;
+    if (document.hidden) { // nobody looks: read again when the page is shown
+      document.addEventListener("visibilitychange", refreshTimeline, { once: true });
+      return;
+    }
     try {
       const hist = await (await api("/dashboard/history")).json();
       step = hist.step || step;
