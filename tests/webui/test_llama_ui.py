@@ -101,7 +101,14 @@ async def test_conversation_across_two_models(
     composer_model = main.get_by_role("button", name="alpha", exact=True).last
     await expect(composer_model).to_be_visible(timeout=T)  # the first model is preselected
 
-    # Turn 1 with alpha: its load is started by the request itself.
+    # Pick alpha from the composer's model menu (the router's /v1/models): it loads at once.
+    await composer_model.click()
+    menu = page.get_by_role("menu").last
+    await menu.get_by_role("button", name="alpha", exact=True).click()
+    await expect(page.get_by_text("Model loaded: alpha")).to_be_visible(timeout=T)  # from /models/sse
+    assert await r.status_of("alpha") == "loaded"
+
+    # Turn 1 with alpha.
     box = main.get_by_role("textbox", name="Type a message...")
     answers = main.get_by_role("group", name="Assistant message with actions")
     predicted = alpha_tokens = await send(page, box, "Hello, alpha")
@@ -118,13 +125,14 @@ async def test_conversation_across_two_models(
     await expect(menu.get_by_role("option", name="beta", exact=False)).to_be_visible(timeout=T)
     await menu.get_by_role("button", name="beta", exact=True).click()
     await expect(main.get_by_role("button", name="beta", exact=True).last).to_be_visible(timeout=T)
+    await expect(page.get_by_text("Model loaded: beta")).to_be_visible(timeout=T)
+    await r.wait_status("beta", "loaded")  # loaded on choosing it, before any message
 
     # Turn 2 with beta: it loads and answers; the conversation keeps turn 1.
     predicted = await send(page, box, "And now you, beta")
     await expect(answers).to_have_count(2, timeout=T)
     second = answers.nth(1)
     await expect(second.get_by_role("button", name=f"{predicted} tokens", exact=True)).to_be_visible(timeout=T)
-    await expect(page.get_by_text("Model loaded: beta")).to_be_visible(timeout=T)  # from /models/sse
     await expect(second.get_by_role("button", name="beta", exact=True)).to_be_visible()
     assert (await second.locator("p").first.inner_text()).strip()
     assert await r.status_of("beta") == "loaded"
