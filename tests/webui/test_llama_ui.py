@@ -2,7 +2,8 @@
 
 The router runs the real llama-server with two generated models. The test does what a user
 does: pick a model, send a message, read the streamed answer, switch to the other model
-mid-conversation, and see it load and answer. Screenshots of the UI go to docs/img/.
+mid-conversation, and see it load and answer; and Stop a long answer (a slow fake child).
+Screenshots of the UI go to docs/img/.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from playwright.async_api import Locator, Page, Request, expect
 
 from llamarouter.devtools.tinymodel import write_model
 from tests.conftest import ROOT, StartRouter
+from tests.fakes.helpers import wait_for, write_fake_model
 from tests.integration.conftest import llama_server_bin  # noqa: F401 - a fixture, used by name
 from tests.webui.conftest import shoot
 
@@ -157,3 +159,28 @@ async def test_conversation_across_two_models(
         for name in ("alpha", "beta")
     }
     assert counted == {"alpha": alpha_tokens, "beta": predicted}, counted
+
+
+async def test_stop_ends_the_request_at_the_router(
+    tmp_path: Path, start_router: StartRouter, ui_dir: Path, page: Page
+) -> None:
+    # A fake child that streams 5000 tokens at 40 per second: two minutes unless stopped.
+    d = tmp_path / "models"
+    write_fake_model(d / "long.gguf", tokens=5000, tps=40)
+    r = await start_router("--models-dir", str(d), "--ui-dir", str(ui_dir))
+    await page.goto(r.url + "/")
+    main = page.get_by_role("main")
+    box = main.get_by_role("textbox", name="Type a message...")
+    await box.fill("Go on forever")
+    await box.press("Enter")
+    answer = main.get_by_role("group", name="Assistant message with actions").locator("p").first
+    await expect(answer).to_contain_text("tok5 ", timeout=T)
+    assert (await r.models())["long"]["in_flight"] == 1
+    await main.get_by_role("button", name="Stop", exact=True).click()
+    await expect(main.get_by_role("button", name="Stop", exact=True)).to_be_hidden(timeout=T)
+
+    async def released() -> bool:
+        return (await r.models())["long"]["in_flight"] == 0
+
+    await wait_for(released, 10, message="the stopped request to be released by the router")
+    assert "tok4999" not in await answer.inner_text()
