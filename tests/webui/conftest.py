@@ -63,8 +63,6 @@ async def page(browser: Browser) -> AsyncIterator[Page]:
     assert not problems, problems
 
 
-
-
 DOCS_IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 WIDTHS = (1280, 800)
 
