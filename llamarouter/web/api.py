@@ -342,7 +342,7 @@ class Api:
     async def stream_delete(self, request: web.Request) -> web.Response:
         if not request.query.get("conv_id"):
             raise InvalidRequest("Missing conversation id in path")
-        return web.Response(status=204, content_type="application/json")
+        return web.Response(status=204)
 
     async def history(self, request: web.Request) -> web.Response:
         """The dashboard's timeline: the last minutes of requests, memory and load events."""
