@@ -6,6 +6,7 @@ Fake children (tests/fakes) stand in for llama-server; screenshots go to docs/im
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -193,3 +194,24 @@ async def test_ui_endpoints_answer_like_upstream_and_history_is_recorded(
     assert any("memory_bytes" in m for m in alpha)  # sampled by this very read
     kinds = [(m["model"], m["kind"]) for m in hist["marks"]]
     assert kinds[:2] == [("alpha", "load"), ("alpha", "loaded")], kinds
+
+
+async def test_a_name_too_long_for_the_table_turns_it_into_cards(
+    tmp_path: Path, start_router: StartRouter, page: Page
+) -> None:
+    very_long = "mistral-small-3.2-24b-instruct-2506-ud-q4_k_xl-with-a-long-finetune-suffix-v2"
+    d = tmp_path / "models"
+    write_fake_model(d / "alpha.gguf")
+    write_fake_model(d / f"{very_long}.gguf")
+    r = await start_router("--models-dir", str(d))
+    await page.set_viewport_size({"width": 1280, "height": 900})
+    await page.goto(r.url + "/dashboard/")
+    await expect(page.locator("#models tbody tr")).to_have_count(2, timeout=T)
+    await expect(page.locator(".table-wrap")).to_have_class(re.compile(r"\bcards\b"))
+    await no_sideways_scroll(page)
+    button = row(page, very_long).get_by_role("button", name=f"Show the log of {very_long}", exact=True)
+    box = await button.bounding_box()
+    assert box is not None and box["x"] + box["width"] <= 1280
+    # On a wide enough screen it is a table again.
+    await page.set_viewport_size({"width": 2400, "height": 900})
+    await expect(page.locator(".table-wrap")).not_to_have_class(re.compile(r"\bcards\b"), timeout=T)

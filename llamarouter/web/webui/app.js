@@ -331,6 +331,15 @@
     }
     setTableMessage(items.length ? "" : "No models found.");
     renderModelSelect();
+    fitTable();
+  }
+
+  // The table while it fits its panel, else cards (see style.css): the widths depend on the
+  // names and the window, so this is measured rather than guessed with a media query.
+  function fitTable() {
+    const wrap = document.querySelector(".table-wrap");
+    wrap.classList.remove("cards");
+    if (wrap.scrollWidth > wrap.clientWidth + 1) wrap.classList.add("cards");
   }
 
   function renderBudget(mem) {
@@ -795,6 +804,12 @@
       $("ui-note").hidden = false;
       $("chat-nav").hidden = true;
     }
+    // Only a change of width can change the fit (rows re-fit in render()).
+    let fittedWidth = 0;
+    new ResizeObserver(([entry]) => {
+      const width = Math.round(entry.contentRect.width);
+      if (width !== fittedWidth) { fittedWidth = width; fitTable(); }
+    }).observe(document.querySelector(".table-wrap"));
     connectEvents();
     refreshTimeline();
   }
