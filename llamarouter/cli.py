@@ -140,6 +140,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--canary-timeout", "LLAMAROUTER_CANARY_TIMEOUT", "timeouts.canary_timeout", "float",
             "seconds a canary completion may take before it counts as failed (--health-failures "
             "failed canaries in a row replace the child)"),
+    Setting("--ui-dir", "LLAMAROUTER_UI_DIR", "router.ui_dir", "path",
+            "built llama.cpp web UI to serve at / (default: .webui/dist of the checkout, "
+            "made by bin/build-webui; --no-ui serves the dashboard there instead)"),
 )
 
 EXTRA_OPTIONS: tuple[Opt, ...] = tuple(
@@ -399,6 +402,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
         build_info=f"llamarouter-{__version__}",
         gcp_predict_route=gcp[0] if gcp is not None else None,
         gcp_health_route=gcp[1] if gcp is not None else None,
+        # --path is served as upstream serves it (a directory at /), not as the UI build.
+        ui_dir=_ui_dir(router.get("ui_dir"), None, negated.get(_K_UI, False) or single is not None),
     )
     if single is not None:
         fixed = {single.name: single}
@@ -474,6 +479,16 @@ def _cors_policy(values: Mapping[str, tuple[str, ...]], negated: Mapping[str, bo
         headers=headers[0] if headers else default.headers,
         credentials=not negated.get("--cors-credentials", False),
     )
+def _ui_dir(given: object, static_path: str | None, no_ui: bool) -> Path | None:
+    """The llama.cpp UI to serve: --ui-dir, else upstream's --path, else the checkout's build."""
+    if no_ui:
+        return None
+    if isinstance(given, Path):
+        return given
+    if static_path:
+        return Path(static_path)
+    built = Path(__file__).resolve().parent.parent / ".webui" / "dist"
+    return built if (built / "index.html").is_file() else None
 
 
 def _csv(value: object) -> tuple[str, ...]:

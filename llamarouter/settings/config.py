@@ -116,6 +116,9 @@ class Limits:
     sleep_idle: float | None = None
     # Vertex AI predict route: most instances one request may carry (llama-server's limit).
     predict_instances: int = 128
+    # The dashboard's timeline (GET /dashboard/history): seconds kept, and bucket width.
+    history_span: float = 900.0
+    history_step: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -219,3 +222,5 @@ class RouterConfig:
     def hosts(self) -> tuple[str, ...]:
         """--host as llama-server reads it: comma-separated addresses (or .sock paths)."""
         return tuple(h.strip() for h in self.host.split(",") if h.strip())
+    # Built llama.cpp web UI (bin/build-webui) served at `/`; None = serve the dashboard there.
+    ui_dir: Path | None = None

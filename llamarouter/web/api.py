@@ -30,12 +30,12 @@ from ..errors import (
     InvalidRequest,
     LlamaRouterError,
     ModelNotFound,
+    NotFound,
     PayloadTooLarge,
     UpstreamError,
 )
 from ..settings.childargs import ChildArgs
 from ..settings.config import RouterConfig
-from . import webui
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .proxy import Proxy
 
@@ -210,6 +210,13 @@ class Api:
         r.add_get("/props", self.props)
         r.add_post("/models", self.download)
         r.add_delete("/models", self.delete)
+        # Resumable streams: upstream's router maps X-Conversation-Id to the owning child. We
+        # keep no such map, so we answer as upstream does when its map is empty; the UI then
+        # simply does not offer to resume.
+        r.add_post("/v1/streams/lookup", self.streams_lookup)
+        r.add_get("/v1/stream", self.stream_get)
+        r.add_delete("/v1/stream", self.stream_delete)
+        r.add_get("/dashboard/history", self.history)
         for path in PROXIED_POST:
             r.add_post(path, self.proxy_post)
         for path in PROXIED_GET:
@@ -221,8 +228,6 @@ class Api:
             # --path: that directory at /, instead of the built-in UI (registered last, so
             # the API's own paths win).
             r.add_get("/{tail:.*}", self.static_file)
-        elif self.config.webui and not self.config.api_prefix:
-            webui.add_routes(app)  # GET / and /webui/{name}: the built-in UI (docs/webui.md)
 
     # ----------------------------------------------------------------- single-model mode
     async def single_health(self, request: web.Request) -> web.StreamResponse:
@@ -552,6 +557,24 @@ class Api:
         if memory is not None:
             body.update(memory.report(procs))
         return _json(body)
+
+    async def streams_lookup(self, request: web.Request) -> web.Response:
+        await _json_body(request, self.config.limits.max_body_bytes)
+        return _json([])
+
+    async def stream_get(self, request: web.Request) -> web.Response:
+        if not request.query.get("conv_id"):
+            raise InvalidRequest("Missing conversation id in path")
+        raise NotFound("Stream not found or expired")
+
+    async def stream_delete(self, request: web.Request) -> web.Response:
+        if not request.query.get("conv_id"):
+            raise InvalidRequest("Missing conversation id in path")
+        return web.Response(status=204)
+
+    async def history(self, request: web.Request) -> web.Response:
+        """The dashboard's timeline: the last minutes of requests, memory and load events."""
+        return _json(self.metrics.history_snapshot(self.sup))
 
     async def openapi(self, request: web.Request) -> web.Response:
         """docs/openapi.yaml (shipped as llamarouter/web/openapi.yaml) as JSON."""

@@ -26,11 +26,12 @@ from ..core.probes import HttpProbe
 from ..core.statedir import StateDir
 from ..core.supervisor import Supervisor
 from ..core.watch import Watcher
-from ..errors import LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
+from ..errors import ConfigError, LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
 from ..settings.childargs import ChildArgs, keeps_cache
 from ..settings.config import CorsPolicy, ModelSpec, RouterConfig
-from . import webui
+from . import llamaui, webui
 from .api import Api, error_body
+from .history import History
 from .metrics import RouterMetrics
 from .proxy import Proxy
 
@@ -88,7 +89,8 @@ METRICS = web.AppKey("metrics", RouterMetrics)
 # the probes too, since kubelets and load balancers send no credentials.
 # The web UI's static files are public too (upstream exempts its UI assets); the UI's own
 # API calls send the key.
-_PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/livez", "/readyz", *webui.PUBLIC_PATHS})
+# The llama.cpp UI's files are added to these when it is built (build_app).
+_PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/livez", "/readyz", "/", "/sw.js", *webui.PUBLIC_PATHS})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 Discover = Callable[[], dict[str, ModelSpec]]
@@ -130,8 +132,8 @@ def _is_admin_request(request: web.Request) -> bool:
     return method == "GET" and path in ("/models", "/v1/models") and bool(request.query.get("reload", ""))
 
 
-def _authorize(config: RouterConfig, request: web.Request) -> None:
-    if request.path in _PUBLIC_PATHS or request.method == "OPTIONS":
+def _authorize(config: RouterConfig, request: web.Request, public: frozenset[str] = _PUBLIC_PATHS) -> None:
+    if request.path in public or request.method == "OPTIONS":
         return
     if config.admin_api_keys and _is_admin_request(request):
         if not _key_ok(config, request, config.admin_api_keys):
@@ -173,6 +175,15 @@ def cors_headers(cors: CorsPolicy, method: str, origin: str | None) -> dict[str,
     return out
 
 
+def _llama_ui(config: RouterConfig) -> llamaui.LlamaUi | None:
+    if config.ui_dir is None:
+        return None
+    try:
+        return llamaui.LlamaUi(config.ui_dir)
+    except OSError as exc:
+        raise ConfigError(f"--ui-dir: {exc}") from None
+
+
 def build_app(
     config: RouterConfig,
     discover: Discover,
@@ -189,7 +200,7 @@ def build_app(
                 # Preflight, on any path and before the key check (browsers send no key):
                 # an empty 200 carrying the CORS headers, as upstream.
                 return web.Response(status=200, body=b"", content_type="text/html")
-            _authorize(config, request)
+            _authorize(config, request, public)
             return await handler(request)
         except LlamaRouterError as exc:
             return _error_response(exc)
@@ -217,9 +228,24 @@ def build_app(
     app.on_response_prepare.append(add_cors)
     app[CONFIG] = config
     app[ACTIVE] = active
-    metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape)
+    history = History(config.limits.history_span, config.limits.history_step)
+    metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape, history)
     api = Api(config, child_args, metrics)
     api.add_routes(app)  # the router freezes before startup, so routes go in now
+    # `/` is llama.cpp's UI when built, else the dashboard; the dashboard is at /dashboard/.
+    # Router mode with its UI on: `/` is llama.cpp's UI when built, else the dashboard; the
+    # dashboard is also at /dashboard/. In -m/-hf mode `/` is the child's own UI, with
+    # --path it is that directory, and --no-ui or --api-prefix serve no UI (as llama-server).
+    public = _PUBLIC_PATHS
+    if (
+        config.single_model is None and config.webui and not config.api_prefix
+        and config.static_path is None
+    ):
+        ui = _llama_ui(config)
+        webui.add_routes(app, at_root=ui is None)
+        llamaui.add_routes(app, ui)  # last: its `/{path}` must not shadow any other route
+        if ui is not None:
+            public = _PUBLIC_PATHS | ui.public_paths
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         # Settings that can fail come first, so a bad one leaves nothing to undo; after that

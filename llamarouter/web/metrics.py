@@ -23,6 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from ..core.states import State
+from .history import History
 
 if TYPE_CHECKING:
     from ..core.kvcache import KvCache
@@ -46,19 +47,39 @@ _RUNNING = frozenset({State.STARTING, State.READY})
 _CRASH_TARGETS = frozenset({State.BACKOFF, State.FAILED, State.STOPPED})
 
 
+# llama-server ends each completion (the last event of a stream, or the whole JSON answer)
+# with `"timings":{..."predicted_n":N,...}`: the tokens it generated.
+PREDICTED_MARK = b'"predicted_n":'
+
+
+def predicted_tokens(data: bytes) -> int | None:
+    """N from the last `"predicted_n":N` in data (None when absent or cut off)."""
+    at = data.rfind(PREDICTED_MARK)
+    if at < 0:
+        return None
+    start = at + len(PREDICTED_MARK)
+    end = start
+    while end < len(data) and data[end] in b" 0123456789":
+        end += 1
+    digits = data[start:end].strip()
+    return int(digits) if digits and end < len(data) else None
+
+
 class RequestTiming:
     """Filled in by the proxy when the child's response headers arrive (time to first
     byte as the client sees it, queueing and loading included)."""
 
-    __slots__ = ("headers_at", "start")
+    __slots__ = ("headers_at", "start", "tokens")
 
     def __init__(self) -> None:
         self.start = time.monotonic()
         self.headers_at = 0.0
+        self.tokens = 0  # generated tokens, as the child reported them (see predicted_tokens)
 
 
 class RouterMetrics:
-    def __init__(self, scrape_timeout: float) -> None:
+    def __init__(self, scrape_timeout: float, history: History | None = None) -> None:
+        self.history = history
         self.registry = CollectorRegistry(auto_describe=True)
         self._scrape_timeout = scrape_timeout
         r = self.registry
@@ -121,6 +142,9 @@ class RouterMetrics:
         hists[0].observe(now - timing.start)
         if timing.headers_at:
             hists[1].observe(timing.headers_at - timing.start)
+        if self.history is not None:
+            ttft = timing.headers_at - timing.start if timing.headers_at else None
+            self.history.request(model, code < 400, ttft, timing.tokens or None)
 
     # ----------------------------------------------------------------- lifecycle events
     def on_state(self, proc: ModelProcess, old: State, new: State) -> None:
@@ -137,6 +161,33 @@ class RouterMetrics:
             self.restarts.labels(name).inc()
         elif new == State.STOPPING:
             self.evictions.labels(name, proc.stop_reason or "unknown").inc()
+        if self.history is not None:
+            self._history_mark(proc, old, new)
+
+    def _history_mark(self, proc: ModelProcess, old: State, new: State) -> None:
+        assert self.history is not None
+        if new == State.STARTING:
+            self.history.mark(proc.name, "load")
+        elif new == State.READY and old == State.STARTING:
+            self.history.mark(proc.name, "loaded")
+            if proc.measured_bytes is not None:
+                self.history.memory(proc.name, proc.measured_bytes)
+        elif new == State.STOPPING:
+            self.history.mark(proc.name, proc.stop_reason or "stop")
+        elif old in _RUNNING and new in _CRASH_TARGETS:
+            self.history.mark(proc.name, "crash")
+
+    def history_snapshot(self, sup: Supervisor) -> dict[str, object]:
+        """The timeline, after sampling the memory of every running model (so memory is
+        recorded while the dashboard watches, and at each load)."""
+        if self.history is None:
+            return {"buckets": [], "marks": []}
+        for proc in sup.models.values():
+            if proc.state == State.READY:
+                nbytes = proc.measured_bytes or sup.rss_of(proc)
+                if nbytes:
+                    self.history.memory(proc.name, nbytes)
+        return self.history.snapshot()
 
     # ----------------------------------------------------------------- scrape
     async def render(self, sup: Supervisor, session: aiohttp.ClientSession) -> bytes:

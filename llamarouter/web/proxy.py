@@ -19,7 +19,7 @@ from multidict import CIMultiDict
 
 from ..core.process import ModelProcess
 from ..errors import ChildUnreachable, UpstreamError
-from .metrics import RequestTiming
+from .metrics import PREDICTED_MARK, RequestTiming, predicted_tokens
 
 log = logging.getLogger("llamarouter.web.proxy")
 
@@ -107,12 +107,16 @@ class Proxy:
         if timing is not None:
             timing.headers_at = now  # time to first byte: the same clock read, no extra cost
         try:
-            return await self._relay(request, proc, upstream)
+            return await self._relay(request, proc, upstream, timing)
         finally:
             await upstream_cm.__aexit__(None, None, None)
 
     async def _relay(
-        self, request: web.Request, proc: ModelProcess, upstream: aiohttp.ClientResponse
+        self,
+        request: web.Request,
+        proc: ModelProcess,
+        upstream: aiohttp.ClientResponse,
+        timing: RequestTiming | None = None,
     ) -> web.StreamResponse:
         headers = _response_headers(upstream)
         length = upstream.content_length
@@ -121,6 +125,8 @@ class Proxy:
                 data = await upstream.read()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 raise UpstreamError(f"proxy error: {_describe(exc)}") from exc
+            if timing is not None and PREDICTED_MARK in data:
+                timing.tokens = predicted_tokens(data) or 0
             return web.Response(status=upstream.status, body=data, headers=headers)
 
         headers["X-Accel-Buffering"] = "no"
@@ -128,6 +134,8 @@ class Proxy:
         await resp.prepare(request)
         try:
             async for chunk in upstream.content.iter_any():
+                if timing is not None and PREDICTED_MARK in chunk:
+                    timing.tokens = predicted_tokens(chunk) or timing.tokens
                 await resp.write(chunk)
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientConnectionError, TimeoutError) as exc:

@@ -7,31 +7,16 @@ overrides the path). Waiting is Playwright's auto-waiting `expect(...)` and
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright, expect
+from playwright.async_api import Locator, Page, expect
 
 from tests.conftest import Router, StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
+from tests.webui.conftest import T
 
 pytestmark = pytest.mark.webui
-
-CHROMIUM = os.environ.get("LLAMAROUTER_CHROMIUM", "/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless=new",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-T = 15_000  # ms, for Playwright's auto-waiting
-
 
 def tokens(n: int) -> str:
     return " ".join(f"tok{i}" for i in range(n))
@@ -44,58 +29,28 @@ def models_dir(tmp_path: Path, **models: dict) -> Path:
     return d
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: run `make browser` (or set LLAMAROUTER_CHROMIUM)")
-    async with async_playwright() as pw:
-        b = await pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield b
-        finally:
-            await b.close()
-
-
-@pytest.fixture
-async def page(browser: Browser) -> AsyncIterator[Page]:
-    """A fresh profile per test; fails the test on a script error or a CSP violation."""
-    context = await browser.new_context(viewport={"width": 1400, "height": 900})
-    pg = await context.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-
-    def on_console(msg: ConsoleMessage) -> None:
-        if msg.type == "error" and "Content Security Policy" in msg.text:
-            problems.append(f"console: {msg.text}")
-
-    pg.on("console", on_console)
-    try:
-        yield pg
-    finally:
-        await context.close()
-    assert not problems, problems
-
-
-def row(page: Page, model: str):  # noqa: ANN201 - a Playwright Locator
+def row(page: Page, model: str) -> Locator:
     return page.locator(f'#models tbody tr[data-model="{model}"]')
 
 
-def status_word(page: Page, model: str):  # noqa: ANN201
+def status_word(page: Page, model: str) -> Locator:
     return row(page, model).locator("td.status .word")
 
 
 async def open_ui(page: Page, router: Router) -> None:
-    await page.goto(router.url + "/")
+    await page.goto(router.url + "/dashboard/")
     await expect(page.locator("#conn")).to_have_text("live", timeout=T)
 
 
 async def test_static_files_are_public_typed_and_cached(tmp_path: Path, start_router: StartRouter) -> None:
-    r = await start_router("--models-dir", str(models_dir(tmp_path, a={})), "--api-key", "k")
+    # --no-ui: the dashboard is served at `/` as well, as when llama.cpp's UI is not built.
+    r = await start_router("--models-dir", str(models_dir(tmp_path, a={})), "--api-key", "k", "--no-ui")
     for path, ctype in [
         ("/", "text/html"),
-        ("/webui/index.html", "text/html"),
-        ("/webui/app.js", "text/javascript"),
-        ("/webui/style.css", "text/css"),
+        ("/dashboard/", "text/html"),
+        ("/dashboard/index.html", "text/html"),
+        ("/dashboard/app.js", "text/javascript"),
+        ("/dashboard/style.css", "text/css"),
     ]:
         async with r.session.get(r.url + path) as resp:  # no key: the UI must load
             assert resp.status == 200, path
@@ -109,15 +64,15 @@ async def test_static_files_are_public_typed_and_cached(tmp_path: Path, start_ro
     async with r.session.get(r.url + "/") as resp:
         assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
         html = await resp.text()
-    assert '<script src="/webui/app.js"' in html and "://" not in html  # nothing external
+    assert '<script src="/dashboard/app.js"' in html and "://" not in html  # nothing external
     assert len(body) > 0
     # Everything else still needs the key, and only the three files are served.
     assert (await r.get("/models"))[0] == 401
-    assert (await r.get("/webui/__init__.py"))[0] == 401
+    assert (await r.get("/dashboard/__init__.py"))[0] == 401
     r.headers["Authorization"] = "Bearer k"
-    status, got = await r.get("/webui/__init__.py")
+    status, got = await r.get("/dashboard/__init__.py")
     assert status == 404 and got["error"]["type"] == "not_found_error"
-    assert (await r.get("/webui/%2e%2e/api.py"))[0] == 404
+    assert (await r.get("/dashboard/%2e%2e/api.py"))[0] == 404
 
 
 async def test_table_is_live_and_load_unload_logs_work(
@@ -232,7 +187,7 @@ async def test_stop_aborts_a_long_stream(tmp_path: Path, start_router: StartRout
 
 async def test_api_key_is_asked_for_and_kept(tmp_path: Path, start_router: StartRouter, page: Page) -> None:
     r = await start_router("--models-dir", str(models_dir(tmp_path, alpha={})), "--api-key", "k")
-    await page.goto(r.url + "/")
+    await page.goto(r.url + "/dashboard/")
     msg = page.locator("#models-msg")
     await expect(msg).to_contain_text("needs an API key", timeout=T)
     await expect(msg).to_contain_text("Invalid API Key")

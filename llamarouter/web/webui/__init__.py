@@ -1,4 +1,7 @@
-"""The built-in web UI: three static files served at `/` and `/webui/{name}`.
+"""The dashboard: three static files served at `/dashboard/` and `/dashboard/{name}`.
+
+At `/` too when llama.cpp's own UI is not built (see `llamaui`); the page then says how
+to build it.
 
 No build step: the files in this package are served as they are. They are public (no API
 key needed to load them, as upstream exempts its UI assets); the UI then sends the key on
@@ -21,7 +24,8 @@ ASSETS = {
     "app.js": "text/javascript",
     "style.css": "text/css",
 }
-PUBLIC_PATHS = frozenset({"/", *(f"/webui/{name}" for name in ASSETS)})
+PREFIX = "/dashboard"
+PUBLIC_PATHS = frozenset({PREFIX, f"{PREFIX}/", *(f"{PREFIX}/{name}" for name in ASSETS)})
 
 # The UI uses no inline script or style and talks only to this origin.
 _CSP = (
@@ -62,6 +66,10 @@ async def asset(request: web.Request) -> web.Response:
     return _serve(request, name)
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/", index)
-    app.router.add_get("/webui/{name}", asset)
+def add_routes(app: web.Application, *, at_root: bool) -> None:
+    """Routes for the dashboard; `at_root` also serves it at `/` (no llama.cpp UI built)."""
+    app.router.add_get(PREFIX, index)
+    app.router.add_get(f"{PREFIX}/", index)
+    app.router.add_get(PREFIX + "/{name}", asset)
+    if at_root:
+        app.router.add_get("/", index)

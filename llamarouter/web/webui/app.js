@@ -1,4 +1,5 @@
-// llamarouter web UI: a live model table and a streaming chat. No build step, no libraries.
+// llamarouter dashboard: a live model table, a 15-minute timeline, logs and a small chat.
+// No build step, no libraries: the charts are plain SVG.
 // Every API call goes through api(), which adds `Authorization: Bearer KEY` when a key is
 // saved. /models/sse is read with fetch() rather than EventSource, which cannot send headers.
 "use strict";
@@ -111,13 +112,34 @@
     return (i === 0 ? String(n) : n.toFixed(n < 10 ? 1 : 0)) + " " + units[i];
   }
 
-  function fmtMemory(item) {
-    const measured = fmtBytes(item.measured_bytes);
-    const estimated = fmtBytes(item.estimated_bytes);
-    if (measured && estimated) return `${measured} (est. ${estimated})`;
-    if (measured) return measured;
-    if (estimated) return `est. ${estimated}`;
-    return "–";
+  // Memory of a model from its /models item and its /memory entry: the measurement (what
+  // the child reported for its buffers), the estimate (from the GGUF), and the RSS of the
+  // child process (which also counts the mapped model file).
+  function memoryOf(item) {
+    const mem = memInfo.models[item.id] || {};
+    const measured = item.measured_bytes ?? mem.measured_bytes;
+    const estimated = item.estimated_bytes ?? mem.estimated_bytes;
+    const rss = statusOf(item) === "unloaded" ? undefined : mem.rss_bytes;
+    return { measured, estimated, rss };
+  }
+
+  function fmtMemory(m) {
+    const parts = [];
+    if (fmtBytes(m.measured)) parts.push(fmtBytes(m.measured));
+    if (fmtBytes(m.estimated)) parts.push(`est. ${fmtBytes(m.estimated)}`);
+    if (fmtBytes(m.rss)) parts.push(`RSS ${fmtBytes(m.rss)}`);
+    return parts.length ? parts.join(" · ") : "–";
+  }
+
+  // The bar's scale: the memory budget when there is one, else the largest model shown.
+  function memoryScale() {
+    if (memInfo.budget) return memInfo.budget;
+    let top = 0;
+    for (const item of models.values()) {
+      const m = memoryOf(item);
+      top = Math.max(top, m.measured || 0, m.estimated || 0, m.rss || 0);
+    }
+    return top;
   }
 
   function fmtTime(secs) {
@@ -168,6 +190,7 @@
 
   // ------------------------------------------------------------------ model table
   const models = new Map(); // id -> latest /models item
+  let memInfo = { budget: null, models: {} }; // latest GET /memory
   const rows = new Map(); // id -> {tr, cells}
 
   function statusOf(item) {
@@ -200,17 +223,48 @@
     th.textContent = id;
     tr.append(th);
     const cells = {};
-    for (const name of ["source", "status", "memory", "inflight", "lastused", "restarts", "actions"]) {
+    const labels = {
+      source: "Source", status: "Status", memory: "Memory", inflight: "Requests",
+      lastused: "Last used", restarts: "Restarts", actions: "",
+    };
+    for (const name of Object.keys(labels)) {
       const td = document.createElement("td");
       td.className = name;
+      td.dataset.label = labels[name]; // shown as the field name in the narrow layout
       tr.append(td);
       cells[name] = td;
     }
+    cells.pin = document.createElement("span");
+    cells.pin.className = "badge";
+    cells.pin.textContent = "pinned";
+    cells.pin.title = "Never evicted to make room";
+    th.append(cells.pin);
+    cells.memText = document.createElement("span");
+    cells.memText.className = "mem-text";
+    cells.bar = document.createElement("div");
+    cells.bar.className = "bar";
+    cells.bar.setAttribute("role", "img");
+    cells.barEst = document.createElement("span");
+    cells.barEst.className = "est";
+    cells.barUsed = document.createElement("span");
+    cells.barUsed.className = "used";
+    cells.barRss = document.createElement("span");
+    cells.barRss.className = "rss";
+    cells.bar.append(cells.barEst, cells.barUsed, cells.barRss);
+    cells.memory.append(cells.memText, cells.bar);
+    cells.fail = document.createElement("details");
+    cells.fail.className = "fail";
+    const summary = document.createElement("summary");
+    summary.textContent = "last log lines";
+    cells.failLog = document.createElement("pre");
+    cells.failLog.tabIndex = 0; // it scrolls: keyboard users must be able to reach it
+    cells.failLog.setAttribute("aria-label", `Last log lines of ${id}`);
+    cells.fail.append(summary, cells.failLog);
     cells.word = document.createElement("span");
     cells.word.className = "word";
     cells.detail = document.createElement("span");
     cells.detail.className = "detail";
-    cells.status.append(cells.word, cells.detail);
+    cells.status.append(cells.word, cells.detail, cells.fail);
     cells.load = makeButton("Load", `Load ${id}`, () => loadModel(id));
     cells.unload = makeButton("Unload", `Unload ${id}`, () => unloadModel(id));
     cells.logs = makeButton("Logs", `Show the log of ${id}`, () => showLogs(id));
@@ -230,9 +284,24 @@
     c.source.textContent = item.source || "–";
     c.word.textContent = value;
     c.detail.textContent = detail;
+    c.detail.title = detail;
     c.status.dataset.status = value;
     c.status.classList.toggle("failed", Boolean(item.status && item.status.failed));
-    c.memory.textContent = fmtMemory(item);
+    const mem = memoryOf(item);
+    const text = fmtMemory(mem);
+    c.memText.textContent = text;
+    const scale = memoryScale();
+    const pct = (n) => (scale && n ? Math.min(100, (100 * n) / scale).toFixed(1) + "%" : "0");
+    c.barEst.style.width = pct(mem.estimated);
+    c.barUsed.style.width = pct(mem.measured);
+    c.barRss.style.width = pct(mem.rss);
+    c.bar.hidden = text === "–";
+    c.bar.setAttribute("aria-label", memInfo.budget
+      ? `${text} of a ${fmtBytes(memInfo.budget)} budget` : text);
+    c.pin.hidden = !item.pinned;
+    const tail = (item.status && item.status.log_tail) || [];
+    c.fail.hidden = !tail.length;
+    c.failLog.textContent = tail.join("\n");
     const queued = item.queued ? ` (+${item.queued} queued)` : "";
     c.inflight.textContent = (item.in_flight ?? "–") + queued;
     const [short, full] = fmtTime(item.last_used);
@@ -262,6 +331,21 @@
     }
     setTableMessage(items.length ? "" : "No models found.");
     renderModelSelect();
+    fitTable();
+  }
+
+  // The table while it fits its panel, else cards (see style.css): the widths depend on the
+  // names and the window, so this is measured rather than guessed with a media query.
+  function fitTable() {
+    const wrap = document.querySelector(".table-wrap");
+    wrap.classList.remove("cards");
+    if (wrap.scrollWidth > wrap.clientWidth + 1) wrap.classList.add("cards");
+  }
+
+  function renderBudget(mem) {
+    const el = $("budget");
+    if (!mem || !mem.budget) { el.textContent = ""; return; }
+    el.textContent = `Memory budget ${fmtBytes(mem.budget)}: ${fmtBytes(mem.used)} held, ${fmtBytes(mem.free)} free.`;
   }
 
   function setTableMessage(text) {
@@ -279,8 +363,14 @@
       do {
         refreshAgain = false;
         try {
-          const body = await (await api("/models")).json();
+          // /memory adds the RSS and the budget; the table works without it.
+          const [body, mem] = await Promise.all([
+            api("/models").then((r) => r.json()),
+            api("/memory").then((r) => r.json()).catch(() => null),
+          ]);
+          if (mem) memInfo = { budget: mem.budget || null, models: mem.models || {} };
           render(body.data || []);
+          renderBudget(mem);
           if (authFailed) { authFailed = false; clearNotice(); }
         } catch (err) {
           if (err instanceof ApiError && err.status === 401) authFailed = true;
@@ -361,6 +451,133 @@
       announce(`${ev.model}: ${status}`);
     }
     refreshModels();
+  }
+
+  // ------------------------------------------------------------------ timeline
+  // GET /dashboard/history: buckets of `step` seconds over the last `span` seconds, and
+  // marks for loads, unloads/evictions and crashes. Drawn as plain SVG line charts.
+  const PALETTE = ["#0b5cad", "#c2410c", "#15803d", "#7e22ce", "#b91c1c", "#0e7490", "#a16207", "#be185d"];
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const colours = new Map();
+  function colourOf(name) {
+    if (!colours.has(name)) colours.set(name, PALETTE[colours.size % PALETTE.length]);
+    return colours.get(name);
+  }
+
+  function svgEl(tag, attrs, text) {
+    const el = document.createElementNS(SVG_NS, tag);
+    for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+    if (text !== undefined) el.textContent = text;
+    return el;
+  }
+
+  function fmtValue(v, unit) {
+    if (unit === "bytes") return fmtBytes(v) || "0";
+    if (unit === "s") return v < 1 ? `${Math.round(v * 1000)} ms` : `${v.toFixed(1)} s`;
+    return v >= 100 ? v.toFixed(0) : v.toFixed(v >= 10 ? 1 : 2);
+  }
+
+  // series: [{name, points: [[t, v], ...], dash?}]; marks: [{t, kind, model}].
+  function lineChart(title, unit, series, hist) {
+    const W = 400, H = 130, L = 46, R = 6, T = 8, B = 18;
+    const t1 = hist.now, t0 = hist.now - hist.span;
+    let top = 0;
+    for (const s of series) for (const [, v] of s.points) top = Math.max(top, v);
+    if (!top) top = unit === "bytes" ? 1024 * 1024 : 1;
+    const x = (t) => L + ((t - t0) / (t1 - t0)) * (W - L - R);
+    const y = (v) => T + (1 - v / top) * (H - T - B);
+    const fig = document.createElement("figure");
+    const cap = document.createElement("figcaption");
+    cap.textContent = title;
+    const latest = series.map((s) => {
+      const last = s.points[s.points.length - 1];
+      return last ? `${s.name} ${fmtValue(last[1], unit)}` : null;
+    }).filter(Boolean);
+    const svg = svgEl("svg", {
+      viewBox: `0 0 ${W} ${H}`, role: "img",
+      "aria-label": `${title} over the last ${Math.round(hist.span / 60)} minutes` +
+        (latest.length ? `; latest: ${latest.join(", ")}` : "; no data yet"),
+    });
+    svg.append(svgEl("line", { class: "axis", x1: L, x2: W - R, y1: H - B, y2: H - B }));
+    svg.append(svgEl("line", { class: "axis", x1: L, x2: L, y1: T, y2: H - B }));
+    svg.append(svgEl("text", { class: "tick", x: L - 4, y: T + 8, "text-anchor": "end" }, fmtValue(top, unit)));
+    svg.append(svgEl("text", { class: "tick", x: L - 4, y: H - B, "text-anchor": "end" }, "0"));
+    svg.append(svgEl("text", { class: "tick", x: L, y: H - 4 }, `-${Math.round(hist.span / 60)} min`));
+    svg.append(svgEl("text", { class: "tick", x: W - R, y: H - 4, "text-anchor": "end" }, "now"));
+    for (const m of hist.marks) {
+      const kind = m.kind === "load" || m.kind === "loaded" ? "load" : m.kind === "crash" ? "crash" : "evict";
+      if (m.kind === "loaded") continue; // one mark per load: where it started
+      const line = svgEl("line", { class: `m-${kind}`, x1: x(m.t), x2: x(m.t), y1: T, y2: H - B });
+      line.append(svgEl("title", {}, `${m.model}: ${m.kind}`));
+      svg.append(line);
+    }
+    for (const s of series) {
+      if (!s.points.length) continue;
+      const d = s.points.map(([t, v], i) => `${i ? "L" : "M"}${x(t).toFixed(1)},${y(v).toFixed(1)}`).join("");
+      const attrs = { class: "series", d, stroke: colourOf(s.key || s.name) };
+      if (s.dash) attrs["stroke-dasharray"] = "4 3";
+      svg.append(svgEl("path", attrs));
+      // Dots too, so a lone bucket (a short burst) is visible, not a zero-length line.
+      for (const [t, v] of s.points) {
+        svg.append(svgEl("circle", { cx: x(t).toFixed(1), cy: y(v).toFixed(1), r: 1.8, fill: colourOf(s.key || s.name) }));
+      }
+    }
+    const keys = document.createElement("ul");
+    keys.className = "chart-keys";
+    for (const s of series) {
+      const li = document.createElement("li");
+      const swatch = document.createElement("i");
+      swatch.style.background = colourOf(s.key || s.name);
+      li.append(swatch, s.name);
+      keys.append(li);
+    }
+    fig.append(cap, svg, keys);
+    return fig;
+  }
+
+  function perModel(hist, pick) {
+    const names = new Set();
+    for (const b of hist.buckets) for (const m of Object.keys(b.models)) names.add(m);
+    return [...names].sort().map((name) => ({
+      name,
+      points: hist.buckets.filter((b) => b.models[name] && pick(b.models[name]) != null)
+        .map((b) => [b.t + hist.step / 2, pick(b.models[name])]),
+    }));
+  }
+
+  function renderTimeline(hist) {
+    const step = hist.step;
+    const charts = [
+      lineChart("Requests per second", "", perModel(hist, (m) => m.requests / step), hist),
+      lineChart("Time to first token", "s", [
+        { name: "p50", key: "p50", points: hist.buckets.filter((b) => b.ttft_p50 != null).map((b) => [b.t + step / 2, b.ttft_p50]) },
+        { name: "p95", key: "p95", dash: true, points: hist.buckets.filter((b) => b.ttft_p95 != null).map((b) => [b.t + step / 2, b.ttft_p95]) },
+      ], hist),
+      lineChart("Tokens per second", "", perModel(hist, (m) => (m.tokens ? m.tokens / step : null)), hist),
+      lineChart("Memory per model", "bytes", perModel(hist, (m) => m.memory_bytes ?? null), hist),
+    ];
+    $("charts").replaceChildren(...charts);
+    const n = hist.buckets.reduce((a, b) => a + b.requests, 0);
+    $("timeline-state").textContent = `${n} request${n === 1 ? "" : "s"}, ${hist.marks.length} event${hist.marks.length === 1 ? "" : "s"}`;
+  }
+
+  let timelineTimer = null;
+  async function refreshTimeline() {
+    clearTimeout(timelineTimer);
+    let step = 5;
+    if (document.hidden) { // nobody looks: read again when the page is shown
+      document.addEventListener("visibilitychange", refreshTimeline, { once: true });
+      return;
+    }
+    try {
+      const hist = await (await api("/dashboard/history")).json();
+      step = hist.step || step;
+      renderTimeline(hist);
+    } catch (err) {
+      $("timeline-state").textContent = errorText(err, "Could not read the timeline");
+    }
+    // Polled: the history changes with every request, far more often than /models/sse says.
+    timelineTimer = setTimeout(refreshTimeline, Math.max(1, step) * 1000);
   }
 
   // ------------------------------------------------------------------ logs
@@ -544,6 +761,7 @@
       showKeyState();
       clearNotice();
       connectEvents();
+      refreshTimeline();
     });
     $("key-forget").addEventListener("click", () => {
       apiKey = "";
@@ -582,7 +800,19 @@
       }
     });
     $("chat-stop").addEventListener("click", stopChat);
+    // Served at `/` only when llama.cpp's UI is not built: say so, and drop the link to it.
+    if (location.pathname === "/") {
+      $("ui-note").hidden = false;
+      $("chat-nav").hidden = true;
+    }
+    // Only a change of width can change the fit (rows re-fit in render()).
+    let fittedWidth = 0;
+    new ResizeObserver(([entry]) => {
+      const width = Math.round(entry.contentRect.width);
+      if (width !== fittedWidth) { fittedWidth = width; fitTable(); }
+    }).observe(document.querySelector(".table-wrap"));
     connectEvents();
+    refreshTimeline();
   }
 
   window.llamarouterUI = { renderMarkdown };
