@@ -142,7 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
             "failed canaries in a row replace the child)"),
     Setting("--ui-dir", "LLAMAROUTER_UI_DIR", "router.ui_dir", "path",
             "built llama.cpp web UI to serve at / (default: .webui/dist of the checkout, "
-            "made by bin/build-webui; --no-ui serves the dashboard there instead)"),
+            "made by bin/build-webui; without a build, or with `none`, the dashboard is served there)"),
 )
 
 EXTRA_OPTIONS: tuple[Opt, ...] = tuple(
@@ -480,11 +480,12 @@ def _cors_policy(values: Mapping[str, tuple[str, ...]], negated: Mapping[str, bo
         credentials=not negated.get("--cors-credentials", False),
     )
 def _ui_dir(given: object, static_path: str | None, no_ui: bool) -> Path | None:
-    """The llama.cpp UI to serve: --ui-dir, else upstream's --path, else the checkout's build."""
+    """The llama.cpp UI to serve: --ui-dir (`none`: no build, the dashboard at /), else
+    upstream's --path, else the checkout's build."""
     if no_ui:
         return None
     if isinstance(given, Path):
-        return given
+        return None if str(given) == "none" else given
     if static_path:
         return Path(static_path)
     built = Path(__file__).resolve().parent.parent / ".webui" / "dist"

@@ -30,7 +30,7 @@ def _default(target: str) -> object:
 
 def test_own_options_table_lists_every_setting_with_its_default() -> None:
     rows = {r[1].strip("`"): r for r in _rows("command-line.md") if r[1].startswith("`LLAMAROUTER_")}
-    documented = {env: row[0].strip("`").split()[0] for env, row in rows.items()}
+    documented = {env: row[0].strip("`").split()[0].strip("`") for env, row in rows.items()}
     in_code = {s.env: s.flag for s in SETTINGS}
     assert documented == in_code, "command-line.md's llamarouter options table is out of step"
     for s in SETTINGS:
@@ -42,6 +42,10 @@ def test_own_options_table_lists_every_setting_with_its_default() -> None:
                 f"{s.flag}: the docs say {cell}, the code says {default!r}")
         elif s.kind == "size":
             continue  # written as a size (`1GiB`); parsed by the size parser
+        elif s.kind == "bool":
+            assert cell.split()[0] in ("on", "off"), (s.flag, cell)
+            assert (cell.split()[0] == "on") == bool(default), (
+                f"{s.flag}: the docs say {cell!r}, the code's default is {default!r}")
         else:
             assert not default or s.flag == "--server-bin", (
                 f"{s.flag}: the docs say {cell!r}, the code's default is {default!r}")

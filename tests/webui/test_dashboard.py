@@ -147,7 +147,7 @@ async def test_dashboard_at_root_says_how_to_build_the_chat_ui(
 ) -> None:
     d = tmp_path / "models"
     write_fake_model(d / "alpha.gguf")
-    r = await start_router("--models-dir", str(d), "--no-ui")
+    r = await start_router("--models-dir", str(d), "--ui-dir", "none")
     await page.goto(r.url + "/")
     await expect(page.locator("#ui-note")).to_be_visible(timeout=T)
     await expect(page.locator("#ui-note")).to_contain_text("make webui")
@@ -163,7 +163,7 @@ async def test_ui_endpoints_answer_like_upstream_and_history_is_recorded(
 ) -> None:
     d = tmp_path / "models"
     write_fake_model(d / "alpha.gguf", tokens=10)
-    r = await start_router("--models-dir", str(d), "--no-ui")
+    r = await start_router("--models-dir", str(d), "--ui-dir", "none")
     # What llama.cpp's UI probes, answered as upstream's router does without tools, MCP
     # proxy or known resumable streams.
     disabled = {"error": {"message": "this feature is disabled", "type": "feature_disabled"}}

@@ -43,8 +43,8 @@ async def open_ui(page: Page, router: Router) -> None:
 
 
 async def test_static_files_are_public_typed_and_cached(tmp_path: Path, start_router: StartRouter) -> None:
-    # --no-ui: the dashboard is served at `/` as well, as when llama.cpp's UI is not built.
-    r = await start_router("--models-dir", str(models_dir(tmp_path, a={})), "--api-key", "k", "--no-ui")
+    # --ui-dir none: the dashboard is served at `/` as well, as when llama.cpp's UI is not built.
+    r = await start_router("--models-dir", str(models_dir(tmp_path, a={})), "--api-key", "k", "--ui-dir", "none")
     for path, ctype in [
         ("/", "text/html"),
         ("/dashboard/", "text/html"),
