@@ -177,7 +177,7 @@ def build_app(
             observer=metrics.on_state, options_for=child_args.merged, memory=memory,
         )
         app[SUPERVISOR] = sup
-        api.bind(sup, Proxy(session, config.timeouts.proxy), session)
+        api.bind(sup, Proxy(config), session)
         try:
             await sup.start()
             yield
