@@ -543,6 +543,7 @@ class ChildPool:
         self.idle: list[ChildConnection] = []
         self.waiters: collections.deque[asyncio.Future[ChildConnection | None]] = collections.deque()
         self.opened = 0  # connections opened over the pool's life (tests, benchmarks)
+        self._prune: asyncio.TimerHandle | None = None
 
     async def acquire(self) -> ChildConnection:
         conn = self._take_idle()
@@ -627,6 +628,19 @@ class ChildPool:
                 return
         conn.idle_since = self.loop.time()
         self.idle.append(conn)
+        if self._prune is None:
+            self._prune = self.loop.call_at(conn.idle_since + self.idle_timeout, self._prune_idle)
+
+    def _prune_idle(self) -> None:
+        """Close connections idle too long: each holds one of the child's threads, and
+        the child would close it soon anyway."""
+        self._prune = None
+        idle = self.idle
+        oldest_ok = self.loop.time() - self.idle_timeout
+        while idle and idle[0].idle_since <= oldest_ok:
+            idle.pop(0).abort()
+        if idle:
+            self._prune = self.loop.call_at(idle[0].idle_since + self.idle_timeout, self._prune_idle)
 
     def forget(self, conn: ChildConnection) -> None:
         """A connection is closed: its place goes to the first waiter, if any."""
@@ -648,6 +662,9 @@ class ChildPool:
         self.open -= 1
 
     def close(self) -> None:
+        if self._prune is not None:
+            self._prune.cancel()
+            self._prune = None
         for conn in list(self.idle):
             conn.abort()
 

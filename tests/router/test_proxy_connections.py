@@ -1,0 +1,75 @@
+"""Connections from the router to its children fit the child: never more at once than it
+has HTTP threads, and idle ones closed by the router before the child's keep-alive does."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import Router, StartRouter
+from tests.fakes.helpers import wait_for, write_fake_model
+
+CHAT = "/v1/chat/completions"
+
+
+async def _child_stats(r: Router, name: str) -> dict[str, Any]:
+    args = (await r.models())[name]["status"]["args"]
+    port = args[args.index("--port") + 1]
+    async with r.session.get(f"http://127.0.0.1:{port}/fake/stats") as resp:
+        return await resp.json()  # type: ignore[no-any-return]
+
+
+async def test_idle_connections_close_before_the_childs_keepalive(
+    tmp_path: Path, start_router: StartRouter
+) -> None:
+    # The child closes idle connections after 2 s (llama-server: 5 s); the router must
+    # close its own idle ones first, so no request can meet a connection being closed.
+    write_fake_model(tmp_path / "m" / "alpha.gguf", keepalive_secs=2.0)
+    r = await start_router(
+        "--models-dir", str(tmp_path / "m"), "--proxy-idle-timeout", "0.3",
+        # Keeps the router's own health-probe connection busy, so that only the proxy's
+        # connections can go idle for long.
+        "--health-interval", "0.3",
+    )
+    for _ in range(3):
+        status, body = await r.chat("alpha", max_tokens=2)
+        assert status == 200, body
+
+    async def closed_by_router() -> dict[str, Any] | None:
+        conns = (await _child_stats(r, "alpha"))["connections"]
+        return conns if CHAT in conns["closed_by_client_paths"] else None
+
+    conns = await wait_for(closed_by_router, 10, message="the router to close its idle connection")
+    assert CHAT not in conns["closed_by_server_paths"], conns
+    # And the next request simply opens a new one.
+    status, body = await r.chat("alpha", max_tokens=2)
+    assert status == 200, body
+
+
+async def test_connections_never_exceed_the_childs_http_threads(
+    tmp_path: Path, start_router: StartRouter
+) -> None:
+    # The router believes the child has 3 HTTP threads (--threads-http 3, inherited), and
+    # keeps one for its own probes: at most 2 proxied connections at once. The fake serves
+    # 4 connections at once (one spare for this test's stats requests) and leaves any
+    # further one unread, as llama-server's fixed worker threads do.
+    write_fake_model(
+        tmp_path / "m" / "alpha.gguf", http_threads=4, keepalive_secs=2.0, tokens=4, tps=40.0
+    )
+    r = await start_router("--models-dir", str(tmp_path / "m"), "--threads-http", "3", "-np", "2")
+    status, body = await r.chat("alpha", max_tokens=1)  # loaded: the burst below finds it ready
+    assert status == 200, body
+
+    async def stream(i: int) -> str:
+        body = {"model": "alpha", "stream": True, "messages": [{"role": "user", "content": str(i)}]}
+        async with r.session.post(r.url + CHAT, json=body) as resp:
+            assert resp.status == 200
+            return (await resp.read()).decode()
+
+    texts = await asyncio.wait_for(asyncio.gather(*(stream(i) for i in range(8))), 60)
+    assert all(t.rstrip().endswith("data: [DONE]") for t in texts), texts
+    conns = (await _child_stats(r, "alpha"))["connections"]
+    assert conns["max_waiting"] == 0, conns
+    # All 8 went through at most 2 connections (plus the router's probe and the stats one).
+    assert conns["max_open"] <= 4, conns
