@@ -59,6 +59,11 @@ def rows(r: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str, str]]:
                     _get(s, "upstream", "events_per_s"), _get(s, "llamarouter", "events_per_s"), "ev/s", "higher"))
         out.append((f"{n} concurrent streams: TTFT p50 (ms)", _get(s, "direct", "ttft_p50_ms"),
                     _get(s, "upstream", "ttft_p50_ms"), _get(s, "llamarouter", "ttft_p50_ms"), "ms", "lower"))
+        out.append((f"{n} concurrent streams: TTFT p99 (ms)", _get(s, "direct", "ttft_p99_ms"),
+                    _get(s, "upstream", "ttft_p99_ms"), _get(s, "llamarouter", "ttft_p99_ms"), "ms", "lower"))
+        out.append((f"{n} concurrent streams: server-process CPU per SSE event (µs; routers: router process only)",
+                    _get(s, "direct", "cpu_us_per_event"), _get(s, "upstream", "cpu_us_per_event"),
+                    _get(s, "llamarouter", "cpu_us_per_event"), "µs", "lower"))
     lat("cold start p50 (ms) (direct = spawn by hand + poll /health every 5 ms)", "cold_start", "p50_ms")
     lat("swap p50 (ms), `--models-max 1`, alternating 2 models", "swap", "p50_ms")
 

@@ -33,8 +33,8 @@ from typing import Any
 import aiohttp
 import psutil
 
-from .procs import ProcessRegistry, Server, free_port, machine_info, rss_bytes
 from . import report
+from .procs import ProcessRegistry, Server, free_port, machine_info, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -290,7 +290,7 @@ class Bench:
                         statuses[key].append(status)
                 c1 = cpu_seconds(t.server.pid)
                 if c0 is not None and c1 is not None:
-                    cpu[key].append((c1 - c0) / per_round)
+                    cpu[key].append(c1 - c0)
                 samples[key] += got
                 round_p50[key].append(median(got))
         self.results[phase] = {
@@ -299,8 +299,9 @@ class Bench:
                 "p99_ms": pct(v, 99) * 1e3,
                 "median_of_round_p50_ms": median(round_p50[k]) * 1e3,
                 # of the server process only (the router, not its children; for direct:
-                # llama-server itself), median over rounds
-                "cpu_us_per_req": median(cpu[k]) * 1e6,
+                # llama-server itself), over all rounds: /proc counts in 10 ms ticks, too
+                # coarse for one round
+                "cpu_us_per_req": sum(cpu[k]) / max(1, len(cpu[k]) * per_round) * 1e6,
                 "n": len(v),
             }
             for k, v in samples.items()
@@ -337,16 +338,21 @@ class Bench:
                 eps: dict[str, list[float]] = {k: [] for k in self.targets}
                 ttft: dict[str, list[float]] = {k: [] for k in self.targets}
                 evs: dict[str, list[int]] = {k: [] for k in self.targets}
+                cpu: dict[str, list[float]] = {k: [] for k in self.targets}  # CPU s per round
                 statuses: dict[str, list[int]] = {k: [] for k in self.targets}
                 for order in rotations(list(self.targets), self.plan.stream_rounds * len(self.targets)):
                     key = order[0]
                     t = self.targets[key]
                     url = t.url + "/v1/completions"
+                    c0 = cpu_seconds(t.server.pid)
                     async with rss_sampler(t):
                         t0 = time.perf_counter()
                         res = await asyncio.gather(*(self.one_stream(sessions[key], url, body) for _ in range(n)))
                         wall = time.perf_counter() - t0
+                    c1 = cpu_seconds(t.server.pid)
                     total = sum(r[1] for r in res)
+                    if c0 is not None and c1 is not None:
+                        cpu[key].append(c1 - c0)
                     eps[key].append(total / wall)
                     ttft[key] += [r[0] for r in res if not math.isnan(r[0])]
                     evs[key].append(total)
@@ -357,6 +363,8 @@ class Bench:
                         "ttft_p50_ms": pct(ttft[k], 50) * 1e3,
                         "ttft_p99_ms": pct(ttft[k], 99) * 1e3,
                         "events_per_round": median(evs[k]),
+                        # of the server process only (routers: the router, not its child)
+                        "cpu_us_per_event": sum(cpu[k]) / max(1, sum(evs[k])) * 1e6,
                         "rounds": len(eps[k]),
                     }
                     for k in self.targets
@@ -514,7 +522,7 @@ class Bench:
             self.log(f"phase: {title}")
             try:
                 await fn()
-            except Exception as exc:  # keep going: a failing phase is reported, not fatal
+            except Exception as exc:  # noqa: BLE001  (keep going: a failing phase is reported, not fatal)
                 self.log(f"phase {title} FAILED: {type(exc).__name__}: {exc}")
                 self.results["notes"].append(f"phase '{title}' failed: {type(exc).__name__}: {exc}")
         self.results["rss_load"] = {k: max(self.targets[k].rss_load, default=None) for k in ROUTERS}
@@ -522,7 +530,7 @@ class Bench:
         self.log(f"phase: GET /models with {p.many_files} files")
         try:
             await self.many_models()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (reported in the results, not fatal)
             self.log(f"phase GET /models FAILED: {type(exc).__name__}: {exc}")
             self.results["notes"].append(f"phase 'GET /models' failed: {type(exc).__name__}: {exc}")
         self.results["duration_s"] = time.perf_counter() - t_start

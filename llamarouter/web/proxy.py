@@ -54,6 +54,8 @@ _DROP_RESPONSE = frozenset(
 # A response with a Content-Length up to this size is read whole and sent in one write;
 # anything else (SSE, chunked, large) is relayed chunk by chunk.
 _BUFFER_LIMIT = 1 << 20
+# A request body up to this size is joined to the head and sent in one write.
+_JOIN_LIMIT = 1 << 16
 
 
 def _request_head(request: web.Request, port: int, body: bytes | None) -> bytes:
@@ -168,7 +170,9 @@ class Proxy:
                 f"within {self._timeout:g} s"
             ) from exc
         head = _request_head(request, port, body)
-        exchange = conn.send((head, body) if body else (head,), _BUFFER_LIMIT, self._timeout)
+        # One buffer for a small body: one send, one segment.
+        parts = (head + body,) if body and len(body) <= _JOIN_LIMIT else (head, body) if body else (head,)
+        exchange = conn.send(parts, _BUFFER_LIMIT, self._timeout)
         try:
             await exchange.wait()
             if exchange.head is None:

@@ -601,6 +601,8 @@ class ChildPool:
     async def _connect(self) -> ChildConnection:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setblocking(False)
+        # Requests and streamed events are small writes that must go out at once.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ChildConnection(self, sock)
         try:
             if self.connect_timeout > 0:
