@@ -211,8 +211,7 @@ class Exchange:
         """Give up on this exchange (our client went away): close the child connection,
         which makes llama-server stop generating."""
         if not self.done:
-            self._finish(reusable=False)
-            self.conn.abort()
+            self._finish(reusable=False, clean=False)
 
     # ------------------------------------------------------------------ child side
     def _wake(self) -> None:
@@ -382,25 +381,23 @@ class Exchange:
         # Trailers (llama-server sends none) are dropped; our last chunk is written by
         # the handler when it ends the response.
         buf = self._trailer + data
-        if buf.startswith(b"\r\n"):
-            extra = len(buf) > 2
-        else:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > _MAX_HEAD:
-                    self._fail("trailers from child are too large")
-                else:
-                    self._trailer = buf
-                return
-            extra = len(buf) > end + 4
+        if not buf.startswith(b"\r\n") and buf.find(b"\r\n\r\n") < 0:
+            if len(buf) > _MAX_HEAD:
+                self._fail("trailers from child are too large")
+            else:
+                self._trailer = buf
+            return
         self._trailer = b""
-        self._finish(reusable=self.head is not None and self.head.keep_alive and not extra)
+        # Never reused: llama-server closes the connection right after a chunked response
+        # (its stream provider reports the end like a cancel), so a request sent on it
+        # would race with that close and fail without ever reaching the child.
+        self._finish(reusable=False)
 
     def _client_went_away(self) -> None:
         self.client_gone = True
         self.abort()
 
-    def _finish(self, reusable: bool) -> None:
+    def _finish(self, reusable: bool, clean: bool = True) -> None:
         if self.done:
             return
         self.done = True
@@ -411,15 +408,14 @@ class Exchange:
         if self.paused:
             # Everything is read: the connection may be reused whatever the client does.
             self.conn.resume_reading()
-        self.conn.finished(self, reusable)
+        self.conn.finished(self, reusable, clean)
         self._wake()
 
     def _fail(self, message: str) -> None:
         if self.done:
             return
         self.error = message
-        self._finish(reusable=False)
-        self.conn.abort()
+        self._finish(reusable=False, clean=False)
 
     def on_lost(self, exc: BaseException | None) -> None:
         if self.done:
@@ -506,11 +502,13 @@ class ChildConnection(asyncio.Protocol):
         self.transport.writelines(parts)
         return exchange
 
-    def finished(self, exchange: Exchange, reusable: bool) -> None:
+    def finished(self, exchange: Exchange, reusable: bool, clean: bool) -> None:
         if self.exchange is exchange:
             self.exchange = None
         if reusable and not self.lost:
             self.pool.release(self)
+        elif clean and self.transport is not None and not self.lost:
+            self.transport.close()  # the response is complete; connection_lost frees the place
         else:
             self.abort()
 
