@@ -39,6 +39,10 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{100 * a / b:.1f} %"
 
 
+def _mib(v: Any) -> Any:
+    return None if v is None else v / MIB
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str, str]]:
     """(metric, direct, upstream, llamarouter, kind) ; kind: 'ms' (lower better), 'rate', 'mib'."""
     out: list[tuple[str, Any, Any, Any, str, str]] = []
@@ -64,6 +68,31 @@ def rows(r: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str, str]]:
         out.append((f"{n} concurrent streams: server-process CPU per SSE event (µs; routers: router process only)",
                     _get(s, "direct", "cpu_us_per_event"), _get(s, "upstream", "cpu_us_per_event"),
                     _get(s, "llamarouter", "cpu_us_per_event"), "µs", "lower"))
+    w = r.get("scale_64x4") or {}
+    if w:
+        label = "64 streams over 4 loaded models (direct: 4 servers)"
+        out.append((f"{label}: SSE events/s", _get(w, "direct", "events_per_s"),
+                    _get(w, "upstream", "events_per_s"), _get(w, "llamarouter", "events_per_s"), "ev/s", "higher"))
+        for key, name in (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)")):
+            out.append((f"{label}: {name}", _get(w, "direct", key), _get(w, "upstream", key),
+                        _get(w, "llamarouter", key), "ms", "lower"))
+        out.append((f"{label}: server-process CPU per SSE event (µs; direct: the 4 servers)",
+                    _get(w, "direct", "cpu_us_per_event"), _get(w, "upstream", "cpu_us_per_event"),
+                    _get(w, "llamarouter", "cpu_us_per_event"), "µs", "lower"))
+        out.append((f"{label}: router RSS peak (MiB)", None, _mib(_get(w, "upstream", "rss_peak")),
+                    _mib(_get(w, "llamarouter", "rss_peak")), "MiB", "lower"))
+    idle = r.get("idle_conns") or {}
+    if idle:
+        n = _get(idle, "llamarouter", "n") or _get(idle, "upstream", "n")
+        for when in ("without", "with"):
+            label = f"16 streams, one model, {when} {n} idle keep-alive client connections"
+            out.append((f"{label}: SSE events/s", None, _get(idle, "upstream", when, "events_per_s"),
+                        _get(idle, "llamarouter", when, "events_per_s"), "ev/s", "higher"))
+            out.append((f"{label}: TTFT p50 (ms)", None, _get(idle, "upstream", when, "ttft_p50_ms"),
+                        _get(idle, "llamarouter", when, "ttft_p50_ms"), "ms", "lower"))
+        out.append((f"router RSS with {n} idle client connections open (MiB)", None,
+                    _mib(_get(idle, "upstream", "rss_with")), _mib(_get(idle, "llamarouter", "rss_with")),
+                    "MiB", "lower"))
     lat("cold start p50 (ms) (direct = spawn by hand + poll /health every 5 ms)", "cold_start", "p50_ms")
     lat("swap p50 (ms), `--models-max 1`, alternating 2 models", "swap", "p50_ms")
 
