@@ -254,7 +254,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "  llama-server merge incomplete UTF-8 tokens, so there are fewer events than tokens (same for all).",
         "  CPU per SSE event = CPU seconds of the server process (routers: the router alone, from",
         "  /proc) over all rounds / events of all rounds.",
-        f"- scale: 4 models loaded at once (`--models-max 4`; direct = 4 llama-servers, summed),",
+        "- scale: 4 models loaded at once (`--models-max 4`; direct = 4 llama-servers, summed),",
         f"  {plan.get('scale_per_model', 16)} streams per model at once, {plan.get('scale_rounds', 0)} rounds per target; then",
         f"  16 streams on one model, rounds alternating without and with {plan.get('idle_conns', 0)} idle keep-alive client",
         "  connections open (each answered one `GET /health` first); RSS sampled with them open.",
