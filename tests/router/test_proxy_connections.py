@@ -4,6 +4,7 @@ has HTTP threads, and idle ones closed by the router before the child's keep-ali
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,3 +74,38 @@ async def test_connections_never_exceed_the_childs_http_threads(
     assert conns["max_waiting"] == 0, conns
     # All 8 went through at most 2 connections (plus the router's probe and the stats one).
     assert conns["max_open"] <= 4, conns
+
+
+async def test_a_large_response_is_relayed_whole(tmp_path: Path, start_router: StartRouter) -> None:
+    # Over 1 MiB with a Content-Length: relayed as it arrives, not collected first.
+    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=150_000)
+    r = await start_router("--models-dir", str(tmp_path / "m"))
+    async with r.session.post(r.url + CHAT, json={
+        "model": "alpha", "messages": [{"role": "user", "content": "x"}],
+    }) as resp:
+        assert resp.status == 200
+        assert resp.content_length is not None and resp.content_length > 1 << 20
+        body = await resp.json()
+    assert body["choices"][0]["message"]["content"].count("tok") == 150_000
+
+
+async def test_an_http10_client_gets_the_stream_unframed(tmp_path: Path, start_router: StartRouter) -> None:
+    # No chunked encoding for HTTP/1.0: the child's chunks are decoded, and the end of the
+    # response is the end of the connection.
+    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=3)
+    r = await start_router("--models-dir", str(tmp_path / "m"))
+    assert (await r.chat("alpha", max_tokens=1))[0] == 200
+    body = json.dumps({"model": "alpha", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    writer.write(
+        f"POST {CHAT} HTTP/1.0\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    raw = await asyncio.wait_for(reader.read(), 10)  # until the router closes the connection
+    writer.close()
+    head, _, payload = raw.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    assert b"transfer-encoding" not in head.lower()
+    events = [e for e in payload.split(b"\n\n") if e]
+    assert all(e.startswith(b"data: ") for e in events), payload[:300]
+    assert events[-1] == b"data: [DONE]"
