@@ -104,7 +104,7 @@ async def test_an_http10_client_gets_the_stream_unframed(tmp_path: Path, start_r
     raw = await asyncio.wait_for(reader.read(), 10)  # until the router closes the connection
     writer.close()
     head, _, payload = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+    assert head.startswith((b"HTTP/1.0 200", b"HTTP/1.1 200")), head
     assert b"transfer-encoding" not in head.lower()
     events = [e for e in payload.split(b"\n\n") if e]
     assert all(e.startswith(b"data: ") for e in events), payload[:300]
