@@ -33,9 +33,9 @@ class Timeouts:
     # Proxy connect/read timeout (llama-server -to/--timeout, default 3600). 0 = none,
     # unlike upstream where 0 makes every proxied call fail at once (llama.cpp #25396).
     proxy: float = 3600.0
-    # Idle pooled connections to a child are reused for this long only: well inside
-    # llama-server's keep-alive (5 s, fixed in cpp-httplib), so a request never goes out on
-    # a connection the child is closing.
+    # Idle pooled connections to a child (proxied requests, health probes, metrics scrapes)
+    # are reused for this long only: well inside llama-server's keep-alive (5 s, fixed in
+    # cpp-httplib), so a request never goes out on a connection the child is closing.
     proxy_idle: float = 2.0
     # Graceful shutdown: how long in-flight responses may run after SIGTERM.
     shutdown_grace: float = 30.0

@@ -161,7 +161,11 @@ def build_app(
         state_dir = StateDir(config.state_dir) if config.state_dir is not None else None
         if state_dir is not None:
             state_dir.acquire()
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
+        # Health probes and metrics scrapes: idle connections are dropped before llama-server's
+        # 5 s keep-alive closes them, so a probe never meets a connection being closed.
+        connector = aiohttp.TCPConnector(
+            limit=0, keepalive_timeout=config.timeouts.proxy_idle, enable_cleanup_closed=False
+        )
         # No cookie jar: children set no cookies, and the jar costs time on every request.
         session = aiohttp.ClientSession(
             connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
