@@ -180,8 +180,9 @@ class Exchange:
         try:
             await waiter
         finally:
+            # A wake that came after this one stays recorded in `_woken`: the handler
+            # looks at the state after every wake, so one extra wake-up costs nothing.
             self._waiter = None
-            self._woken = False
 
     def attach(self, sink: asyncio.WriteTransport, client_chunked: bool) -> None:
         """Start relaying the body to our client's transport, whose response head is
