@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import psutil
+import pytest
 from tests.conftest import Router, StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
 
@@ -109,3 +111,40 @@ async def test_an_http10_client_gets_the_stream_unframed(tmp_path: Path, start_r
     events = [e for e in payload.split(b"\n\n") if e]
     assert all(e.startswith(b"data: ") for e in events), payload[:300]
     assert events[-1] == b"data: [DONE]"
+
+
+async def test_a_client_that_stops_reading_pauses_the_child(tmp_path: Path, start_router: StartRouter) -> None:
+    # 200,000 events (about 48 MB) at full speed to a client that reads nothing: the router
+    # stops reading from the child once the client's socket is full, so its memory does not
+    # grow with the stream (kernel socket buffers take some 10 MB); when the client reads
+    # again, everything arrives.
+    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=200_000)
+    r = await start_router("--models-dir", str(tmp_path / "m"))
+    assert (await r.chat("alpha", max_tokens=1))[0] == 200
+    router = psutil.Process(r.proc.pid)
+    before = router.memory_info().rss
+    body = json.dumps({"model": "alpha", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    writer.write(
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    await reader.readuntil(b"\r\n\r\n")
+    grew: list[int] = []
+
+    def router_grew() -> bool:
+        grew.append(router.memory_info().rss - before)
+        return grew[-1] > 24 << 20
+
+    # Bounded poll: the stream would be in the router's memory well within this time.
+    with pytest.raises(TimeoutError):
+        await wait_for(router_grew, 4, interval=0.05)
+    received = 0
+    tail = b""
+    while not tail.endswith(b"0\r\n\r\n"):
+        chunk = await asyncio.wait_for(reader.read(1 << 20), 30)
+        assert chunk, "connection closed before the stream ended"
+        received += len(chunk)
+        tail = (tail + chunk)[-64:]
+    writer.close()
+    assert received > 40 << 20 and b"data: [DONE]" in tail, (received, tail)
