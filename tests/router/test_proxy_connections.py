@@ -1,5 +1,6 @@
 """Connections from the router to its children fit the child: never more at once than it
-has HTTP threads, and idle ones closed by the router before the child's keep-alive does."""
+has HTTP threads, and idle ones closed by the router before the child's keep-alive does;
+and the relay itself: large responses, HTTP/1.0 clients, clients that stop reading."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 import psutil
 import pytest
+
 from tests.conftest import Router, StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
 
