@@ -25,7 +25,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 from .procs import ProcessRegistry, free_port
 from .run import JSON_HEADERS, find_binary, new_session, post, wait_healthy
 

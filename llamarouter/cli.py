@@ -109,6 +109,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--metrics-scrape-timeout", "LLAMAROUTER_METRICS_SCRAPE_TIMEOUT",
             "timeouts.metrics_scrape", "float",
             "seconds GET /metrics waits for each child's own /metrics (queue and KV-cache gauges)"),
+    Setting("--proxy-idle-timeout", "LLAMAROUTER_PROXY_IDLE_TIMEOUT", "timeouts.proxy_idle", "float",
+            "seconds an idle pooled connection to a child is kept for reuse (below the "
+            "child's 5 s keep-alive)"),
     Setting("--header-timeout", "LLAMAROUTER_HEADER_TIMEOUT", "timeouts.header_read", "float",
             "seconds a connection may take to send its request headers (slowloris guard; "
             "also closes idle keep-alive connections; 0 = never)"),

@@ -33,6 +33,10 @@ class Timeouts:
     # Proxy connect/read timeout (llama-server -to/--timeout, default 3600). 0 = none,
     # unlike upstream where 0 makes every proxied call fail at once (llama.cpp #25396).
     proxy: float = 3600.0
+    # Idle pooled connections to a child (proxied requests, health probes, metrics scrapes)
+    # are reused for this long only: well inside llama-server's keep-alive (5 s, fixed in
+    # cpp-httplib), so a request never goes out on a connection the child is closing.
+    proxy_idle: float = 2.0
     # Graceful shutdown: how long in-flight responses may run after SIGTERM.
     shutdown_grace: float = 30.0
     # Restart backoff after an unexpected exit: initial delay, doubled per failure, capped.
@@ -101,6 +105,9 @@ class Limits:
     log_lines: int = 1000
     # Request bodies larger than this get 413 (audio uploads need room).
     max_body_bytes: int = 256 * 1024 * 1024
+    # Connections to a child are limited to its HTTP worker threads minus this many, left
+    # for the router's own health probes and metrics scrapes.
+    child_http_reserve: int = 1
     # Per-subscriber queue of /models/sse events; a slower client is dropped, not buffered.
     sse_queue: int = 1000
     # Default idle TTL for every model (seconds, None = never); the preset key `ttl` overrides.

@@ -260,7 +260,11 @@ def build_app(
         if state_dir is not None:
             state_dir.acquire()
         try:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=60, enable_cleanup_closed=False)
+            # Health probes and metrics scrapes: idle connections are dropped before
+            # llama-server's 5 s keep-alive closes them, so a probe never meets a closing one.
+            connector = aiohttp.TCPConnector(
+                limit=0, keepalive_timeout=config.timeouts.proxy_idle, enable_cleanup_closed=False
+            )
             # No cookie jar: children set no cookies, and the jar costs time on every request.
             session = aiohttp.ClientSession(
                 connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
@@ -294,7 +298,7 @@ def build_app(
                     options_for=child_args.merged, memory=memory, kv_cache=kv,
                 )
                 app[SUPERVISOR] = sup
-                api.bind(sup, Proxy(session, config.timeouts.proxy), session)
+                api.bind(sup, Proxy(config), session)
                 api.kv_cache = kv
                 watcher: Watcher | None = None
                 try:

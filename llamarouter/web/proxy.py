@@ -1,25 +1,33 @@
 """Forward one request to a child and its response back, unparsed.
 
-Hot path: one pooled keep-alive connection set per child (a shared ClientSession), no
-parsing of the response, small bodies answered in one write, streams relayed chunk by
-chunk as they arrive. A client that goes away cancels the handler (aiohttp handler
-cancellation), which closes the upstream connection, which makes llama-server stop.
+Hot path: pooled keep-alive connections per child, sized to the child's HTTP threads
+(relay.py); no parsing of the response beyond its head; small bodies answered in one
+write; streams copied from the child's transport to the client's as bytes arrive, inside
+the child connection's read callback. A client that goes away cancels the handler
+(aiohttp handler cancellation), which closes the child connection, which makes
+llama-server stop generating.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
+import os
 import time
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import cast
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from ..core.process import ModelProcess
 from ..errors import ChildUnreachable, UpstreamError
+from ..settings.config import RouterConfig
 from .metrics import PREDICTED_MARK, RequestTiming, predicted_tokens
+from .relay import ChildPool, ConnectFailed, Exchange, Head
 
 log = logging.getLogger("llamarouter.web.proxy")
 
@@ -30,6 +38,8 @@ _DROP_REQUEST = frozenset(
     for h in (
         "Accept-Encoding", "Transfer-Encoding", "Content-Length", "Host", "Connection",
         "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE", "Trailer", "Upgrade",
+        # The body is read whole before it is forwarded, so there is nothing to continue.
+        "Expect",
     )
 )
 # Response headers not forwarded: upstream drops Server, Transfer-Encoding, Content-Length,
@@ -44,19 +54,25 @@ _DROP_RESPONSE = frozenset(
 # A response with a Content-Length up to this size is read whole and sent in one write;
 # anything else (SSE, chunked, large) is relayed chunk by chunk.
 _BUFFER_LIMIT = 1 << 20
+# A request body up to this size is joined to the head and sent in one write.
+_JOIN_LIMIT = 1 << 16
 
 
-def _request_headers(request: web.Request) -> CIMultiDict[str]:
-    out: CIMultiDict[str] = CIMultiDict()
+def _request_head(request: web.Request, port: int, body: bytes | None) -> bytes:
+    lines = [f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"]
     for key, value in request.headers.items():
         if key.lower() not in _DROP_REQUEST:
-            out.add(key, value)
-    return out
+            lines.append(f"{key}: {value}\r\n")
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives them back.
+    return "".join(lines).encode("utf-8", "surrogateescape")
 
 
-def _response_headers(upstream: aiohttp.ClientResponse) -> CIMultiDict[str]:
+def _response_headers(head: Head) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
-    for key, value in upstream.headers.items():
+    for key, value in head.headers:
         low = key.lower()
         if low in _DROP_RESPONSE or low.startswith("access-control-"):
             continue
@@ -70,12 +86,68 @@ def _sse_error(message: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+def _option(argv: Iterable[str], env: Mapping[str, str], flags: tuple[str, ...], var: str) -> int | None:
+    """An integer llama-server option as the child sees it: its command line (last one
+    wins, `--flag value` or `--flag=value`), else its environment."""
+    found: str | None = None
+    args = list(argv)
+    for i, arg in enumerate(args):
+        if arg in flags and i + 1 < len(args):
+            found = args[i + 1]
+        else:
+            name, sep, value = arg.partition("=")
+            if sep and name in flags:
+                found = value
+    if found is None:
+        found = env.get(var)
+    try:
+        return int(found) if found is not None else None
+    except ValueError:
+        return None
+
+
+def child_http_threads(argv: Iterable[str], env: Mapping[str, str], cpus: int) -> int:
+    """How many connections llama-server serves at once: its HTTP worker threads.
+
+    Its default (server-http.cpp) is max(n_parallel + 4, hardware threads - 1), where an
+    unset or negative n_parallel means auto, which is 4 (server.cpp) by then. Newer builds
+    add short-lived threads beyond these, older ones leave further connections unread.
+    """
+    argv = list(argv)
+    threads = _option(argv, env, ("--threads-http",), "LLAMA_ARG_THREADS_HTTP")
+    if threads is not None and threads >= 1:
+        return threads
+    parallel = _option(argv, env, ("-np", "--parallel"), "LLAMA_ARG_N_PARALLEL")
+    if parallel is None or parallel < 0:
+        parallel = 4
+    return max(parallel + 4, cpus - 1)
+
+
 class Proxy:
-    def __init__(self, session: aiohttp.ClientSession, timeout: float) -> None:
-        self._session = session
-        # sock_read bounds the gap between two chunks, not the whole stream.
-        limit = timeout if timeout > 0 else None
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=limit, sock_read=limit)
+    def __init__(self, config: RouterConfig) -> None:
+        timeout = config.timeouts.proxy
+        # Bounds connecting, waiting for a free connection, and the gap between two reads
+        # (not the whole stream). 0 = none.
+        self._timeout = timeout if timeout > 0 else 0.0
+        self._idle = config.timeouts.proxy_idle
+        self._reserve = config.limits.child_http_reserve
+        self._env = dict(config.child_env)
+        self._cpus = os.cpu_count() or 1
+        self._pools: weakref.WeakKeyDictionary[ModelProcess, tuple[list[str], ChildPool]] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def pool_for(self, proc: ModelProcess, port: int) -> ChildPool:
+        entry = self._pools.get(proc)
+        # A new process (a restart builds a new argv list) gets a pool sized to it.
+        if entry is not None and entry[0] is proc.argv and entry[1].port == port:
+            return entry[1]
+        if entry is not None:
+            entry[1].close()
+        threads = child_http_threads(proc.argv, self._env, self._cpus)
+        pool = ChildPool(port, threads - self._reserve, self._idle, self._timeout)
+        self._pools[proc] = (proc.argv, pool)
+        return pool
 
     async def forward(
         self,
@@ -87,76 +159,78 @@ class Proxy:
         port = proc.port
         if port is None:
             raise UpstreamError(f"proxy error: model name={proc.name} is not running")
-        url = f"http://127.0.0.1:{port}{request.rel_url}"
+        pool = self.pool_for(proc, port)
         try:
-            upstream_cm = self._session.request(
-                request.method,
-                url,
-                headers=_request_headers(request),
-                data=body,
-                timeout=self._timeout,
-                allow_redirects=False,
-                auto_decompress=False,
-            )
-            upstream = await upstream_cm.__aenter__()
-        except aiohttp.ClientConnectorError as exc:
-            raise ChildUnreachable(f"proxy error: {_describe(exc)}") from exc
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            raise UpstreamError(f"proxy error: {_describe(exc)}") from exc
-        now = proc.last_activity = time.monotonic()
-        if timing is not None:
-            timing.headers_at = now  # time to first byte: the same clock read, no extra cost
+            conn = await pool.acquire()
+        except ConnectFailed as exc:
+            raise ChildUnreachable(f"proxy error: {exc}") from exc
+        except TimeoutError as exc:
+            raise UpstreamError(
+                f"proxy error: no connection to model name={proc.name} became free "
+                f"within {self._timeout:g} s"
+            ) from exc
+        head = _request_head(request, port, body)
+        # One buffer for a small body: one send, one segment.
+        parts = (head + body,) if body and len(body) <= _JOIN_LIMIT else (head, body) if body else (head,)
+        exchange = conn.send(parts, _BUFFER_LIMIT, self._timeout)
         try:
-            return await self._relay(request, proc, upstream, timing)
+            await exchange.wait()
+            if exchange.head is None:
+                raise UpstreamError(f"proxy error: {exchange.error or 'no response from child'}")
+            now = proc.last_activity = time.monotonic()
+            if timing is not None:
+                timing.headers_at = now  # time to first byte: the same clock read, no extra cost
+            if exchange.whole:
+                if exchange.body is None:  # cut short: nothing reached our client yet
+                    raise UpstreamError(f"proxy error: {exchange.error}")
+                if timing is not None and PREDICTED_MARK in exchange.body:
+                    timing.tokens = predicted_tokens(exchange.body) or 0
+                return web.Response(
+                    status=exchange.head.status, body=exchange.body,
+                    headers=_response_headers(exchange.head),
+                )
+            resp = await self._stream(request, proc, exchange)
+            if timing is not None and PREDICTED_MARK in exchange.tail:
+                timing.tokens = predicted_tokens(exchange.tail) or 0
+            return resp
         finally:
-            await upstream_cm.__aexit__(None, None, None)
+            exchange.abort()  # a no-op once the exchange is complete
 
-    async def _relay(
-        self,
-        request: web.Request,
-        proc: ModelProcess,
-        upstream: aiohttp.ClientResponse,
-        timing: RequestTiming | None = None,
-    ) -> web.StreamResponse:
-        headers = _response_headers(upstream)
-        length = upstream.content_length
-        if length is not None and length <= _BUFFER_LIMIT:
-            try:
-                data = await upstream.read()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                raise UpstreamError(f"proxy error: {_describe(exc)}") from exc
-            if timing is not None and PREDICTED_MARK in data:
-                timing.tokens = predicted_tokens(data) or 0
-            return web.Response(status=upstream.status, body=data, headers=headers)
-
+    async def _stream(self, request: web.Request, proc: ModelProcess, exchange: Exchange) -> web.StreamResponse:
+        head = exchange.head
+        assert head is not None
+        headers = _response_headers(head)
         headers["X-Accel-Buffering"] = "no"
-        resp = web.StreamResponse(status=upstream.status, headers=headers)
-        await resp.prepare(request)
-        try:
-            async for chunk in upstream.content.iter_any():
-                if timing is not None and PREDICTED_MARK in chunk:
-                    timing.tokens = predicted_tokens(chunk) or timing.tokens
-                await resp.write(chunk)
-        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
-                aiohttp.ClientConnectionError, TimeoutError) as exc:
-            if isinstance(exc, (ConnectionResetError, aiohttp.ClientConnectionResetError)) and (
-                request.transport is None or request.transport.is_closing()
-            ):
-                raise  # our client went away; nothing to tell it
+        resp = web.StreamResponse(status=head.status, headers=headers)
+        if head.length is not None:
+            resp.content_length = head.length
+        elif request.version >= (1, 1):
+            resp.enable_chunked_encoding()
+        writer = await resp.prepare(request)
+        transport = request.transport
+        if writer is None or transport is None or transport.is_closing():
+            raise ConnectionResetError("the client went away")
+        # The head is on the wire (StreamResponse sends it in prepare): from here on the
+        # body bytes go straight to the client's transport in the child's read callback.
+        # (uvloop's transports do not derive from asyncio's, hence the cast.)
+        exchange.attach(cast("asyncio.WriteTransport", transport), resp.chunked)
+        while not exchange.done:
+            await exchange.wait()
+            if exchange.paused:
+                await writer.drain()
+                exchange.resume()
+        if exchange.client_gone:
+            raise ConnectionResetError("the client went away")
+        if exchange.error is not None:
             # The child died or broke mid-response: headers are gone, so end the stream with
             # an error event the client can see instead of a silent truncation.
-            message = f"model name={proc.name}: upstream failed mid-response: {_describe(exc)}"
+            message = f"model name={proc.name}: upstream failed mid-response: {exchange.error}"
             log.warning("[%s] %s", proc.name, message)
-            ctype = upstream.headers.get("Content-Type", "")
-            if "text/event-stream" in ctype:
-                await resp.write(_sse_error(message))
+            if "text/event-stream" in head.get("Content-Type"):
+                with contextlib.suppress(ConnectionError):
+                    await resp.write(_sse_error(message))
             with contextlib.suppress(ConnectionError):
                 await resp.write_eof()
             return resp
         await resp.write_eof()
         return resp
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -43,6 +43,12 @@ Knobs (see ``KNOBS``):
                            (a real bind failure does the same)
 ``spawn_grandchild`` bool  start ``sleep 300`` in the same process group
                            (stdio to /dev/null) to test process-group kill
+``keepalive_secs`` float, 0  close idle keep-alive connections after this long
+                           (0 = aiohttp's default, 75 s; llama-server's is 5 s)
+``http_threads`` int, 0    serve at most N connections at once, like
+                           llama-server's fixed HTTP worker threads: further
+                           connections are accepted but left unread until a
+                           served one closes (0 = no limit)
 
 "Inference requests" are /v1/chat/completions, /chat/completions,
 /completion(s), /v1/completions, /v1/embeddings, /embedding(s).  With one slot
@@ -57,7 +63,10 @@ header dict of the last request other than /fake/* and the monitoring GETs
 /health /v1/health /metrics /slots /props), ``last_request`` (method, path,
 query, headers, json body of that request), ``headers_by_path`` (last headers
 seen per path, monitoring paths included), ``pid``, ``grandchild_pid``,
-``uptime``, ``ready``, ``hanging``, ``knobs``...
+``uptime``, ``ready``, ``hanging``, ``knobs``, ``connections`` (``open``,
+``max_open``, ``waiting`` / ``max_waiting`` (accepted, not yet served), ``total``,
+``closed_by_client``, ``closed_by_server`` (idle keep-alive expiry), and the
+last request path of each closed connection in ``closed_by_*_paths``)...
 
 Streams: chat sends a role-only chunk first (``delta: {"role": "assistant",
 "content": null}``, as llama-server does), then one chunk per token, a final
@@ -114,6 +123,8 @@ KNOBS: dict[str, tuple[type, object]] = {
     "bind_fail": (bool, False),
     "spawn_grandchild": (bool, False),
     "models_delay": (float, 0.0),
+    "keepalive_secs": (float, 0.0),
+    "http_threads": (int, 0),
 }
 
 ENV_PREFIX = "FAKE_LLAMA_"
@@ -487,6 +498,12 @@ class State:
         self.headers_by_path: dict[str, dict] = {}
         self.hung_tasks: set = set()
         self.grandchild_pid = grandchild_pid
+        self.connections = {
+            "open": 0, "max_open": 0, "waiting": 0, "max_waiting": 0, "total": 0,
+            "closed_by_client": 0, "closed_by_server": 0,
+            # the last request path of each closed connection
+            "closed_by_client_paths": [], "closed_by_server_paths": [],
+        }
 
     # -- lifecycle ---------------------------------------------------------
     def request_shutdown(self) -> None:
@@ -559,6 +576,7 @@ class State:
             "last_request": self.last_request,
             "headers_by_path": self.headers_by_path,
             "grandchild_pid": self.grandchild_pid,
+            "connections": json.loads(json.dumps(self.connections)),
         }
 
     # -- generation helpers --------------------------------------------------
@@ -1137,6 +1155,95 @@ CHAT_TEMPLATE = (
 )
 
 
+class _Gate:
+    """Protocol factory in front of aiohttp's: counts connections and, with
+    ``http_threads``, serves only that many at once (the rest wait unread)."""
+
+    def __init__(self, factory, limit: int, stats: dict) -> None:
+        self.factory = factory
+        self.limit = limit
+        self.stats = stats
+        self.serving = 0
+        self.queue: list = []
+
+    def __call__(self):
+        return _GatedConnection(self)
+
+    def start_next(self) -> None:
+        while self.queue and (not self.limit or self.serving < self.limit):
+            conn = self.queue.pop(0)
+            self.stats["waiting"] -= 1
+            if not conn.transport.is_closing():
+                conn.start()
+
+
+class _GatedConnection:
+    def __init__(self, gate: _Gate) -> None:
+        self.gate = gate
+        self.inner = None
+        self.transport = None
+        self.peer_closed = False
+        self.last_path = ""
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        st = self.gate.stats
+        st["open"] += 1
+        st["total"] += 1
+        st["max_open"] = max(st["max_open"], st["open"])
+        if self.gate.limit and self.gate.serving >= self.gate.limit:
+            transport.pause_reading()
+            self.gate.queue.append(self)
+            st["waiting"] += 1
+            st["max_waiting"] = max(st["max_waiting"], st["waiting"])
+        else:
+            self.start()
+
+    def start(self) -> None:
+        self.gate.serving += 1
+        self.inner = self.gate.factory()
+        self.inner.connection_made(self.transport)
+        self.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if data[:4] in (b"GET ", b"POST"):
+            self.last_path = data.split(b" ", 2)[1].split(b"?")[0].decode("latin-1")
+        if self.inner is not None:
+            self.inner.data_received(data)
+
+    def eof_received(self):
+        self.peer_closed = True
+        return self.inner.eof_received() if self.inner is not None else None
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+    def connection_lost(self, exc) -> None:
+        st = self.gate.stats
+        st["open"] -= 1
+        # A reset counts as the client's doing; a clean close without the client's FIN
+        # first is the server's (idle keep-alive expiry).
+        if self.peer_closed or exc is not None:
+            st["closed_by_client"] += 1
+            st["closed_by_client_paths"].append(self.last_path)
+        else:
+            st["closed_by_server"] += 1
+            st["closed_by_server_paths"].append(self.last_path)
+        if self.inner is None:
+            if self in self.gate.queue:
+                self.gate.queue.remove(self)
+                st["waiting"] -= 1
+            return
+        self.gate.serving -= 1
+        self.inner.connection_lost(exc)
+        self.gate.start_next()
+
+
 async def serve(
     opts: dict, knobs: dict, log: Log, argv: list[str], grandchild_pid: int | None = None
 ) -> int:
@@ -1152,23 +1259,25 @@ async def serve(
     if _early_signals:  # arrived during start-up, before the loop handlers
         state.request_shutdown()
     app = make_app(state)
+    extra = {"keepalive_timeout": knobs["keepalive_secs"]} if knobs["keepalive_secs"] > 0 else {}
     runner = web.AppRunner(
-        app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=1.0
+        app, handle_signals=False, access_log=None, handler_cancellation=True, shutdown_timeout=1.0,
+        **extra,
     )
     await runner.setup()
     host, port = opts["host"], opts["port"]
     log.info("main: binding port with default address family")
-    site = web.TCPSite(runner, host, port)
+    gate = _Gate(runner.server, knobs["http_threads"], state.connections)
     try:
-        await site.start()
+        server = await loop.create_server(gate, host, port, reuse_address=True)
     except OSError as e:
         log.error(f"srv         start: couldn't bind HTTP server socket, hostname: {host}, port: {port} ({e})")
         log.info("srv    operator(): operator(): cleaning up before exit...")
         log.error("srv  llama_server: exiting due to HTTP server error")
         await runner.cleanup()
         return 1
-    if port == 0 and runner.addresses:
-        state.port = runner.addresses[0][1]
+    if port == 0 and server.sockets:
+        state.port = server.sockets[0].getsockname()[1]
     log.info(f"main: HTTP server is listening, hostname: {host}, port: {state.port}, http threads: 1")
 
     load_task = asyncio.create_task(state.load())
@@ -1184,6 +1293,7 @@ async def serve(
         log.warn("fake: streams still open at shutdown, dropping them")
     for task in list(state.hung_tasks):
         task.cancel()
+    server.close()
     await runner.cleanup()
     return 0
 
