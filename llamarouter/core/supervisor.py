@@ -177,6 +177,7 @@ class Supervisor:
         self._loop_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
         self.counters = _Counters()
+        self._pins: dict[str, bool] = {}  # runtime pin/unpin over the preset's `pin`
         self.closing = False
         self.started = False  # start() finished: /readyz reports ready from here on
 
@@ -186,7 +187,7 @@ class Supervisor:
         return usage.in_flight if usage is not None else 0
 
     def wanted(self, name: str) -> bool:
-        return any(w.model == name for w in self._waiters)
+        return self._pins.get(name, False) or any(w.model == name for w in self._waiters)
 
     def last_activity(self, name: str) -> float:
         usage = self._usage.get(name)
@@ -561,7 +562,25 @@ class Supervisor:
         )
 
     def _pinned(self, proc: ModelProcess) -> bool:
+        override = self._pins.get(proc.name)
+        if override is not None:
+            return override
         return proc.spec.pin or self.config.single_model is not None
+
+    def pinned(self, proc: ModelProcess) -> bool:
+        """Whether the model is kept loaded: its preset's `pin`, or a runtime pin."""
+        return self._pinned(proc)
+
+    def pin(self, name: str, on: bool) -> ModelProcess:
+        """POST /models/pin: keep a model loaded (started now if a slot allows, never
+        evicted, restarted after a crash or unload), or let it go back to normal. Lasts
+        until the router stops; a reload keeps it."""
+        proc = self.find(name)
+        if proc is None:
+            raise InvalidRequest("model is not found")
+        self._pins[proc.name] = on
+        self._kick.set()
+        return proc
 
     def _record(self) -> None:
         if self._state_dir is not None:

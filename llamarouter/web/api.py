@@ -185,6 +185,7 @@ class Api:
         r.add_get("/readyz", self.readyz)
         r.add_post("/models/load", self.load)
         r.add_post("/models/unload", self.unload)
+        r.add_post("/models/pin", self.pin)
         r.add_get("/models/sse", self.sse)
         r.add_get("/models/logs", self.logs)
         r.add_get("/memory", self.memory)
@@ -395,7 +396,7 @@ class Api:
             self.sup.queued_for(proc), proc.restarts, self.sup.usage(proc.name).last_used_wall,
             proc.crashed, proc.exit_code, proc.failure, proc.stop_reason,
             self.sup.estimate_of(proc), proc.measured_bytes, id(proc.loaded_info),
-            self._status_value(proc), self._saved_caches(proc.name),
+            self._status_value(proc), self._saved_caches(proc.name), self.sup.pinned(proc),
         )
         cached = self._item_cache.get(proc)
         if cached is not None and cached[0] == key:
@@ -448,7 +449,7 @@ class Api:
             "in_flight": proc.in_flight,
             "queued": self.sup.queued_for(proc),
             "restarts": proc.restarts,
-            "pinned": spec.pin,
+            "pinned": self.sup.pinned(proc),
         }
         last_used_wall = self.sup.usage(proc.name).last_used_wall
         if last_used_wall:
@@ -532,6 +533,17 @@ class Api:
             self.sup.unload(proc.name)
             names.append(proc.name)
         return _json({"success": True, "models": names})
+
+    async def pin(self, request: web.Request) -> web.Response:
+        """llamarouter's own: {"model": NAME, "pin": true|false} keeps a model loaded or
+        lets it go; the answer is {"success": true, "pinned": BOOL}."""
+        body = await _json_body(request, self.config.limits.max_body_bytes)
+        name = _model_field(body)
+        on = body.get("pin", True) if isinstance(body, dict) else True
+        if not isinstance(on, bool):
+            raise InvalidRequest("pin must be true or false")
+        proc = self.sup.pin(name, on)
+        return _json({"success": True, "pinned": self.sup.pinned(proc)})
 
     async def memory(self, request: web.Request) -> web.Response:
         """Budget, use and free memory, and each model's estimate / measurement."""

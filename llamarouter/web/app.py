@@ -125,7 +125,7 @@ def _key_ok(config: RouterConfig, request: web.Request, keys: tuple[str, ...] | 
 def _is_admin_request(request: web.Request) -> bool:
     """Endpoints that change or reveal the set of running models (--admin-api-key)."""
     path, method = request.path, request.method
-    if method == "POST" and path in ("/models/load", "/models/unload"):
+    if method == "POST" and path in ("/models/load", "/models/unload", "/models/pin"):
         return True
     if method == "GET" and path == "/models/logs":
         return True

@@ -189,10 +189,14 @@ class Proxy:
                     status=exchange.head.status, body=exchange.body,
                     headers=_response_headers(exchange.head),
                 )
-            resp = await self._stream(request, proc, exchange)
-            if timing is not None and PREDICTED_MARK in exchange.tail:
-                timing.tokens = predicted_tokens(exchange.tail) or 0
-            return resp
+            try:
+                return await self._stream(request, proc, exchange)
+            finally:
+                # Also when the client hangs up right after the last event (as browsers do).
+                if timing is not None:
+                    tail = b"".join(exchange.tail)
+                    if PREDICTED_MARK in tail:
+                        timing.tokens = predicted_tokens(tail) or 0
         finally:
             exchange.abort()  # a no-op once the exchange is complete
 

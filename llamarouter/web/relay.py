@@ -39,6 +39,9 @@ class ConnectFailed(Exception):
     """No connection to the child could be opened: the request never reached it."""
 
 
+# Reads of a response body kept to find llama-server's closing `timings` event.
+_TAIL_READS = 8
+
 class ExchangeFailed(Exception):
     """The exchange with the child failed (connection lost, timeout, bad response)."""
 
@@ -153,8 +156,9 @@ class Exchange:
         self.paused = False
         self.client_gone = False
         # The last body bytes seen: llama-server's last event carries its `timings`, read
-        # for the dashboard's tokens/s without looking at any other chunk.
-        self.tail = b""
+        # for the dashboard's tokens/s without looking at any other chunk. Several reads,
+        # since the chunk size line, `[DONE]` and the terminator may each come on their own.
+        self.tail: collections.deque[bytes] = collections.deque(maxlen=_TAIL_READS)
         self._head_buf = b""
         self._remaining = 0
         self._need = 0  # bytes left of the current chunk's data and its CRLF
@@ -279,7 +283,7 @@ class Exchange:
             self._wake()
 
     def _body(self, data: bytes) -> None:
-        self.tail = data
+        self.tail.append(data)
         mode = self.mode
         if mode == _CHUNKED:
             self._chunked(data)

@@ -69,11 +69,16 @@ class CoreMachine(RuleBasedStateMachine):
         self.sup.violations = []
         self.requests: list[asyncio.Task[Any]] = []
         self.max_lag = 0.0
+        self.epoch = 0
         self.monitor: asyncio.Task[None] | None = None
 
     # ----------------------------------------------------------------- helpers
     def run(self, seconds: float) -> None:
-        self.loop.run_until_complete(asyncio.sleep(seconds))
+        self.until(asyncio.sleep(seconds))
+
+    def until(self, aw: Any) -> Any:
+        self.epoch += 1
+        return self.loop.run_until_complete(aw)
 
     def call(self, fn: Any) -> None:
         """Run a synchronous core call inside the loop, as handlers do."""
@@ -81,16 +86,20 @@ class CoreMachine(RuleBasedStateMachine):
         async def inside() -> None:
             fn()
 
-        self.loop.run_until_complete(inside())
+        self.until(inside())
 
     async def _lag_monitor(self) -> None:
         # How long the loop ran without coming back to this task, counted in the loop
         # thread's CPU time: on a shared 2-core machine the OS may stop the whole process
         # for a while, which says nothing about our code holding the loop.
+        # Between steps the loop is not running and Hypothesis works in this thread: a
+        # sample that spans a step boundary (`epoch` changed) is not the loop's.
         tick = 0.01
         while True:
-            wall, cpu = time.monotonic(), time.thread_time()
+            wall, cpu, epoch = time.monotonic(), time.thread_time(), self.epoch
             await asyncio.sleep(tick)
+            if epoch != self.epoch:
+                continue
             held = min(time.monotonic() - wall, time.thread_time() - cpu)
             self.max_lag = max(self.max_lag, held - tick)
 
@@ -112,7 +121,7 @@ class CoreMachine(RuleBasedStateMachine):
     @initialize()
     def boot(self) -> None:
         self.monitor = self.loop.create_task(self._lag_monitor())
-        self.loop.run_until_complete(self.sup.start())
+        self.until(self.sup.start())
 
     @rule(name=st.sampled_from(NAMES), hold=st.sampled_from((0.0, 0.01, 0.05)))
     def request(self, name: str, hold: float) -> None:
@@ -150,7 +159,7 @@ class CoreMachine(RuleBasedStateMachine):
         else:
             ctx = str(1000 + len(self.launcher.children))
             self.specs[name] = spec(name, options=(("ctx-size", ctx),))
-        self.loop.run_until_complete(self.sup.reload())
+        self.until(self.sup.reload())
         self.run(0.002)
 
     @rule(name=st.sampled_from(NAMES))
@@ -218,10 +227,10 @@ class CoreMachine(RuleBasedStateMachine):
             # Every waiter is answered: with no new work, the queue drains in bounded time.
             pending = [t for t in self.requests if not t.done()]
             if pending:
-                done, still = self.loop.run_until_complete(asyncio.wait(pending, timeout=10))
+                done, still = self.until(asyncio.wait(pending, timeout=10))
                 assert not still, f"{len(still)} request(s) never answered"
             started = time.monotonic()
-            self.loop.run_until_complete(asyncio.wait_for(self.sup.shutdown(), 10))
+            self.until(asyncio.wait_for(self.sup.shutdown(), 10))
             assert time.monotonic() - started < 10
             assert self.launcher.alive() == [], self.launcher.alive()
             assert self.max_lag <= LOOP_LAG_LIMIT, self.max_lag
@@ -231,7 +240,7 @@ class CoreMachine(RuleBasedStateMachine):
                 self.monitor.cancel()
             for task in asyncio.all_tasks(self.loop):
                 task.cancel()
-            self.loop.run_until_complete(asyncio.sleep(0))
+            self.until(asyncio.sleep(0))
             self.loop.close()
 
 

@@ -178,3 +178,47 @@ async def test_debug_fake_timing_counts_request_busy_while_sleeping(tmp_path: Pa
     await wait_for(busy, 15, message="the request to be counted in flight")
     assert not task.done()
     assert (await task)[0] == 200
+
+
+async def test_an_explicit_load_counts_as_use(tmp_path: Path, start_router: StartRouter) -> None:
+    """Upstream stamps last_used on every POST it routes, POST /models/load included: chat to
+    alpha, load beta, chat to gamma evicts alpha (used longest ago), not the just-loaded beta."""
+    d = make_models(tmp_path, "alpha beta gamma")
+    r = await start_router("--models-dir", str(d), "--models-max", "2")
+    assert (await r.chat("alpha", max_tokens=1))[0] == 200
+    assert (await r.post("/models/load", {"model": "beta"}))[0] == 200
+    await r.wait_status("beta", "loaded")
+    assert (await r.chat("gamma", max_tokens=1))[0] == 200
+    models = await r.models()
+    assert models["alpha"]["status"]["value"] == "unloaded"
+    assert models["beta"]["status"]["value"] == "loaded"
+
+
+async def test_three_loads_in_a_row_evict_the_first_loaded(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "alpha beta gamma")
+    r = await start_router("--models-dir", str(d), "--models-max", "2")
+    # beta first, then alpha: the first loaded goes, whatever the names' order.
+    for name in ("beta", "alpha"):
+        assert (await r.post("/models/load", {"model": name}))[0] == 200
+        await r.wait_status(name, "loaded")
+    assert (await r.post("/models/load", {"model": "gamma"}))[0] == 200
+    await r.wait_status("gamma", "loaded")
+    models = await r.models()
+    assert models["beta"]["status"]["value"] == "unloaded"
+    assert models["alpha"]["status"]["value"] == "loaded"
+
+
+async def test_runtime_pin_keeps_a_model_loaded_and_unpin_lets_it_go(tmp_path: Path, start_router: StartRouter) -> None:
+    d = make_models(tmp_path, "a b")
+    r = await start_router("--models-dir", str(d), "--models-max", "1")
+    assert await r.post("/models/pin", {"model": "a", "pin": True}) == (200, {"success": True, "pinned": True})
+    item = await r.wait_status("a", "loaded")  # pinned: started without a request
+    assert item["pinned"] is True
+    assert (await r.post("/models/unload", {"model": "a"}))[0] == 200
+    await wait_for(lambda: r.log().count("[a] stopped -> starting") >= 2, 10, message="a to come back")
+    await r.wait_status("a", "loaded")
+    assert await r.post("/models/pin", {"model": "a", "pin": False}) == (200, {"success": True, "pinned": False})
+    assert (await r.chat("b", max_tokens=1))[0] == 200  # a is evictable again
+    assert (await r.models())["a"]["status"]["value"] == "unloaded"
+    assert (await r.post("/models/pin", {"model": "zzz"}))[0] == 400
+    assert (await r.post("/models/pin", {"model": "a", "pin": "yes"}))[0] == 400

@@ -140,6 +140,12 @@ async def test_dashboard_layout_memory_timeline_and_accessibility(
     await expect(row(page, "alpha").locator("td.status .word")).to_have_text("unloaded", timeout=T)
     # The unload is marked on the timeline.
     await expect(page.locator("#charts figure").first.locator("line.m-evict").first).to_be_attached(timeout=T)
+    # Pin keeps the model loaded: it is started again, shows the badge, and can be unpinned.
+    await row(page, "alpha").get_by_role("button", name="Pin alpha (keep it loaded)", exact=True).click()
+    await expect(row(page, "alpha").locator("td.status .word")).to_have_text("loaded", timeout=T)
+    await expect(row(page, "alpha").locator("th.id .badge")).to_be_visible(timeout=T)
+    await row(page, "alpha").get_by_role("button", name="Unpin alpha", exact=True).click()
+    await expect(row(page, "alpha").locator("th.id .badge")).to_be_hidden(timeout=T)
 
 
 async def test_dashboard_at_root_says_how_to_build_the_chat_ui(

@@ -267,8 +267,9 @@
     cells.status.append(cells.word, cells.detail, cells.fail);
     cells.load = makeButton("Load", `Load ${id}`, () => loadModel(id));
     cells.unload = makeButton("Unload", `Unload ${id}`, () => unloadModel(id));
+    cells.pinBtn = makeButton("Pin", `Pin ${id} (keep it loaded)`, () => pinModel(id, !pinned.get(id)));
     cells.logs = makeButton("Logs", `Show the log of ${id}`, () => showLogs(id));
-    cells.actions.append(cells.load, cells.unload, cells.logs);
+    cells.actions.append(cells.load, cells.unload, cells.pinBtn, cells.logs);
     return { tr, cells };
   }
 
@@ -299,6 +300,10 @@
     c.bar.setAttribute("aria-label", memInfo.budget
       ? `${text} of a ${fmtBytes(memInfo.budget)} budget` : text);
     c.pin.hidden = !item.pinned;
+    pinned.set(item.id, Boolean(item.pinned));
+    c.pinBtn.textContent = item.pinned ? "Unpin" : "Pin";
+    c.pinBtn.setAttribute("aria-label", item.pinned ? `Unpin ${item.id}` : `Pin ${item.id} (keep it loaded)`);
+    c.pinBtn.setAttribute("aria-pressed", item.pinned ? "true" : "false");
     const tail = (item.status && item.status.log_tail) || [];
     c.fail.hidden = !tail.length;
     c.failLog.textContent = tail.join("\n");
@@ -389,6 +394,17 @@
       await postJSON("/models/load", { model: id });
     } catch (err) {
       if (!/already running/.test(err.message)) report(err, `Could not load ${id}`);
+    }
+    refreshModels();
+  }
+
+  const pinned = new Map();
+
+  async function pinModel(id, on) {
+    try {
+      await postJSON("/models/pin", { model: id, pin: on });
+    } catch (err) {
+      report(err, `Could not ${on ? "pin" : "unpin"} ${id}`);
     }
     refreshModels();
   }
