@@ -692,6 +692,9 @@ def command_line(argv: Sequence[str]) -> str:
     return " ".join([".venv/bin/python -m bench", *argv])
 
 
+KEPT_MARKER = "<!-- Sections below are measured by other scripts and kept across make bench runs. -->"
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -759,7 +762,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "loadavg_after": os.getloadavg(),
     }
     text = report.markdown(meta, results)
-    Path(args.out).write_text(text)
+    out = Path(args.out)
+    # Sections measured by other scripts (kept below this marker) survive a new run.
+    if out.is_file() and KEPT_MARKER in (previous := out.read_text()):
+        text = text.rstrip("\n") + "\n\n" + previous[previous.index(KEPT_MARKER):]
+    out.write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=2, default=str))
     print(report.table(results))

@@ -4,7 +4,7 @@ preset changes and SIGHUP arrives every second (bench/reload_storm.py, small num
 
 No request hangs, every answer is a success or a documented error, no model is left in a
 transitional state once the storm ends, /health never fails, and no child outlives the
-router."""
+router. (Run by hand, the full storm is in the closing figures of docs/reliability.md.)"""
 
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ async def test_reload_storm(tmp_path: Path) -> None:
     assert result.router_exit == 0, summary
     assert result.health_failures == 0, summary
     assert sum(result.outcomes.values()) == 240, summary
-    # Success, or the model was dropped by the reload just then (400 not found).
-    assert set(result.outcomes) <= {"200", "400"}, summary
-    assert all("not found" in message for message in result.errors), summary
+    # Success; or the model was dropped by the reload just then (400 not found); or, rarely,
+    # a child closed a connection as it was being replaced (a documented 500 proxy error:
+    # a request that may have reached a child is never sent twice).
+    assert set(result.outcomes) <= {"200", "400", "500"}, summary
+    assert all(m.startswith(("model 'M' not found", "proxy error:")) for m in result.errors), summary
+    assert result.outcomes.get("500", 0) <= 0.02 * 240, summary
     assert result.outcomes["200"] > 0, summary
