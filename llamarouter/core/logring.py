@@ -6,6 +6,9 @@ import asyncio
 import collections
 import contextlib
 from collections.abc import Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class LogRing:
@@ -60,8 +63,13 @@ class LogRing:
 
     def _end(self, q: asyncio.Queue[str | None]) -> None:
         self._followers.discard(q)
-        # Make room for the end marker: losing a line matters less than a reader that hangs.
-        with contextlib.suppress(asyncio.QueueEmpty):
-            while q.full():
-                q.get_nowait()
-        q.put_nowait(None)
+        end_queue(q)
+
+
+def end_queue(q: asyncio.Queue[T | None]) -> None:
+    """Put the end marker (None) into a bounded subscriber queue, making room for it:
+    losing an item matters less than a reader that waits for one that never comes."""
+    with contextlib.suppress(asyncio.QueueEmpty):
+        while q.full():
+            q.get_nowait()
+    q.put_nowait(None)

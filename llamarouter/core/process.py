@@ -23,7 +23,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..errors import ShuttingDown
 from ..settings.config import ModelSpec, RouterConfig
@@ -35,7 +35,7 @@ from .launcher import Child, Launcher
 from .logring import LogRing
 from .probes import Probe
 from .sleep import sleeping_from_log
-from .states import SLOT_STATES, State, check_transition
+from .states import SLOT_STATES, State, api_status, check_transition
 
 if TYPE_CHECKING:
     from .kvcache import KvCache
@@ -54,6 +54,7 @@ _READY_HINTS = (
 # A lost port race (another process bound it between our probe and the child's bind).
 _BIND_FAILURE = re.compile(rb"couldn't bind|address already in use|Address already in use")
 
+T = TypeVar("T")
 StateListener = Callable[["ModelProcess", State, State], None]
 ArgvBuilder = Callable[[ModelSpec, int], Sequence[str]]
 
@@ -189,8 +190,6 @@ class ModelProcess:
         # Commands sent but not handled yet: the scheduler counts them as done already, so
         # two passes in a row never start (or evict) the same model twice.
         self._pending: collections.deque[_Cmd] = collections.deque()
-        self._stopped = asyncio.Event()
-        self._stopped.set()
         self._shut = asyncio.Event()  # reached SHUTDOWN: nothing runs and nothing will
         self._changed = asyncio.Event()  # set and replaced on every state change
         self._probe_now = asyncio.Event()
@@ -215,16 +214,8 @@ class ModelProcess:
 
     @property
     def api_status(self) -> str:
-        """The upstream status word. A model being stopped stays "loaded" only if it was;
-        a start that is being cancelled stays "loading" until it is gone."""
-        state = self.state
-        if state in (State.STARTING, State.BACKOFF):
-            return "loading"
-        if state == State.READY:
-            return "loaded"
-        if state == State.STOPPING:
-            return "loaded" if self.ever_ready else "loading"
-        return "unloaded"
+        """The upstream status word (states.api_status)."""
+        return api_status(self.state, self.ever_ready)
 
     @property
     def in_flight(self) -> int:
@@ -283,7 +274,7 @@ class ModelProcess:
     def stop(self, reason: str) -> asyncio.Future[None]:
         """Unload. STARTING: the load is cancelled (the child killed at once); READY:
         SIGTERM, stop-timeout, SIGKILL, reap; BACKOFF/FAILED: to STOPPED. The future
-        resolves when the command is handled; `wait_stopped()` waits for the reap."""
+        resolves when the command is handled, not when the child has been reaped."""
         return self._send(_Command(_Cmd.STOP, reason))
 
     def shutdown(self) -> asyncio.Future[None]:
@@ -293,15 +284,6 @@ class ModelProcess:
     def close(self) -> asyncio.Future[None]:
         """End the owner task; only for a model that is stopped and no longer listed."""
         return self._send(_Command(_Cmd.CLOSE))
-
-    async def wait_stopped(self, timeout: float | None = None) -> bool:
-        """True once no process runs (STOPPED, FAILED or SHUTDOWN); False after timeout."""
-        try:
-            async with asyncio.timeout(timeout):
-                await self._stopped.wait()
-            return True
-        except TimeoutError:
-            return False
 
     async def wait_shutdown(self, timeout: float) -> bool:
         """True once SHUTDOWN (every command sent before `shutdown()` handled, the child
@@ -550,11 +532,8 @@ class ModelProcess:
         self.state_changed_at = time.monotonic()
         if new == State.STARTING:
             self.ever_ready = False
-            self._stopped.clear()
-        elif new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
-            self._stopped.set()
-            if new == State.SHUTDOWN:
-                self._shut.set()
+        elif new == State.SHUTDOWN:
+            self._shut.set()
         self._changed.set()
         self._changed = asyncio.Event()
         log.info("[%s] %s -> %s", self.name, old, new)
@@ -641,7 +620,7 @@ class ModelProcess:
     async def _before_spawn(self, life: _Life) -> bool:
         """Upstream's fake-timing sleep and the wait for freed memory; False when stopped."""
         waits: list[Awaitable[object]] = []
-        if self._config.fake_timing and self._config.single_model is None:
+        if self._config.fake_timing:  # off in -m/-hf mode (cli.py), as upstream
             # Upstream's LLAMA_SERVER_DEBUG_FAKE_TIMING sleeps before every load.
             waits.append(asyncio.sleep(self._config.fake_timing_secs))
         if self.before_spawn is not None:
@@ -661,11 +640,11 @@ class ModelProcess:
             while True:
                 if exit_wait.done() or life.stop.is_set():
                     return False
-                probe = asyncio.create_task(self._probe.health(port, timeouts.ready_poll * 20 + 1.0))
-                await asyncio.wait({probe, exit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not probe.done():
-                    # Stopped or exited while a probe hung: do not wait for it to time out.
-                    probe.cancel()
+                # Stopped or exited while a probe hangs: do not wait for it to time out.
+                probe = await _first(
+                    self._probe.health(port, timeouts.ready_poll * 20 + 1.0), exit_wait, stop_wait
+                )
+                if probe is None:
                     return False
                 status = probe.result()
                 if status == 200:
@@ -711,10 +690,8 @@ class ModelProcess:
                 )
                 if done:
                     return
-                probe = asyncio.create_task(self._probe.health(port, timeouts.health_timeout))
-                await asyncio.wait({probe, exit_wait, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
-                if not probe.done():
-                    probe.cancel()
+                probe = await _first(self._probe.health(port, timeouts.health_timeout), exit_wait, stop_wait)
+                if probe is None:
                     return
                 healthy = probe.result() == 200
                 if healthy and self._canary_due():
@@ -722,10 +699,10 @@ class ModelProcess:
                     # one-token completion now and then. Failed canaries are counted on their
                     # own (the /health probes between them pass) against the same limit.
                     self._last_canary = time.monotonic()
-                    ok = await _race(self._probe.canary(port, timeouts.canary_timeout), exit_wait, stop_wait)
-                    if ok is None:
+                    canary = await _first(self._probe.canary(port, timeouts.canary_timeout), exit_wait, stop_wait)
+                    if canary is None:
                         return
-                    if ok:
+                    if canary.result():
                         canary_misses = 0
                     else:
                         canary_misses += 1
@@ -829,28 +806,27 @@ class ModelProcess:
         child_log.debug("[%s] %s", self.name, text)
 
 
-async def _race(aw: Awaitable[bool], *stops: asyncio.Future[Any]) -> bool | None:
-    """`aw`'s result, or None when one of `stops` finished first (then `aw` is cancelled)."""
+async def _first(aw: Awaitable[T], *stops: asyncio.Future[Any]) -> asyncio.Future[T] | None:
+    """Await `aw` unless one of `stops` finishes first: then `aw` is cancelled (and its end
+    awaited) and None comes back; else `aw`'s finished future, for its result."""
     task = asyncio.ensure_future(aw)
     await asyncio.wait({task, *stops}, return_when=asyncio.FIRST_COMPLETED)
-    if not task.done():
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return None
-    return task.result()
+    if task.done():
+        return task
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    return None
 
 
 async def _unless_stopped(aw: Awaitable[object], stop: asyncio.Event) -> bool:
     """Await `aw` unless `stop` is set first (then cancel it). True when `aw` finished."""
-    task = asyncio.ensure_future(aw)
     stop_wait = asyncio.create_task(stop.wait())
     try:
-        await asyncio.wait({task, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        done = await _first(aw, stop_wait)
     finally:
         stop_wait.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
-    return task.done() and not task.cancelled() and not stop.is_set()
+    if done is None:
+        return False
+    done.result()  # an error in it is the life's to report
+    return not stop.is_set()

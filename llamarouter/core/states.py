@@ -42,12 +42,15 @@ LIVE_STATES = frozenset({State.STARTING, State.READY, State.STOPPING})
 TERMINAL_STATES = frozenset({State.SHUTDOWN})
 
 
-def api_status(state: State) -> str:
+def api_status(state: State, was_ready: bool = True) -> str:
     """The upstream status word for a state (upstream knows only these words).
 
     STOPPING stays "loaded" because upstream keeps a model loaded until its process has
-    exited; BACKOFF shows "loading" because a restart is under way.
+    exited, but only for a child that had become ready: a load being cancelled stays
+    "loading" until it is gone. BACKOFF shows "loading" because a restart is under way.
     """
+    if state == State.STOPPING and not was_ready:
+        return "loading"
     return _API_STATUS[state]
 
 

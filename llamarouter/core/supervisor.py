@@ -37,12 +37,13 @@ from . import scheduler
 from .gguf_info import Estimate
 from .kvcache import KvCache
 from .launcher import Launcher
+from .logring import end_queue
 from .memory import MemoryManager
 from .probes import Probe
 from .process import ModelProcess
 from .scheduler import Why
 from .statedir import StateDir
-from .states import State
+from .states import State, api_status
 
 log = logging.getLogger("llamarouter.supervisor")
 
@@ -68,12 +69,10 @@ class EventHub:
             try:
                 q.put_nowait(line)
             except asyncio.QueueFull:
-                # Too slow: drop the client. Make room for the end marker so its handler
-                # wakes up and closes the connection instead of hanging there.
+                # Too slow: drop the client; the end marker wakes its handler, which closes
+                # the connection instead of hanging there.
                 self._subscribers.discard(q)
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    q.get_nowait()
-                q.put_nowait(None)
+                end_queue(q)
 
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[bytes | None]]:
@@ -86,10 +85,7 @@ class EventHub:
 
     def close(self) -> None:
         for q in list(self._subscribers):
-            with contextlib.suppress(asyncio.QueueEmpty):
-                while q.full():
-                    q.get_nowait()
-            q.put_nowait(None)
+            end_queue(q)
         self._subscribers.clear()
 
 
@@ -134,6 +130,7 @@ class _Waiter:
 class _Counters:
     evictions: int = 0
     loads: int = 0
+    passes: int = 0  # scheduling passes run (what a test waits on to know one has run)
     refused: dict[str, int] = field(default_factory=dict)
 
 
@@ -420,6 +417,7 @@ class Supervisor:
                 self._apply(actions)
             except Exception:  # a bug of ours: log it, keep the loop (and the router) alive
                 log.exception("scheduling pass failed")
+            self.counters.passes += 1
             soonest = scheduler.next_wakeup(snap)
             if soonest is not None:
                 wake = min(wake, soonest)
@@ -595,7 +593,8 @@ class Supervisor:
             self._observer(proc, old, new)
         if new in (State.READY, State.STOPPED, State.FAILED, State.SHUTDOWN):
             self._record()
-        old_api = "loaded" if old == State.STOPPING and proc.ever_ready else _word(old)
+        # ever_ready is about the life that is ending (it resets only on entering STARTING).
+        old_api = api_status(old, proc.ever_ready)
         new_api = proc.api_status
         listed = self.models.get(proc.name) is proc
         if listed and new == State.STARTING and old in (State.STOPPED, State.FAILED):
@@ -708,12 +707,6 @@ class Supervisor:
         if self._state_dir is not None:
             with contextlib.suppress(OSError):
                 self._state_dir.record(())
-
-
-def _word(state: State) -> str:
-    if state in (State.STARTING, State.BACKOFF, State.STOPPING):
-        return "loading"
-    return "loaded" if state == State.READY else "unloaded"
 
 
 def _mib(n: int) -> str:

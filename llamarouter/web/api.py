@@ -681,7 +681,7 @@ class Api:
                 proc = lease.proc
                 port = proc.port
                 try:
-                    if self.config.fake_timing and self.config.single_model is None:
+                    if self.config.fake_timing:
                         await asyncio.sleep(self.config.fake_timing_secs)
                     resp = await self.proxy.forward(request, proc, body, timing)
                     code = resp.status
