@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import (
     BudgetExceeded,
@@ -129,9 +129,7 @@ class _Waiter:
 @dataclass
 class _Counters:
     evictions: int = 0
-    loads: int = 0
     passes: int = 0  # scheduling passes run (what a test waits on to know one has run)
-    refused: dict[str, int] = field(default_factory=dict)
 
 
 class Supervisor:
@@ -507,7 +505,6 @@ class Supervisor:
                 elif isinstance(action, scheduler.Resolve):
                     waiter.fut.set_result(None)
                 else:
-                    self.counters.refused[action.why] = self.counters.refused.get(action.why, 0) + 1
                     waiter.fut.set_exception(self._refusal(action))
 
     def _note_start(self, proc: ModelProcess) -> None:
@@ -515,7 +512,6 @@ class Supervisor:
         # name never reuses the number a waiter saw on the old one.
         if proc.expected_state in (State.STOPPED, State.FAILED):
             self._starts[id(proc)] = next(self._generations)
-            self.counters.loads += 1
 
     def _refusal(self, action: scheduler.Refuse) -> LlamaRouterError:
         name, why = action.model, action.why
