@@ -62,7 +62,7 @@ ArgvBuilder = Callable[[ModelSpec, int], Sequence[str]]
 class Demand(Protocol):
     """What the supervisor knows about a model's requests (the process only reads it)."""
 
-    def in_flight(self, name: str) -> int: ...
+    def in_flight(self, proc: ModelProcess) -> int: ...
 
     def wanted(self, name: str) -> bool: ...
 
@@ -72,7 +72,7 @@ class Demand(Protocol):
 
 
 class _NoDemand:
-    def in_flight(self, name: str) -> int:
+    def in_flight(self, proc: ModelProcess) -> int:
         return 0
 
     def wanted(self, name: str) -> bool:
@@ -219,7 +219,7 @@ class ModelProcess:
 
     @property
     def in_flight(self) -> int:
-        return self._demand.in_flight(self.name)
+        return self._demand.in_flight(self)
 
     @property
     def last_activity(self) -> float:

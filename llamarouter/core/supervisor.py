@@ -93,7 +93,6 @@ class EventHub:
 class Usage:
     """Request accounting of one model, kept by the supervisor (not the process)."""
 
-    in_flight: int = 0
     last_used: float = 0.0  # monotonic; stamped by every routed POST and when a request ends
     last_used_wall: float = 0.0
     last_activity: float = 0.0  # a response started or ended (liveness hint)
@@ -162,7 +161,9 @@ class Supervisor:
         self._retired: set[ModelProcess] = set()  # replaced or removed by a reload, stopping
         # Retired while serving: they finish the requests they have, then stop.
         self._draining: set[ModelProcess] = set()
-        self._serving: dict[int, int] = {}  # id(proc) -> leases held on that very process
+        # Leases held on each process. Counted per process, not per name: a reload can
+        # retire a busy model and list the same name again while the old child serves.
+        self._serving: dict[ModelProcess, int] = {}
         self._usage: dict[str, Usage] = {}
         self._starts: dict[int, int] = {}  # id(proc) -> number of its latest load
         self._generations = itertools.count(1)
@@ -177,9 +178,8 @@ class Supervisor:
         self.started = False  # start() finished: /readyz reports ready from here on
 
     # ----------------------------------------------------------------- Demand (for processes)
-    def in_flight(self, name: str) -> int:
-        usage = self._usage.get(name)
-        return usage.in_flight if usage is not None else 0
+    def in_flight(self, proc: ModelProcess) -> int:
+        return self._serving.get(proc, 0)
 
     def wanted(self, name: str) -> bool:
         return self._pins.get(name, False) or any(w.model == name for w in self._waiters)
@@ -377,23 +377,20 @@ class Supervisor:
             waiter.fut.cancel()
 
     def _grant(self, proc: ModelProcess) -> Lease:
-        usage = self._usage_of(proc.name)
-        usage.in_flight += 1
-        self._serving[id(proc)] = self._serving.get(id(proc), 0) + 1
+        self._serving[proc] = self._serving.get(proc, 0) + 1
         return Lease(self, proc)
 
     def _release(self, proc: ModelProcess) -> None:
         usage = self._usage_of(proc.name)
-        usage.in_flight -= 1
         now = time.monotonic()
         usage.last_used = usage.last_activity = now
         usage.last_used_wall = time.time()
-        left = self._serving.get(id(proc), 0) - 1
+        left = self._serving.get(proc, 0) - 1
         if left > 0:
-            self._serving[id(proc)] = left
+            self._serving[proc] = left
         else:
-            self._serving.pop(id(proc), None)
-        if usage.in_flight == 0 or proc in self._draining:
+            self._serving.pop(proc, None)
+        if left <= 0 or proc in self._draining:
             # An idle model matters to queued requests (it may be evicted for them), to
             # TTL, and to a reload waiting for it to finish its requests.
             self._kick.set()
@@ -429,7 +426,7 @@ class Supervisor:
 
     def _stop_drained(self) -> None:
         for proc in list(self._draining):
-            if self._serving.get(id(proc), 0) == 0 or proc.expected_state != State.READY:
+            if self._serving.get(proc, 0) == 0 or proc.expected_state != State.READY:
                 self._draining.discard(proc)
                 proc.stop("reload")
 
@@ -444,7 +441,7 @@ class Supervisor:
                 scheduler.ModelView(
                     name=proc.name,
                     state=state,
-                    in_flight=usage.in_flight,
+                    in_flight=self._serving.get(proc, 0),
                     last_used=usage.last_used,
                     idle_since=max(usage.last_used, proc.ready_at or 0.0),
                     pinned=self._pinned(proc),
@@ -613,7 +610,7 @@ class Supervisor:
         if proc.state != State.SHUTDOWN:
             proc.close()
         self._starts.pop(id(proc), None)
-        self._serving.pop(id(proc), None)
+        self._serving.pop(proc, None)
 
     # ----------------------------------------------------------------- management API
     def unload(self, name: str) -> ModelProcess:
@@ -638,7 +635,7 @@ class Supervisor:
                 continue
             del self.models[name]
             state = proc.expected_state
-            if state == State.READY and self._serving.get(id(proc), 0) > 0:
+            if state == State.READY and self._serving.get(proc, 0) > 0:
                 # Requests in flight finish on the old definition; it stops once idle
                 # (and keeps its slot until then, so the new one waits for room).
                 self._retired.add(proc)

@@ -38,10 +38,10 @@ async def test_request_loads_the_model_and_is_granted() -> None:
     sup, launcher, _ = await started("a")
     try:
         lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
-        assert sup.models["a"].state == State.READY and sup.in_flight("a") == 1
+        assert sup.models["a"].state == State.READY and sup.models["a"].in_flight == 1
         lease.release()
         lease.release()  # only the first release counts
-        assert sup.in_flight("a") == 0
+        assert sup.models["a"].in_flight == 0
     finally:
         await sup.shutdown()
     assert launcher.alive() == []
@@ -247,7 +247,7 @@ async def test_cancelled_waiter_leaves_and_a_racing_grant_is_given_back() -> Non
         # evicted for the waiter that left.
         await wait_for(lambda: sup.counters.passes > passes, 5, message="a scheduling pass")
         assert sup.models["a"].state == State.READY and sup.models["b"].state == State.STOPPED
-        assert sup.in_flight("a") == 0
+        assert sup.models["a"].in_flight == 0
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
 
@@ -272,3 +272,31 @@ def test_log_follower_that_falls_behind_gets_the_end_marker() -> None:
     assert items[-1] is None  # dropped, and told so
     assert ring.followers == 0
     assert ring.tail(2) == ["line 8", "line 9"]
+
+
+async def test_request_on_a_model_readded_by_a_reload_keeps_it_busy() -> None:
+    """Was: a reload that dropped a model while it served forgot the model's request count;
+    the request's end, on the retired child, then counted against the model a later reload
+    added back. Its next request read as idle, so the model was evicted mid-response (the
+    reload storm's rare 'child closed the connection' errors)."""
+    sup, launcher, specs = await started("a b", models_max=1)
+    try:
+        old = await sup.acquire(sup.models["a"], True)
+        dropped = specs.pop("a")
+        await sup.reload()
+        specs["a"] = dropped
+        await sup.reload()  # listed again; the old child still serves its request
+        old.release()
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        assert lease.proc is sup.models["a"] and sup.models["a"].in_flight == 1
+        waiter = asyncio.create_task(sup.acquire(sup.models["b"], True))
+        await wait_for(lambda: sup.waiting == 1, 5)
+        passes = sup.counters.passes
+        await wait_for(lambda: sup.counters.passes > passes, 5, message="a scheduling pass")
+        assert sup.models["a"].state == State.READY, "a busy model was evicted"
+        assert not waiter.done()
+        lease.release()
+        (await asyncio.wait_for(waiter, 5)).release()
+        assert sup.models["a"].in_flight == 0 and sup.models["b"].in_flight == 0
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)

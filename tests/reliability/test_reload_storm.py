@@ -30,10 +30,8 @@ async def test_reload_storm(tmp_path: Path) -> None:
     assert result.router_exit == 0, summary
     assert result.health_failures == 0, summary
     assert sum(result.outcomes.values()) == 240, summary
-    # Success; or the model was dropped by the reload just then (400 not found); or, rarely,
-    # a child closed a connection as it was being replaced (a documented 500 proxy error:
-    # a request that may have reached a child is never sent twice).
-    assert set(result.outcomes) <= {"200", "400", "500"}, summary
-    assert all(m.startswith(("model 'M' not found", "proxy error:")) for m in result.errors), summary
-    assert result.outcomes.get("500", 0) <= 0.02 * 240, summary
+    # Success, or the model was dropped by the reload just then (400 not found). A model
+    # is never stopped under a request, so no proxy error can happen.
+    assert set(result.outcomes) <= {"200", "400"}, summary
+    assert all(m.startswith("model 'M' not found") for m in result.errors), summary
     assert result.outcomes["200"] > 0, summary
