@@ -43,6 +43,11 @@ class Result:
     health_max_ms: float = 0.0
     health_p99_ms: float = 0.0
     health_failures: int = 0
+    # Whole-request latency: with every slot held by busy models, a request for another
+    # model waits until one of them goes idle (upstream's rule), so this has a long tail.
+    request_p50_s: float = 0.0
+    request_p99_s: float = 0.0
+    request_max_s: float = 0.0
     longest_transition_s: float = 0.0
     stuck_at_end: list[str] = field(default_factory=list)
     orphans: int = 0
@@ -137,6 +142,7 @@ async def run(
         counter = iter(range(requests))
         done = asyncio.Event()
         latencies: list[float] = []
+        took: list[float] = []
         transitions: dict[str, tuple[str, float]] = {}
 
         async def client() -> None:
@@ -148,6 +154,7 @@ async def run(
                     "model": name, "max_tokens": 4, "stream": i % 2 == 0,
                     "messages": [{"role": "user", "content": f"hello {i}"}],
                 }
+                sent = time.monotonic()
                 try:
                     async with asyncio.timeout(client_timeout):
                         async with session.post(url + "/v1/chat/completions", json=body) as resp:
@@ -155,6 +162,7 @@ async def run(
                             result.outcomes[str(resp.status)] += 1
                             if resp.status != 200:
                                 result.errors[_error_text(raw)] += 1
+                    took.append(time.monotonic() - sent)
                 except TimeoutError:
                     result.hung += 1
                 except aiohttp.ClientError as exc:
@@ -224,6 +232,11 @@ async def run(
             if not result.stuck_at_end:
                 break
             await asyncio.sleep(0.1)
+        if took:
+            ordered = sorted(took)
+            result.request_p50_s = round(ordered[len(ordered) // 2], 2)
+            result.request_p99_s = round(ordered[int(0.99 * (len(ordered) - 1))], 2)
+            result.request_max_s = round(ordered[-1], 2)
         if latencies:
             ordered = sorted(latencies)
             result.health_max_ms = round(ordered[-1] * 1000, 1)

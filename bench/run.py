@@ -52,7 +52,7 @@ class Plan:
     small_per_round: int = 200
     chat_rounds: int = 10
     chat_per_round: int = 40
-    stream_rounds: int = 5
+    stream_rounds: int = 12  # per target; the streams of one round start together, so rounds, not streams, are the independent samples
     stream_ns: tuple[int, ...] = (1, 16, 64)
     stream_tokens: int = 64
     cold_rounds: int = 10

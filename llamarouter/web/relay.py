@@ -682,7 +682,7 @@ class ChildPool:
             self.idle.remove(conn)
         except ValueError:
             pass
-        if conn.completed and not self.waiters and not self.closed:
+        if conn.completed and self._spares_wanted():
             self._refill()  # the place stays counted, now the replacement's
         else:
             self._free_place()
@@ -690,9 +690,13 @@ class ChildPool:
     def add_spare(self) -> None:
         """Open a replacement for a connection whose place is already free, if there is
         room and nobody waits for it."""
-        if self.open < self.limit and not self.waiters and not self.closed:
+        if self.open < self.limit and self._spares_wanted():
             self.open += 1
             self._refill()
+
+    def _spares_wanted(self) -> bool:
+        # With no idle reuse (idle timeout 0) a spare would only be closed unused.
+        return not self.waiters and not self.closed and self.idle_timeout > 0
 
     def _refill(self) -> None:
         """Open a connection in the place already counted for it."""
@@ -707,13 +711,16 @@ class ChildPool:
 
     async def _open_spare(self) -> None:
         """Open a connection for the next request and keep it idle. No request waits on
-        it, so a failure only gives the place back. Bounded by the connect timeout, else
-        by the idle timeout (a spare is useless after that anyway)."""
+        it, so a failure only gives the place back. Bounded by the idle timeout (a spare
+        is useless after that anyway), or the connect timeout if that is shorter."""
         if self.closed:
             self._free_place()
             return
         try:
-            conn = await self._connect(self.connect_timeout or self.idle_timeout)
+            bound = self.idle_timeout
+            if 0 < self.connect_timeout < bound:
+                bound = self.connect_timeout
+            conn = await self._connect(bound)
         except ConnectFailed:
             return  # the child is gone or going: _connect gave the place back
         if self.closed:
