@@ -107,9 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         del argv[i: i + 2]
     args = parse_args(argv)
     args.server_bin = args.server_bin or find_binary()
-    plan = Plan(**{**QUICK.__dict__, "stream_ns": (16,), "stream_rounds": 3}) if args.quick else Plan(
+    plan = Plan(**{**QUICK.__dict__, "stream_ns": (16,), "stream_rounds_16": 3}) if args.quick else Plan(
         small_rounds=6, small_per_round=200, chat_rounds=4, chat_per_round=40,
-        stream_rounds=15, stream_ns=(16,), many_files=0,
+        stream_rounds_16=80, stream_ns=(16,), many_files=0,
     )
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("LLAMA_ARG_", "LLAMAROUTER_")) and k != "LLAMA_SERVER_DEBUG_FAKE_TIMING"}

@@ -248,7 +248,8 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "  p50/p99 over all samples.",
         f"- one-token chat: `POST /v1/chat/completions`, `max_tokens: 1`, {plan['chat_rounds']} rounds x {plan['chat_per_round']}.",
         f"- streams: N concurrent `POST /v1/completions`, `stream: true`, `max_tokens: {plan['stream_tokens']}`,",
-        f"  `ignore_eos: true`, N in {list(plan['stream_ns'])}; {plan['stream_rounds']} rounds per target and N.",
+        f"  `ignore_eos: true`, N in {list(plan['stream_ns'])}; {plan['stream_rounds']} rounds per target and N "
+        f"({plan.get('stream_rounds_16', plan['stream_rounds'])} for N=16).",
         "  events/s = `data:` events (without `[DONE]`) of all N streams / wall time of the round;",
         "  median over rounds. TTFT = request sent -> first `data:` event, p50 over all streams.",
         "  With `-np` at least N, no request waits for a slot. The byte-level vocabulary makes",
