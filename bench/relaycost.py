@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .procs import ProcessRegistry
-from .run import QUICK, ROOT, Bench, Plan, Target, find_binary, new_session, parse_args
+from .run import QUICK, ROOT, Bench, Plan, Target, bench_env, find_binary, new_session, parse_args
 
 
 class RelayCost(Bench):
@@ -111,12 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         small_rounds=6, small_per_round=200, chat_rounds=4, chat_per_round=40,
         stream_rounds_16=80, stream_ns=(16,), many_files=0,
     )
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLAMA_ARG_", "LLAMAROUTER_")) and k != "LLAMA_SERVER_DEBUG_FAKE_TIMING"}
     work = Path(tempfile.mkdtemp(prefix="llamarouter-relaycost-"))
-    (work / "hf-cache").mkdir()
-    env["LLAMA_CACHE"] = str(work / "hf-cache")
-    reg = ProcessRegistry(env)
+    reg = ProcessRegistry(bench_env(work))
     before = export_tree(before_rev, work / "before") if before_rev else None
     bench = RelayCost(args, plan, reg, work, before)
     try:

@@ -209,6 +209,17 @@ async def idle_rss(pid: int, samples: int = 5) -> float:
     return median(vals)
 
 
+def bench_env(work: Path) -> dict[str, str]:
+    """The environment for every server a benchmark starts: none of the caller's llama-server
+    or llamarouter settings, and an empty Hugging Face cache in `work` (never a real one)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("LLAMA_ARG_", "LLAMAROUTER_")) and k != "LLAMA_SERVER_DEBUG_FAKE_TIMING"}
+    cache = work / "hf-cache"
+    cache.mkdir(exist_ok=True)
+    env["LLAMA_CACHE"] = str(cache)
+    return env
+
+
 # ----------------------------------------------------------------------------- phases
 class Bench:
     def __init__(self, args: argparse.Namespace, plan: Plan, reg: ProcessRegistry, work: Path) -> None:
@@ -637,6 +648,14 @@ class Bench:
                 self.results["notes"] += self.reg.stop(t.server)
 
     # --------------------------------------------------------------- all
+    async def phase(self, title: str, fn: Callable[[], Awaitable[None]]) -> None:
+        self.log(f"phase: {title}")
+        try:
+            await fn()
+        except Exception as exc:  # noqa: BLE001  (keep going: a failing phase is reported, not fatal)
+            self.log(f"phase {title} FAILED: {type(exc).__name__}: {exc}")
+            self.results["notes"].append(f"phase '{title}' failed: {type(exc).__name__}: {exc}")
+
     async def run(self) -> dict[str, Any]:
         p = self.plan
         t_start = time.perf_counter()
@@ -657,27 +676,12 @@ class Bench:
             ("scale: 64 streams over 4 models, 1,000 idle connections", self.scale),
         ]
         for title, fn in phases:
-            self.log(f"phase: {title}")
-            try:
-                await fn()
-            except Exception as exc:  # noqa: BLE001  (keep going: a failing phase is reported, not fatal)
-                self.log(f"phase {title} FAILED: {type(exc).__name__}: {exc}")
-                self.results["notes"].append(f"phase '{title}' failed: {type(exc).__name__}: {exc}")
+            await self.phase(title, fn)
         self.results["rss_load"] = {k: max(self.targets[k].rss_load, default=None) for k in ROUTERS}
         await self.stop_main()
         for title, fn in scale_phases:
-            self.log(f"phase: {title}")
-            try:
-                await fn()
-            except Exception as exc:  # noqa: BLE001  (keep going: a failing phase is reported, not fatal)
-                self.log(f"phase {title} FAILED: {type(exc).__name__}: {exc}")
-                self.results["notes"].append(f"phase '{title}' failed: {type(exc).__name__}: {exc}")
-        self.log(f"phase: GET /models with {p.many_files} files")
-        try:
-            await self.many_models()
-        except Exception as exc:  # noqa: BLE001  (reported in the results, not fatal)
-            self.log(f"phase GET /models FAILED: {type(exc).__name__}: {exc}")
-            self.results["notes"].append(f"phase 'GET /models' failed: {type(exc).__name__}: {exc}")
+            await self.phase(title, fn)
+        await self.phase(f"GET /models with {p.many_files} files", self.many_models)
         self.results["duration_s"] = time.perf_counter() - t_start
         return self.results
 
@@ -723,12 +727,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.server_bin = args.server_bin or find_binary()
     plan = QUICK if args.quick else Plan()
 
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("LLAMA_ARG_", "LLAMAROUTER_")) and k != "LLAMA_SERVER_DEBUG_FAKE_TIMING"}
     work = Path(tempfile.mkdtemp(prefix="llamarouter-bench-"))
-    (work / "hf-cache").mkdir()
-    env["LLAMA_CACHE"] = str(work / "hf-cache")  # never scan a real HF cache
-    reg = ProcessRegistry(env)
+    reg = ProcessRegistry(bench_env(work))
 
     # SIGTERM/SIGHUP behave like Ctrl-C: unwind, and the finally below stops every server
     def interrupt(signum: int, frame: object) -> None:
