@@ -8,18 +8,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import fcntl
 import os
 import signal
 import socket
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 import psutil
 
 # Lines longer than this are cut rather than breaking the reader (llama-server prints
 # whole prompts at high verbosity).
 _LINE_LIMIT = 1 << 20
+# The output pipe is grown to this where the OS allows (Linux's default is 64 KiB and an
+# unprivileged process may go up to /proc/sys/fs/pipe-max-size, 1 MiB by default), so a
+# ready child's log lines can wait in it between paced reads without its log thread
+# blocking on a full pipe.
+_PIPE_SIZE = 1 << 20
 _PR_SET_PDEATHSIG = 1
 
 
@@ -33,7 +39,22 @@ class Child(Protocol):
 
     async def wait(self) -> int: ...
 
-    async def readline(self) -> bytes: ...
+    async def read_lines(self) -> list[bytes]:
+        """The complete lines of output that have arrived (at least one), without their
+        line ends; an empty list once the output has ended."""
+        ...
+
+    def hold_output(self, seconds: float) -> None:
+        """Leave further output in the pipe for `seconds` (no reads, so no wakeups)."""
+        ...
+
+    def release_output(self) -> None:
+        """Read the output at once from now on, holds included (the child has exited)."""
+        ...
+
+    def close_output(self) -> None:
+        """Stop reading the output for good (a grandchild may keep the pipe open)."""
+        ...
 
 
 class Launcher(Protocol):
@@ -48,9 +69,103 @@ class Launcher(Protocol):
     def rss_bytes(self, child: Child) -> int | None: ...
 
 
+class _Output(asyncio.Protocol):
+    """The read end of a child's stdout+stderr pipe, handed out a batch of lines at a time.
+
+    llama-server logs a dozen lines per request from its own log thread, one write each.
+    Reading them one wakeup per line put the router's event loop to work right when a
+    burst of requests was coming in and the child was computing on every core; `hold`
+    lets a ready child's lines collect in the pipe and be read in one go.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._transport: asyncio.ReadTransport | None = None
+        self._buf = bytearray()
+        self._eof = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._held: asyncio.TimerHandle | None = None
+        self._released = False  # read at once from now on: the child is gone
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast("asyncio.ReadTransport", transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        self._wake()
+
+    def eof_received(self) -> bool | None:
+        self._eof = True
+        self._wake()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._unhold()
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def read_lines(self) -> list[bytes]:
+        while True:
+            end = self._buf.rfind(b"\n")
+            if end >= 0:
+                lines = bytes(self._buf[:end]).split(b"\n")
+                del self._buf[: end + 1]
+                return lines
+            if len(self._buf) >= _LINE_LIMIT or (self._eof and self._buf):
+                rest = bytes(self._buf[:_LINE_LIMIT])
+                del self._buf[:_LINE_LIMIT]
+                return [rest]
+            if self._eof:
+                return []
+            self._waiter = self._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def hold(self, seconds: float) -> None:
+        transport = self._transport
+        if (
+            seconds <= 0 or self._held is not None or self._released
+            or transport is None or transport.is_closing()
+        ):
+            return
+        transport.pause_reading()
+        self._held = self._loop.call_later(seconds, self._release)
+
+    def _release(self) -> None:
+        self._held = None
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            transport.resume_reading()
+
+    def release(self) -> None:
+        self._released = True
+        if self._held is not None:
+            self._unhold()
+            self._release()
+
+    def _unhold(self) -> None:
+        if self._held is not None:
+            self._held.cancel()
+            self._held = None
+
+    def close(self) -> None:
+        self._unhold()
+        if self._transport is not None:
+            self._transport.close()
+        self._eof = True
+        self._wake()
+
+
 class _AsyncioChild:
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, output: _Output) -> None:
         self._proc = proc
+        self._output = output
         self.pid = proc.pid
 
     @property
@@ -60,16 +175,17 @@ class _AsyncioChild:
     async def wait(self) -> int:
         return await self._proc.wait()
 
-    async def readline(self) -> bytes:
-        stream = self._proc.stdout
-        assert stream is not None
-        try:
-            return await stream.readline()
-        except ValueError:
-            # Line longer than the stream limit: drop what is buffered and carry on.
-            with contextlib.suppress(asyncio.IncompleteReadError, asyncio.LimitOverrunError):
-                return await stream.read(_LINE_LIMIT) + b"\n"
-            return b"\n"
+    async def read_lines(self) -> list[bytes]:
+        return await self._output.read_lines()
+
+    def hold_output(self, seconds: float) -> None:
+        self._output.hold(seconds)
+
+    def release_output(self) -> None:
+        self._output.release()
+
+    def close_output(self) -> None:
+        self._output.close()
 
 
 def _libc_prctl() -> object | None:
@@ -98,17 +214,40 @@ class OsLauncher:
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Child:
         parent = os.getpid()
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            env=dict(env),
-            start_new_session=True,
-            preexec_fn=(lambda: self._preexec(parent)) if self._prctl is not None else None,
-            limit=_LINE_LIMIT,
-        )
-        return _AsyncioChild(proc)
+        # Our own pipe rather than asyncio's: its read end is a plain read transport, which
+        # can be paused (see _Output), and wait() stays about the process alone.
+        read_fd, write_fd = os.pipe()
+        setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+        if setsize is not None:
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(read_fd, setsize, _PIPE_SIZE)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=asyncio.subprocess.STDOUT,
+                env=dict(env),
+                start_new_session=True,
+                preexec_fn=(lambda: self._preexec(parent)) if self._prctl is not None else None,
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        loop = asyncio.get_running_loop()
+        pipe = os.fdopen(read_fd, "rb", buffering=0)
+        try:
+            _, output = await loop.connect_read_pipe(lambda: _Output(loop), pipe)
+        except BaseException:
+            pipe.close()
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(BaseException):
+                await proc.wait()  # the caller bounds spawn() with timeouts.spawn
+            raise
+        return _AsyncioChild(proc, output)
 
     def _signal_group(self, child: Child, sig: int) -> None:
         if child.returncode is not None:

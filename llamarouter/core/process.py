@@ -607,8 +607,12 @@ class ModelProcess:
                     with contextlib.suppress(BaseException):
                         await self._reap(exit_wait)
             if reader is not None:
+                if child is not None:
+                    child.release_output()  # the exit is known: its last lines are wanted now
                 with contextlib.suppress(BaseException):
                     await self._drain(reader)
+            if child is not None:
+                child.close_output()
             if exit_wait is not None:
                 if exit_wait.done() and not exit_wait.cancelled() and exit_wait.exception() is None:
                     result.code = exit_wait.result()
@@ -784,22 +788,29 @@ class ModelProcess:
         return f"child {what}" + (f"; last output: {tail}" if tail else "")
 
     async def _read_output(self, child: Child, result: _Exited) -> None:
+        hold = self._config.timeouts.output_hold
         while True:
-            line = await child.readline()
-            if not line:
+            lines = await child.read_lines()
+            if not lines:
                 return
             self._last_progress = time.monotonic()
-            if self.state == State.STARTING:
-                if any(hint in line for hint in _READY_HINTS):
-                    self._hinted_at = time.monotonic()
-                    self._probe_now.set()
-                elif _BIND_FAILURE.search(line):
-                    result.bind_failed = True
-                elif b"buffer size" in line:
-                    found = parse_buffer_line(line.decode("utf-8", "replace"))
-                    if found is not None:
-                        self.measured[(found[0], found[1])] = found[2]
-            self._note(line.rstrip(b"\r\n").decode("utf-8", "replace"))
+            for line in lines:
+                if self.state == State.STARTING:
+                    if any(hint in line for hint in _READY_HINTS):
+                        self._hinted_at = time.monotonic()
+                        self._probe_now.set()
+                    elif _BIND_FAILURE.search(line):
+                        result.bind_failed = True
+                    elif b"buffer size" in line:
+                        found = parse_buffer_line(line.decode("utf-8", "replace"))
+                        if found is not None:
+                            self.measured[(found[0], found[1])] = found[2]
+                self._note(line.rstrip(b"\r").decode("utf-8", "replace"))
+            if self.state != State.STARTING:
+                # Loading lines are read at once (readiness hints, progress); after that
+                # they wait in the pipe between reads: a wakeup per line competed with
+                # request intake and with the child's own compute threads.
+                child.hold_output(hold)
 
     def _note(self, text: str) -> None:
         self.logs.append(text)

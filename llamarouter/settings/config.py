@@ -63,6 +63,10 @@ class Timeouts:
     reap: float = 5.0
     drain: float = 3.0
     info: float = 3.0
+    # A ready child's log lines wait in its output pipe for up to this long between reads,
+    # so a burst of requests costs the router one wakeup for their log lines rather than
+    # one per line (a loading child's lines are read at once). 0 = read every line at once.
+    output_hold: float = 0.1
     # After the shutdown grace, in-flight handlers are cancelled and get this long to end.
     shutdown_cancel: float = 1.0
     # A second SIGINT/SIGTERM exits within this long, whatever is still running.

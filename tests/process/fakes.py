@@ -37,6 +37,9 @@ class FakeChild:
         self._exited = asyncio.Event()
         self._lines: asyncio.Queue[bytes] = asyncio.Queue()
         self._lines.put_nowait(b"fake: loading model\n")
+        self.holds: list[float] = []
+        self.output_released = False
+        self.output_closed = False
 
     @property
     def returncode(self) -> int | None:
@@ -47,10 +50,27 @@ class FakeChild:
         assert self._rc is not None
         return self._rc
 
-    async def readline(self) -> bytes:
+    async def read_lines(self) -> list[bytes]:
         if self._rc is not None and self._lines.empty():
-            return b""
-        return await self._lines.get()
+            return []
+        lines = [await self._lines.get()]
+        while not self._lines.empty():
+            lines.append(self._lines.get_nowait())
+        if lines[-1] == b"":  # the end marker of exit()
+            lines.pop()
+            if not lines:
+                return []
+            self._lines.put_nowait(b"")
+        return [line.rstrip(b"\n") for line in lines]
+
+    def hold_output(self, seconds: float) -> None:
+        self.holds.append(seconds)
+
+    def release_output(self) -> None:
+        self.output_released = True
+
+    def close_output(self) -> None:
+        self.output_closed = True
 
     def exit(self, code: int) -> None:
         if self._rc is None:
