@@ -38,8 +38,7 @@ class FakeChild:
         self._lines: asyncio.Queue[bytes] = asyncio.Queue()
         self._lines.put_nowait(b"fake: loading model\n")
         self.holds: list[float] = []
-        self.output_released = False
-        self.output_closed = False
+        self.output_calls: list[str] = []
 
     @property
     def returncode(self) -> int | None:
@@ -63,14 +62,19 @@ class FakeChild:
             self._lines.put_nowait(b"")
         return [line.rstrip(b"\n") for line in lines]
 
+    def say(self, line: bytes) -> None:
+        """The child prints a line."""
+        self._lines.put_nowait(line + b"\n")
+
     def hold_output(self, seconds: float) -> None:
         self.holds.append(seconds)
+        self.output_calls.append("hold")
 
     def release_output(self) -> None:
-        self.output_released = True
+        self.output_calls.append("release" if self._rc is not None else "release before exit")
 
     def close_output(self) -> None:
-        self.output_closed = True
+        self.output_calls.append("close")
 
     def exit(self, code: int) -> None:
         if self._rc is None:

@@ -300,3 +300,25 @@ async def test_request_on_a_model_readded_by_a_reload_keeps_it_busy() -> None:
         assert sup.models["a"].in_flight == 0 and sup.models["b"].in_flight == 0
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_a_ready_childs_output_is_held_between_reads_and_released_once_it_exits() -> None:
+    """Loading lines are read at once; after that each batch of lines is followed by a hold
+    (llama-server logs about nine lines per request, and a wakeup per line competed with
+    request intake). Once the child has exited its last lines are read at once: a stop
+    must not wait out a hold."""
+    sup, launcher, _ = await started("a")
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        lease.release()
+        (child,) = launcher.alive("a")
+        assert child.holds == []  # the loading line came while STARTING
+        child.say(b"slot launch_slot_: id 0 | task 1 | processing task")
+        await wait_for(lambda: child.holds, 5, message="a hold after a ready child's line")
+        assert child.holds == [sup.config.timeouts.output_hold]
+        assert "slot launch_slot_: id 0 | task 1 | processing task" in sup.models["a"].log_tail(5)
+        sup.unload("a")
+        await state_is(sup, "a", State.STOPPED)
+        assert child.output_calls[-2:] == ["release", "close"]
+    finally:
+        await sup.shutdown()

@@ -1,0 +1,122 @@
+"""The child's output pipe as OsLauncher reads it: batches of whole lines, holds that leave
+lines in the pipe (no reads, so no wakeups of the router), and release once the child
+has exited. Real processes (`sh`), no fakes."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import os
+import struct
+import termios
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from llamarouter.core.launcher import _LINE_LIMIT, Child, OsLauncher, _AsyncioChild
+
+ENV = {"PATH": "/usr/bin:/bin"}
+
+
+async def spawn(script: str) -> Child:
+    return await asyncio.wait_for(OsLauncher().spawn(["sh", "-c", script], ENV), 10)
+
+
+def pending_in_pipe(child: Child) -> int:
+    """Bytes written by the child and not read by us yet (FIONREAD on the read end)."""
+    assert isinstance(child, _AsyncioChild)
+    transport = child._output._transport
+    assert transport is not None
+    pipe = transport.get_extra_info("pipe")
+    raw = fcntl.ioctl(pipe.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", raw)[0])
+
+
+@pytest.fixture
+def gate(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    """A FIFO the child reads one line from before it goes on, and our end of it."""
+    path = tmp_path / "gate"
+    os.mkfifo(path)
+    fd = os.open(path, os.O_RDWR)  # a writer exists, so the child's open does not block
+    try:
+        yield str(path), fd
+    finally:
+        os.close(fd)
+
+
+async def read_all(child: Child) -> list[bytes]:
+    out: list[bytes] = []
+    while lines := await asyncio.wait_for(child.read_lines(), 10):
+        out += lines
+    return out
+
+
+async def test_lines_come_whole_and_in_order_then_an_empty_batch_at_the_end() -> None:
+    child = await spawn("printf 'one\\ntwo\\r\\nthree'; exit 4")
+    assert await read_all(child) == [b"one", b"two\r", b"three"]  # an unterminated tail too
+    assert await asyncio.wait_for(child.wait(), 10) == 4
+    child.close_output()
+
+
+async def test_held_output_stays_in_the_pipe_until_released(gate: tuple[str, int]) -> None:
+    path, go = gate
+    child = await spawn(f"echo loading; read _ < {path}; echo first; echo second")
+    assert await asyncio.wait_for(child.read_lines(), 10) == [b"loading"]
+    child.hold_output(60.0)
+    os.write(go, b"go\n")
+    await asyncio.wait_for(child.wait(), 10)
+    for _ in range(5):
+        await asyncio.sleep(0)  # passes of the loop, not a wait for anything
+    assert pending_in_pipe(child) == len(b"first\nsecond\n")  # nothing was read meanwhile
+    child.hold_output(60.0)  # a second hold while held changes nothing
+    child.release_output()
+    assert await read_all(child) == [b"first", b"second"]
+    child.close_output()
+
+
+async def test_after_release_further_holds_are_ignored(gate: tuple[str, int]) -> None:
+    """The owner releases the output once the child has exited and then drains it: the
+    reader's own hold after the last batch must not hold up that drain."""
+    path, go = gate
+    child = await spawn(f"echo a; read _ < {path}; echo b")
+    assert await asyncio.wait_for(child.read_lines(), 10) == [b"a"]
+    os.write(go, b"go\n")
+    await asyncio.wait_for(child.wait(), 10)
+    child.release_output()
+    child.hold_output(60.0)
+    assert await read_all(child) == [b"b"]
+    child.close_output()
+
+
+async def test_a_line_longer_than_the_limit_is_cut_not_fatal() -> None:
+    size = _LINE_LIMIT + _LINE_LIMIT // 2
+    child = await spawn(f"head -c {size} /dev/zero | tr '\\0' x; echo; echo after")
+    lines = await read_all(child)
+    assert [len(line) for line in lines] == [_LINE_LIMIT, size - _LINE_LIMIT, len(b"after")]
+    child.close_output()
+
+
+async def test_close_ends_a_reader_even_while_a_grandchild_keeps_the_pipe_open() -> None:
+    child = await spawn("echo up; sleep 30 & exit 0")
+    assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
+    await asyncio.wait_for(child.wait(), 10)
+    reader = asyncio.create_task(child.read_lines())
+    child.close_output()
+    assert await asyncio.wait_for(reader, 10) == []
+    OsLauncher().kill(child)  # the group: the `sleep` too
+
+
+async def test_the_pipe_is_grown_where_the_os_allows(gate: tuple[str, int]) -> None:
+    path, go = gate
+    child = await spawn(f"echo up; read _ < {path}")
+    assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
+    assert isinstance(child, _AsyncioChild)
+    transport = child._output._transport
+    assert transport is not None
+    size = fcntl.fcntl(transport.get_extra_info("pipe").fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        assert size == min(1 << 20, int(f.read()))
+    os.write(go, b"go\n")
+    assert await read_all(child) == []
+    child.close_output()
