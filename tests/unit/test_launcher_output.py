@@ -45,6 +45,12 @@ def gate(tmp_path: Path) -> Iterator[tuple[str, int]]:
         os.close(fd)
 
 
+async def finish(child: Child) -> None:
+    """Stop reading and reap the child (an unreaped one warns when collected)."""
+    child.close_output()
+    await asyncio.wait_for(child.wait(), 10)
+
+
 async def read_all(child: Child) -> list[bytes]:
     out: list[bytes] = []
     while lines := await asyncio.wait_for(child.read_lines(), 10):
@@ -56,7 +62,7 @@ async def test_lines_come_whole_and_in_order_then_an_empty_batch_at_the_end() ->
     child = await spawn("printf 'one\\ntwo\\r\\nthree'; exit 4")
     assert await read_all(child) == [b"one", b"two\r", b"three"]  # an unterminated tail too
     assert await asyncio.wait_for(child.wait(), 10) == 4
-    child.close_output()
+    await finish(child)
 
 
 async def test_held_output_stays_in_the_pipe_until_released(gate: tuple[str, int]) -> None:
@@ -72,7 +78,7 @@ async def test_held_output_stays_in_the_pipe_until_released(gate: tuple[str, int
     child.hold_output(60.0)  # a second hold while held changes nothing
     child.release_output()
     assert await read_all(child) == [b"first", b"second"]
-    child.close_output()
+    await finish(child)
 
 
 async def test_after_release_further_holds_are_ignored(gate: tuple[str, int]) -> None:
@@ -86,7 +92,7 @@ async def test_after_release_further_holds_are_ignored(gate: tuple[str, int]) ->
     child.release_output()
     child.hold_output(60.0)
     assert await read_all(child) == [b"b"]
-    child.close_output()
+    await finish(child)
 
 
 async def test_a_line_longer_than_the_limit_is_cut_not_fatal() -> None:
@@ -94,7 +100,7 @@ async def test_a_line_longer_than_the_limit_is_cut_not_fatal() -> None:
     child = await spawn(f"head -c {size} /dev/zero | tr '\\0' x; echo; echo after")
     lines = await read_all(child)
     assert [len(line) for line in lines] == [_LINE_LIMIT, size - _LINE_LIMIT, len(b"after")]
-    child.close_output()
+    await finish(child)
 
 
 async def test_close_ends_a_reader_even_while_a_grandchild_keeps_the_pipe_open() -> None:
@@ -104,7 +110,7 @@ async def test_close_ends_a_reader_even_while_a_grandchild_keeps_the_pipe_open()
     reader = asyncio.create_task(child.read_lines())
     child.close_output()
     assert await asyncio.wait_for(reader, 10) == []
-    OsLauncher().kill(child)  # the group: the `sleep` too
+    OsLauncher().kill(child)  # the group: the `sleep` too (the child itself is reaped)
 
 
 async def test_the_pipe_is_grown_where_the_os_allows(gate: tuple[str, int]) -> None:
@@ -119,4 +125,4 @@ async def test_the_pipe_is_grown_where_the_os_allows(gate: tuple[str, int]) -> N
         assert size == min(1 << 20, int(f.read()))
     os.write(go, b"go\n")
     assert await read_all(child) == []
-    child.close_output()
+    await finish(child)
