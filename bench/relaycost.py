@@ -22,8 +22,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from . import rawburst
 from .procs import ProcessRegistry
-from .run import QUICK, ROOT, Bench, Plan, Target, bench_env, find_binary, new_session, parse_args
+from .run import QUICK, ROOT, Bench, Plan, Target, bench_env, find_binary, new_session, parse_args, rotations
 
 
 class RelayCost(Bench):
@@ -64,9 +65,30 @@ class RelayCost(Bench):
                 {"model": "alpha", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
                 p.chat_rounds, p.chat_per_round)
             await self.streams()
+            await self.raw_bursts(self.plan.stream_rounds_16)
         finally:
             await self.stop_main()
         return self.results
+
+
+    async def raw_bursts(self, rounds: int) -> None:
+        """The 16-stream phase again with the raw-socket client (bench/rawburst.py),
+        interleaved the same way; the client runs in a thread so nothing else in this
+        process wakes up during a round."""
+        req = rawburst.request("alpha", self.plan.stream_tokens)
+        ttft: dict[str, list[float]] = {k: [] for k in self.targets}
+        rates: dict[str, list[float]] = {k: [] for k in self.targets}
+        for order in rotations(list(self.targets), rounds * len(self.targets)):
+            key = order[0]
+            port = self.targets[key].server.port
+            try:
+                first, events, wall = await asyncio.to_thread(rawburst.one_round, port, req)
+            except (OSError, TimeoutError) as exc:
+                self.results["errors"].setdefault("raw16", {})[key] = f"{type(exc).__name__}: {exc}"
+                continue
+            ttft[key] += first
+            rates[key].append(events / wall)
+        self.results["raw16"] = {k: rawburst.summarize(ttft[k], rates[k]) for k in self.targets}
 
 
 def export_tree(rev: str, dest: Path) -> Path:
@@ -95,6 +117,11 @@ def summary(r: dict[str, Any], keys: list[str]) -> str:
     row("16 streams: SSE events/s", lambda k: s16[k]["events_per_s"], "{:.0f}")
     row("16 streams: TTFT p50 ms", lambda k: s16[k]["ttft_p50_ms"], "{:.1f}")
     row("16 streams: TTFT p99 ms", lambda k: s16[k]["ttft_p99_ms"], "{:.1f}")
+    raw = r.get("raw16") or {}
+    if raw:
+        row("16 streams, raw-socket client: TTFT p50 ms", lambda k: raw[k]["ttft_p50_ms"], "{:.1f}")
+        row("16 streams, raw-socket client: TTFT p99 ms", lambda k: raw[k]["ttft_p99_ms"], "{:.1f}")
+        row("16 streams, raw-socket client: SSE events/s", lambda k: raw[k]["events_per_s"], "{:.0f}")
     return "\n".join(lines)
 
 

@@ -85,6 +85,9 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a failed model answers 503 before a request may try it again"),
     Setting("--log-lines", "LLAMAROUTER_LOG_LINES", "limits.log_lines", "int",
             "lines of each child's output kept for /models/logs"),
+    Setting("--child-nice", "LLAMAROUTER_CHILD_NICE", "limits.child_nice", "int",
+            "how much nicer (lower CPU priority, 0-19) children run than the router, so it "
+            "stays responsive on busy cores"),
     Setting("--max-body-bytes", "LLAMAROUTER_MAX_BODY_BYTES", "limits.max_body_bytes", "int",
             "largest request body accepted (413 above)"),
     Setting("--load-timeout", "LLAMAROUTER_LOAD_TIMEOUT", "timeouts.load_stall", "float",
@@ -298,6 +301,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
             value = _number(raw, s.kind, s.flag)
             if isinstance(value, (int, float)) and value < 0:
                 raise ConfigError(f"{s.flag} must not be negative")
+            if s.flag == "--child-nice" and isinstance(value, int) and value > 19:
+                raise ConfigError("--child-nice must be between 0 and 19")
         {"router": router, "timeouts": timeouts, "limits": limits}[group][field] = value
 
     host = get(_K_HOST) or "127.0.0.1"

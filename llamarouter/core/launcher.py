@@ -188,6 +188,35 @@ class _AsyncioChild:
         self._output.close()
 
 
+def _nicer(step: int) -> None:
+    """Lower the calling process's CPU priority by `step`: in a child before exec, so every
+    thread it starts inherits it. Best effort, as every priority change here: a child that
+    cannot be made nicer runs as it would have."""
+    with contextlib.suppress(OSError):
+        os.nice(step)
+
+
+def _autogroup(pid: int | str) -> tuple[str, int] | None:
+    """(group, nice) of a process's autogroup, or None where there is none."""
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            group, _, nice = f.read().split()
+        return group, int(nice)
+    except (OSError, ValueError):
+        return None
+
+
+def _nicer_session(pid: int, nice: int) -> None:
+    """Where the kernel shares CPU time between sessions first (autogroup: hosts whose
+    processes are in the root cgroup), per-thread nice only counts within a session. A
+    child leads its own session, so that session is made nicer too; never our own."""
+    theirs, ours = _autogroup(pid), _autogroup("self")
+    if theirs is None or ours is None or theirs[0] == ours[0]:
+        return
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
+        f.write(str(nice))
+
+
 def _libc_prctl() -> object | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -201,8 +230,12 @@ class OsLauncher:
     """Real processes: own session (so a signal reaches grandchildren too) and, on Linux,
     a parent-death signal so that a SIGKILLed router takes its children with it."""
 
-    def __init__(self) -> None:
+    def __init__(self, child_nice: int = 0) -> None:
         self._prctl = _libc_prctl()
+        self._nice = child_nice
+        # A new session starts at autogroup nice 0; the child's is set relative to ours.
+        ours = _autogroup("self")
+        self._session_nice = min(19, (ours[1] if ours else 0) + child_nice)
 
     def _preexec(self, parent_pid: int) -> None:
         # Runs in the forked child before exec. If the router died between fork and prctl,
@@ -211,6 +244,8 @@ class OsLauncher:
             self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # type: ignore[operator]  # prctl comes from ctypes, untyped
             if os.getppid() != parent_pid:
                 os._exit(1)
+        if self._nice > 0:
+            _nicer(self._nice)
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Child:
         parent = os.getpid()
@@ -229,13 +264,18 @@ class OsLauncher:
                 stderr=asyncio.subprocess.STDOUT,
                 env=dict(env),
                 start_new_session=True,
-                preexec_fn=(lambda: self._preexec(parent)) if self._prctl is not None else None,
+                preexec_fn=(
+                (lambda: self._preexec(parent)) if self._prctl is not None or self._nice > 0 else None
+            ),
             )
         except BaseException:
             os.close(read_fd)
             raise
         finally:
             os.close(write_fd)
+        if self._nice > 0:
+            # From here, not in _preexec: uvloop runs that before the child's setsid.
+            _nicer_session(proc.pid, self._session_nice)
         loop = asyncio.get_running_loop()
         pipe = os.fdopen(read_fd, "rb", buffering=0)
         try:

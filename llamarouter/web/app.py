@@ -293,7 +293,7 @@ def build_app(
                     return child_args.argv(spec, port)
 
                 sup = Supervisor(
-                    config, discover, launcher or OsLauncher(), HttpProbe(session),
+                    config, discover, launcher or OsLauncher(config.limits.child_nice), HttpProbe(session),
                     build_argv, state_dir, observer=metrics.on_state,
                     options_for=child_args.merged, memory=memory, kv_cache=kv,
                 )

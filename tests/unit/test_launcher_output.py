@@ -66,6 +66,15 @@ async def test_lines_come_whole_and_in_order_then_an_empty_batch_at_the_end() ->
 
 
 async def test_held_output_stays_in_the_pipe_until_released(gate: tuple[str, int]) -> None:
+    await _held_output_stays_in_the_pipe_until_released(gate)
+
+
+def test_held_output_stays_in_the_pipe_until_released_on_uvloop(gate: tuple[str, int]) -> None:
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(_held_output_stays_in_the_pipe_until_released(gate))
+
+
+async def _held_output_stays_in_the_pipe_until_released(gate: tuple[str, int]) -> None:
     path, go = gate
     child = await spawn(f"echo loading; read _ < {path}; echo first; echo second")
     assert await asyncio.wait_for(child.read_lines(), 10) == [b"loading"]
@@ -125,4 +134,63 @@ async def test_the_pipe_is_grown_where_the_os_allows(gate: tuple[str, int]) -> N
         assert size == min(1 << 20, int(f.read()))
     os.write(go, b"go\n")
     assert await read_all(child) == []
+    await finish(child)
+
+
+def _nice_of(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
+
+
+def _autogroup_of(pid: int | str) -> tuple[str, int] | None:
+    try:
+        with open(f"/proc/{pid}/autogroup") as f:
+            group, _, nice = f.read().split()
+    except OSError:
+        return None
+    return group, int(nice)
+
+
+async def test_children_run_nicer_than_the_router_and_so_does_their_session(gate: tuple[str, int]) -> None:
+    """The router's one thread must not queue behind a child's compute threads; a child
+    alone still gets all the CPU. Our own priority and session are left as they are."""
+    await _children_run_nicer(gate)
+
+
+def test_children_run_nicer_on_uvloop(gate: tuple[str, int]) -> None:
+    """uvloop runs preexec_fn before the child's setsid: a session set there would be the
+    router's own."""
+    uvloop = pytest.importorskip("uvloop")
+    uvloop.run(_children_run_nicer(gate))
+
+
+async def _children_run_nicer(gate: tuple[str, int]) -> None:
+    path, go = gate
+    ours, our_group = _nice_of(os.getpid()), _autogroup_of("self")
+    child = await asyncio.wait_for(
+        OsLauncher(child_nice=3).spawn(["sh", "-c", f"echo up; read _ < {path}"], ENV), 10
+    )
+    assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
+    assert _nice_of(child.pid) == min(19, ours + 3)
+    assert _nice_of(os.getpid()) == ours
+    theirs = _autogroup_of(child.pid)
+    if our_group is not None and theirs is not None:  # a kernel with autogroup
+        assert theirs[0] != our_group[0]  # the child leads its own session
+        assert theirs[1] == min(19, our_group[1] + 3)
+        assert _autogroup_of("self") == our_group
+    os.write(go, b"go\n")
+    await finish(child)
+
+
+async def test_child_nice_zero_leaves_children_as_the_router(gate: tuple[str, int]) -> None:
+    path, go = gate
+    child = await asyncio.wait_for(
+        OsLauncher(child_nice=0).spawn(["sh", "-c", f"echo up; read _ < {path}"], ENV), 10
+    )
+    assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
+    assert _nice_of(child.pid) == _nice_of(os.getpid())
+    theirs = _autogroup_of(child.pid)
+    if theirs is not None:
+        assert theirs[1] == 0  # a new session's default
+    os.write(go, b"go\n")
     await finish(child)
