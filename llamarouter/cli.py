@@ -87,7 +87,7 @@ SETTINGS: tuple[Setting, ...] = (
             "lines of each child's output kept for /models/logs"),
     Setting("--child-nice", "LLAMAROUTER_CHILD_NICE", "limits.child_nice", "int",
             "how much nicer (lower CPU priority, 0-19) children run than the router, so it "
-            "stays responsive on busy cores"),
+            "stays responsive on busy cores (default 0)"),
     Setting("--max-body-bytes", "LLAMAROUTER_MAX_BODY_BYTES", "limits.max_body_bytes", "int",
             "largest request body accepted (413 above)"),
     Setting("--load-timeout", "LLAMAROUTER_LOAD_TIMEOUT", "timeouts.load_stall", "float",

@@ -107,12 +107,14 @@ class Limits:
     bind_retries: int = 5
     # Lines of each child's output kept in memory for /models/logs and failure reports.
     log_lines: int = 1000
-    # Children run this much nicer than the router (0-19; 0 = as the router). On busy
-    # cores the router's one thread otherwise waits behind the child's compute threads
-    # for every request it takes in and every event it relays; a child alone still gets
-    # all the CPU. Applied to the child's threads and, where the kernel groups CPU time
-    # by session (autogroup), to its session.
-    child_nice: int = 5
+    # Children run this much nicer than the router (0-19; 0 = as the router, as upstream).
+    # On busy cores the router's one thread otherwise waits behind a child's compute
+    # threads for each request it takes in and each event it relays; a child alone still
+    # gets all the CPU. Applied to the child's threads and, where the kernel shares CPU
+    # time by session (autogroup), to its session. Off by default: children started
+    # nicer also yield to every other busy process (docs/performance.md); the systemd
+    # unit raises the router instead (Nice=-5 with --child-nice 5).
+    child_nice: int = 0
     # Request bodies larger than this get 413 (audio uploads need room).
     max_body_bytes: int = 256 * 1024 * 1024
     # Connections to a child are limited to its HTTP worker threads minus this many, left

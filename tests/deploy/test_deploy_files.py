@@ -67,6 +67,8 @@ def test_systemd_unit_settings() -> None:
         "NoNewPrivileges=yes", "ProtectSystem=strict", "ProtectHome=read-only",
         "PrivateTmp=yes", "Environment=LLAMAROUTER_LOG_LEVEL=INFO",
         "DeviceAllow=char-nvidia* rw", "SupplementaryGroups=video render",
+        # The router above its children, the children at normal priority.
+        "Nice=-5", "--child-nice 5",
     ):
         assert want in lines, want
     assert not any(line.startswith("PrivateDevices=yes") for line in lines)
