@@ -72,7 +72,7 @@ class Launcher(Protocol):
 class _Output(asyncio.Protocol):
     """The read end of a child's stdout+stderr pipe, handed out a batch of lines at a time.
 
-    llama-server logs a dozen lines per request from its own log thread, one write each.
+    llama-server logs about nine lines per request from its own log thread, one write each.
     Reading them one wakeup per line put the router's event loop to work right when a
     burst of requests was coming in and the child was computing on every core; `hold`
     lets a ready child's lines collect in the pipe and be read in one go.
@@ -264,9 +264,7 @@ class OsLauncher:
                 stderr=asyncio.subprocess.STDOUT,
                 env=dict(env),
                 start_new_session=True,
-                preexec_fn=(
-                (lambda: self._preexec(parent)) if self._prctl is not None or self._nice > 0 else None
-            ),
+                preexec_fn=(lambda: self._preexec(parent)) if self._prctl or self._nice > 0 else None,
             )
         except BaseException:
             os.close(read_fd)
