@@ -24,8 +24,10 @@ def _chunk(data: bytes) -> bytes:
 
 
 class Child:
-    """Answers every request on a connection with a small JSON body; `writers` lets a
-    test close a connection from the child's side, as a keep-alive expiry does."""
+    """Answers every request on a connection with a small JSON body, or, for /stream, with
+    a chunked event stream after which it closes the connection (as llama-server does);
+    `writers` lets a test close a connection from the child's side, as a keep-alive
+    expiry does."""
 
     def __init__(self) -> None:
         self.server: asyncio.Server | None = None
@@ -47,6 +49,11 @@ class Child:
                         length = int(line.split(b":")[1])
                 await reader.readexactly(length)
                 self.requests += 1
+                if head.startswith(b"GET /stream "):
+                    writer.write(SSE_HEAD + _chunk(b"data: 1\n\n") + b"0\r\n\r\n")
+                    await writer.drain()
+                    writer.close()
+                    return
                 body = b'{"n":%d}' % self.requests
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%b" % (len(body), body))
                 await writer.drain()
@@ -135,6 +142,54 @@ async def test_idle_connections_are_closed_after_the_idle_timeout(child: Child) 
     await wait_for(lambda: not pool.idle and pool.open == 0, 5)
     await _get(pool)
     assert child.connections == 2
+
+
+async def _stream(pool: ChildPool) -> None:
+    conn = await pool.acquire()
+    exchange = conn.send([b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"], 1 << 20, 5.0)
+    await asyncio.wait_for(exchange.wait(), 5)
+    assert exchange.head is not None and not exchange.whole
+    exchange.attach(Sink(), client_chunked=True)  # type: ignore[arg-type]  # records writes
+    while not exchange.done:
+        await asyncio.wait_for(exchange.wait(), 5)
+    assert exchange.error is None, exchange.error
+
+
+async def test_a_stream_the_child_closed_is_replaced_off_the_request_path(child: Child) -> None:
+    pool = _pool(child, 4, 60.0, 5.0)
+    await _stream(pool)
+    # The child closed the connection after the stream: a replacement is opened and kept.
+    await wait_for(lambda: len(pool.idle) == 1, 5, message="a replacement connection")
+    assert pool.opened == 2 and pool.open == 1
+    await _stream(pool)  # served on the replacement: nothing connects on the way
+    await wait_for(lambda: len(pool.idle) == 1 and pool.opened == 3, 5)
+    assert child.connections == 3 and pool.open == 1
+
+
+async def test_replacements_respect_the_limit_and_end_with_the_traffic(child: Child) -> None:
+    pool = _pool(child, 2, 0.2, 5.0)
+    await asyncio.wait_for(asyncio.gather(*(_stream(pool) for _ in range(8))), 10)
+    await wait_for(lambda: len(pool.idle) == 2, 5, message="two replacements")
+    assert pool.open == 2
+    # Replacements are not replaced when they expire unused.
+    await wait_for(lambda: pool.open == 0 and not pool.idle, 5, message="the spares to expire")
+    opened = pool.opened
+    assert not pool._refills
+    assert pool.opened == opened
+
+
+async def test_no_replacement_after_a_client_gave_up_or_the_pool_closed(child: Child) -> None:
+    pool = _pool(child, 4, 60.0, 5.0)
+    conn = await pool.acquire()
+    exchange = conn.send([b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n"], 1 << 20, 5.0)
+    await asyncio.wait_for(exchange.wait(), 5)
+    exchange.abort()  # our client went away mid-response
+    await wait_for(lambda: pool.open == 0, 5)
+    assert not pool._refills and pool.opened == 1
+    await _stream(pool)
+    pool.close()  # as for a child that is replaced
+    await wait_for(lambda: not pool._refills and pool.open == 0, 5)
+    assert not pool.idle
 
 
 async def test_a_cancelled_waiter_leaves_the_queue(child: Child) -> None:
