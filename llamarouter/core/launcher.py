@@ -101,7 +101,7 @@ class _Output(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
-        self._unhold()
+        self._resume()  # only drops the timer: the transport is closed
         self._wake()
 
     def _wake(self) -> None:
@@ -135,29 +135,26 @@ class _Output(asyncio.Protocol):
         ):
             return
         transport.pause_reading()
-        self._held = self._loop.call_later(seconds, self._release)
+        self._held = self._loop.call_later(seconds, self._resume)
 
-    def _release(self) -> None:
+    def release(self) -> None:
+        self._released = True
+        self._resume()
+
+    def _resume(self) -> None:
+        """End a hold, if any (its timer fired, the output was released or closed)."""
+        if self._held is None:
+            return
+        self._held.cancel()  # a no-op when the timer itself calls this
         self._held = None
         transport = self._transport
         if transport is not None and not transport.is_closing():
             transport.resume_reading()
 
-    def release(self) -> None:
-        self._released = True
-        if self._held is not None:
-            self._unhold()
-            self._release()
-
-    def _unhold(self) -> None:
-        if self._held is not None:
-            self._held.cancel()
-            self._held = None
-
     def close(self) -> None:
-        self._unhold()
         if self._transport is not None:
             self._transport.close()
+        self._resume()  # only drops the timer: the transport is closing
         self._eof = True
         self._wake()
 
@@ -206,12 +203,12 @@ def _autogroup(pid: int | str) -> tuple[str, int] | None:
         return None
 
 
-def _nicer_session(pid: int, nice: int) -> None:
+def _nicer_session(pid: int, nice: int, ours: str | None) -> None:
     """Where the kernel shares CPU time between sessions first (autogroup: hosts whose
     processes are in the root cgroup), per-thread nice only counts within a session. A
-    child leads its own session, so that session is made nicer too; never our own."""
-    theirs, ours = _autogroup(pid), _autogroup("self")
-    if theirs is None or ours is None or theirs[0] == ours[0]:
+    child leads its own session, so that session is made nicer too; never `ours`."""
+    theirs = _autogroup(pid)
+    if theirs is None or ours is None or theirs[0] == ours:
         return
     with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
         f.write(str(nice))
@@ -235,6 +232,7 @@ class OsLauncher:
         self._nice = child_nice
         # A new session starts at autogroup nice 0; the child's is set relative to ours.
         ours = _autogroup("self")
+        self._own_session = ours[0] if ours else None
         self._session_nice = min(19, (ours[1] if ours else 0) + child_nice)
 
     def _preexec(self, parent_pid: int) -> None:
@@ -273,7 +271,7 @@ class OsLauncher:
             os.close(write_fd)
         if self._nice > 0:
             # From here, not in _preexec: uvloop runs that before the child's setsid.
-            _nicer_session(proc.pid, self._session_nice)
+            _nicer_session(proc.pid, self._session_nice, self._own_session)
         loop = asyncio.get_running_loop()
         pipe = os.fdopen(read_fd, "rb", buffering=0)
         try:

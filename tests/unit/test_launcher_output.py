@@ -80,10 +80,10 @@ async def _held_output_stays_in_the_pipe_until_released(gate: tuple[str, int]) -
     assert await asyncio.wait_for(child.read_lines(), 10) == [b"loading"]
     child.hold_output(60.0)
     os.write(go, b"go\n")
+    # The child wrote both lines before it exited, and the loop ran on until the exit was
+    # seen: unheld, they would have been read by now.
     await asyncio.wait_for(child.wait(), 10)
-    for _ in range(5):
-        await asyncio.sleep(0)  # passes of the loop, not a wait for anything
-    assert pending_in_pipe(child) == len(b"first\nsecond\n")  # nothing was read meanwhile
+    assert pending_in_pipe(child) == len(b"first\nsecond\n")
     child.hold_output(60.0)  # a second hold while held changes nothing
     child.release_output()
     assert await read_all(child) == [b"first", b"second"]
