@@ -64,6 +64,7 @@ class Setting:
     kind: str  # "str" | "path" | "int" | "float" | "optfloat" | "optint" | "size" | "bool"
     help: str
     negation: str = ""  # "bool" settings: the spelling that turns it off
+    maximum: float | None = None  # numeric settings: the largest value accepted
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -87,7 +88,7 @@ SETTINGS: tuple[Setting, ...] = (
             "lines of each child's output kept for /models/logs"),
     Setting("--child-nice", "LLAMAROUTER_CHILD_NICE", "limits.child_nice", "int",
             "how much nicer (lower CPU priority, 0-19) children run than the router, so it "
-            "stays responsive on busy cores (default 0)"),
+            "stays responsive on busy cores (default 0)", maximum=19),
     Setting("--max-body-bytes", "LLAMAROUTER_MAX_BODY_BYTES", "limits.max_body_bytes", "int",
             "largest request body accepted (413 above)"),
     Setting("--load-timeout", "LLAMAROUTER_LOAD_TIMEOUT", "timeouts.load_stall", "float",
@@ -301,8 +302,8 @@ def build_config(argv: Sequence[str], environ: Mapping[str, str]) -> tuple[Route
             value = _number(raw, s.kind, s.flag)
             if isinstance(value, (int, float)) and value < 0:
                 raise ConfigError(f"{s.flag} must not be negative")
-            if s.flag == "--child-nice" and isinstance(value, int) and value > 19:
-                raise ConfigError("--child-nice must be between 0 and 19")
+            if s.maximum is not None and isinstance(value, (int, float)) and value > s.maximum:
+                raise ConfigError(f"{s.flag} must be between 0 and {s.maximum:g}")
         {"router": router, "timeouts": timeouts, "limits": limits}[group][field] = value
 
     host = get(_K_HOST) or "127.0.0.1"

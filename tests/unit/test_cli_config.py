@@ -326,6 +326,23 @@ def test_numeric_settings_reject_bad_values(environ: dict[str, str], server_bin:
         build([], {**environ, setting.env: bad}, server_bin)
 
 
+BOUNDED = [s for s in NUMERIC if s.maximum is not None]
+
+
+@pytest.mark.parametrize("setting", BOUNDED, ids=[s.flag for s in BOUNDED])
+def test_bounded_settings_take_their_maximum_and_reject_more(environ: dict[str, str], server_bin: Path, setting) -> None:  # noqa: ANN001
+    assert _target(build([setting.flag, f"{setting.maximum:g}"], environ, server_bin), setting.target) == setting.maximum
+    with pytest.raises(ConfigError, match=f"{setting.flag} must be between 0 and {setting.maximum:g}"):
+        build([setting.flag, f"{setting.maximum + 1:g}"], environ, server_bin)
+    with pytest.raises(ConfigError, match=setting.flag):
+        build([], {**environ, setting.env: f"{setting.maximum + 1:g}"}, server_bin)
+
+
+def test_children_run_as_the_router_unless_asked(environ: dict[str, str], server_bin: Path) -> None:
+    assert build([], environ, server_bin).limits.child_nice == 0
+    assert [s.flag for s in BOUNDED] == ["--child-nice"]
+
+
 def test_specific_settings_land_in_the_right_place(tmp_path: Path, environ: dict[str, str], server_bin: Path) -> None:
     config = build(
         [
