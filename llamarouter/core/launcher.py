@@ -197,9 +197,18 @@ def _autogroup(pid: int | str) -> tuple[str, int] | None:
     """(group, nice) of a process's autogroup, or None where there is none."""
     try:
         with open(f"/proc/{pid}/autogroup") as f:
-            group, _, nice = f.read().split()
+            return _parse_autogroup(f.read())
+    except OSError:
+        return None
+
+
+def _parse_autogroup(text: str) -> tuple[str, int] | None:
+    # A process still in the boot session's group (a container's first process, which
+    # never called setsid) reads an empty file; its children's new sessions do not.
+    try:
+        group, _, nice = text.split()
         return group, int(nice)
-    except (OSError, ValueError):
+    except ValueError:
         return None
 
 
@@ -208,7 +217,7 @@ def _nicer_session(pid: int, nice: int, ours: str | None) -> None:
     processes are in the root cgroup), per-thread nice only counts within a session. A
     child leads its own session, so that session is made nicer too; never `ours`."""
     theirs = _autogroup(pid)
-    if theirs is None or ours is None or theirs[0] == ours:
+    if theirs is None or theirs[0] == ours:
         return
     with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
         f.write(str(nice))
