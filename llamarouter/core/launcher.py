@@ -193,36 +193,6 @@ def _nicer(step: int) -> None:
         os.nice(step)
 
 
-def _autogroup(pid: int | str) -> tuple[str, int] | None:
-    """(group, nice) of a process's autogroup, or None where there is none."""
-    try:
-        with open(f"/proc/{pid}/autogroup") as f:
-            return _parse_autogroup(f.read())
-    except OSError:
-        return None
-
-
-def _parse_autogroup(text: str) -> tuple[str, int] | None:
-    # A process still in the boot session's group (a container's first process, which
-    # never called setsid) reads an empty file; its children's new sessions do not.
-    try:
-        group, _, nice = text.split()
-        return group, int(nice)
-    except ValueError:
-        return None
-
-
-def _nicer_session(pid: int, nice: int, ours: str | None) -> None:
-    """Where the kernel shares CPU time between sessions first (autogroup: hosts whose
-    processes are in the root cgroup), per-thread nice only counts within a session. A
-    child leads its own session, so that session is made nicer too; never `ours`."""
-    theirs = _autogroup(pid)
-    if theirs is None or theirs[0] == ours:
-        return
-    with contextlib.suppress(OSError), open(f"/proc/{pid}/autogroup", "w") as f:
-        f.write(str(nice))
-
-
 def _libc_prctl() -> object | None:
     if not sys.platform.startswith("linux"):
         return None
@@ -233,16 +203,20 @@ def _libc_prctl() -> object | None:
 
 
 class OsLauncher:
-    """Real processes: own session (so a signal reaches grandchildren too) and, on Linux,
-    a parent-death signal so that a SIGKILLed router takes its children with it."""
+    """Real processes: each the leader of its own process group (so a signal reaches
+    grandchildren too, and a terminal's Ctrl-C reaches the router alone) and, on Linux,
+    a parent-death signal so that a SIGKILLed router takes its children with it.
+
+    Children lead their own session too, unless they run nicer than the router: where
+    the kernel shares CPU time between sessions first and between threads second
+    (autogroup, on hosts whose processes sit in the root cgroup), a child's nice only
+    ranks it against the threads of its own session. So a nicer child stays in the
+    router's session, where it ranks below the router's thread and, as a session, level
+    with everything else."""
 
     def __init__(self, child_nice: int = 0) -> None:
         self._prctl = _libc_prctl()
         self._nice = child_nice
-        # A new session starts at autogroup nice 0; the child's is set relative to ours.
-        ours = _autogroup("self")
-        self._own_session = ours[0] if ours else None
-        self._session_nice = min(19, (ours[1] if ours else 0) + child_nice)
 
     def _preexec(self, parent_pid: int) -> None:
         # Runs in the forked child before exec. If the router died between fork and prctl,
@@ -252,6 +226,7 @@ class OsLauncher:
             if os.getppid() != parent_pid:
                 os._exit(1)
         if self._nice > 0:
+            os.setpgid(0, 0)  # the router's session, a group of its own
             _nicer(self._nice)
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Child:
@@ -270,7 +245,7 @@ class OsLauncher:
                 stdout=write_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 env=dict(env),
-                start_new_session=True,
+                start_new_session=self._nice <= 0,
                 preexec_fn=(lambda: self._preexec(parent)) if self._prctl or self._nice > 0 else None,
             )
         except BaseException:
@@ -278,9 +253,6 @@ class OsLauncher:
             raise
         finally:
             os.close(write_fd)
-        if self._nice > 0:
-            # From here, not in _preexec: uvloop runs that before the child's setsid.
-            _nicer_session(proc.pid, self._session_nice, self._own_session)
         loop = asyncio.get_running_loop()
         pipe = os.fdopen(read_fd, "rb", buffering=0)
         try:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llamarouter.core.launcher import _LINE_LIMIT, Child, OsLauncher, _AsyncioChild, _parse_autogroup
+from llamarouter.core.launcher import _LINE_LIMIT, Child, OsLauncher, _AsyncioChild
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -142,37 +142,25 @@ def _nice_of(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[16])  # field 19: nice
 
 
-def _autogroup_of(pid: int | str) -> tuple[str, int] | None:
+def _autogroup_of(pid: int | str) -> str | None:
+    """The whole line (group and its nice), or None: no autogroup, or a process still in
+    the boot session's group (a container's first process), which reads an empty file."""
     try:
         with open(f"/proc/{pid}/autogroup") as f:
-            text = f.read()
+            return f.read().strip() or None
     except OSError:
         return None
-    if not text.strip():  # still in the boot session's group, as a container's first process
-        return None
-    group, _, nice = text.split()
-    return group, int(nice)
 
 
-@pytest.mark.parametrize(
-    ("text", "parsed"),
-    [("/autogroup-7 nice 3\n", ("/autogroup-7", 3)), ("", None), ("\n", None), ("garbage", None)],
-)
-def test_an_autogroup_file_that_says_nothing_means_no_autogroup(text: str, parsed: object) -> None:
-    """A process in the boot session's group reads an empty file (a container's first
-    process, or pytest under it)."""
-    assert _parse_autogroup(text) == parsed
-
-
-async def test_children_run_nicer_than_the_router_and_so_does_their_session(gate: tuple[str, int]) -> None:
-    """The router's one thread must not queue behind a child's compute threads; a child
-    alone still gets all the CPU. Our own priority and session are left as they are."""
+async def test_nicer_children_rank_below_the_router_within_its_session(gate: tuple[str, int]) -> None:
+    """The router's one thread must not queue behind a child's compute threads, and a
+    nicer child must not yield to everything else on the host: it stays in the router's
+    session (where autogroup ranks threads by nice), in a process group of its own."""
     await _children_run_nicer(gate)
 
 
-def test_children_run_nicer_on_uvloop(gate: tuple[str, int]) -> None:
-    """uvloop runs preexec_fn before the child's setsid: a session set there would be the
-    router's own."""
+def test_nicer_children_on_uvloop(gate: tuple[str, int]) -> None:
+    """uvloop runs preexec_fn at a different point than asyncio's own subprocess code."""
     uvloop = pytest.importorskip("uvloop")
     uvloop.run(_children_run_nicer(gate))
 
@@ -187,15 +175,42 @@ async def _children_run_nicer(gate: tuple[str, int]) -> None:
         assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
         assert _nice_of(child.pid) == min(19, ours + 3)
         assert _nice_of(os.getpid()) == ours
-        theirs = _autogroup_of(child.pid)
-        if theirs is not None:  # a kernel with autogroup
-            # We may be in the boot session's group, unnamed and at nice 0 (a container).
-            assert our_group is None or theirs[0] != our_group[0]  # the child leads its own session
-            assert theirs[1] == min(19, (our_group[1] if our_group else 0) + 3)
+        assert os.getsid(child.pid) == os.getsid(0)  # the router's session...
+        assert os.getpgid(child.pid) == child.pid  # ...in a group of its own
+        assert os.getpgid(0) != child.pid
+        assert _autogroup_of(child.pid) == our_group  # so the same autogroup, untouched
         assert _autogroup_of("self") == our_group
     finally:
         os.write(go, b"go\n")
         await finish(child)
+
+
+async def test_a_nicer_childs_whole_group_gets_a_signal(gate: tuple[str, int]) -> None:
+    """Stop and kill go to the child's process group, grandchildren included, whether or
+    not it leads a session."""
+    path, _ = gate
+    launcher = OsLauncher(child_nice=3)
+    child = await asyncio.wait_for(
+        launcher.spawn(["sh", "-c", f"sh -c 'echo grandchild $$; read _ < {path}' & wait"], ENV), 10
+    )
+    line = await asyncio.wait_for(child.read_lines(), 10)
+    grandchild = int(line[0].split()[1])
+    assert os.getpgid(grandchild) == child.pid
+    launcher.kill(child)
+    assert await asyncio.wait_for(child.wait(), 10) != 0
+    deadline = asyncio.get_running_loop().time() + 10
+    while _alive(grandchild):  # reaped by init once killed: poll for it, bounded
+        assert asyncio.get_running_loop().time() < deadline, "the grandchild outlived the kill"
+        await asyncio.sleep(0.01)
+    child.close_output()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 async def test_child_nice_zero_leaves_children_as_the_router(gate: tuple[str, int]) -> None:
@@ -203,10 +218,14 @@ async def test_child_nice_zero_leaves_children_as_the_router(gate: tuple[str, in
     child = await asyncio.wait_for(
         OsLauncher(child_nice=0).spawn(["sh", "-c", f"echo up; read _ < {path}"], ENV), 10
     )
-    assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
-    assert _nice_of(child.pid) == _nice_of(os.getpid())
-    theirs = _autogroup_of(child.pid)
-    if theirs is not None:
-        assert theirs[1] == 0  # a new session's default
-    os.write(go, b"go\n")
-    await finish(child)
+    try:
+        assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
+        assert _nice_of(child.pid) == _nice_of(os.getpid())
+        assert os.getsid(child.pid) == child.pid  # a session of its own, as always before
+        theirs = _autogroup_of(child.pid)
+        if theirs is not None:  # a kernel with autogroup
+            assert theirs != _autogroup_of("self")
+            assert theirs.endswith(" nice 0")  # a new session's default
+    finally:
+        os.write(go, b"go\n")
+        await finish(child)
