@@ -9,7 +9,7 @@ import fcntl
 import os
 import struct
 import termios
-from collections.abc import Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 
 import pytest
@@ -45,6 +45,20 @@ def gate(tmp_path: Path) -> Iterator[tuple[str, int]]:
         os.close(fd)
 
 
+# The router runs on uvloop where it is installed, else on asyncio's own loop.
+LOOPS = ("asyncio", "uvloop")
+
+
+def run_on(loop: str, main: Callable[[tuple[str, int]], Coroutine[object, object, None]], gate: tuple[str, int]) -> None:
+    """Run `main(gate)` on that loop (a function, not a coroutine, so that a skip does not
+    leave one never awaited)."""
+    if loop == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        uvloop.run(main(gate))
+    else:
+        asyncio.run(main(gate))
+
+
 async def finish(child: Child) -> None:
     """Stop reading and reap the child (an unreaped one warns when collected)."""
     child.close_output()
@@ -65,13 +79,9 @@ async def test_lines_come_whole_and_in_order_then_an_empty_batch_at_the_end() ->
     await finish(child)
 
 
-async def test_held_output_stays_in_the_pipe_until_released(gate: tuple[str, int]) -> None:
-    await _held_output_stays_in_the_pipe_until_released(gate)
-
-
-def test_held_output_stays_in_the_pipe_until_released_on_uvloop(gate: tuple[str, int]) -> None:
-    uvloop = pytest.importorskip("uvloop")
-    uvloop.run(_held_output_stays_in_the_pipe_until_released(gate))
+@pytest.mark.parametrize("loop", LOOPS)
+def test_held_output_stays_in_the_pipe_until_released(gate: tuple[str, int], loop: str) -> None:
+    run_on(loop, _held_output_stays_in_the_pipe_until_released, gate)
 
 
 async def _held_output_stays_in_the_pipe_until_released(gate: tuple[str, int]) -> None:
@@ -152,17 +162,12 @@ def _autogroup_of(pid: int | str) -> str | None:
         return None
 
 
-async def test_nicer_children_rank_below_the_router_within_its_session(gate: tuple[str, int]) -> None:
+@pytest.mark.parametrize("loop", LOOPS)  # uvloop runs preexec_fn at another point than asyncio
+def test_nicer_children_rank_below_the_router_within_its_session(gate: tuple[str, int], loop: str) -> None:
     """The router's one thread must not queue behind a child's compute threads, and a
     nicer child must not yield to everything else on the host: it stays in the router's
     session (where autogroup ranks threads by nice), in a process group of its own."""
-    await _children_run_nicer(gate)
-
-
-def test_nicer_children_on_uvloop(gate: tuple[str, int]) -> None:
-    """uvloop runs preexec_fn at a different point than asyncio's own subprocess code."""
-    uvloop = pytest.importorskip("uvloop")
-    uvloop.run(_children_run_nicer(gate))
+    run_on(loop, _children_run_nicer, gate)
 
 
 async def _children_run_nicer(gate: tuple[str, int]) -> None:
