@@ -80,6 +80,24 @@ class DeviceProbe:
         vm = psutil.virtual_memory()
         return [Device("cpu", int(vm.total), int(vm.available))]
 
+    def process_bytes(self, pid: int) -> int | None:
+        """The VRAM one process uses over all GPUs, as NVML counts it (device context,
+        library workspaces and every buffer); None without a GPU or when NVML lists no use."""
+        nv = self._nvml
+        if nv is None:
+            return None
+        total = 0
+        try:
+            for i in range(nv.nvmlDeviceGetCount()):  # type: ignore[attr-defined]  # pynvml is untyped and optional
+                handle = nv.nvmlDeviceGetHandleByIndex(i)  # type: ignore[attr-defined]  # pynvml is untyped and optional
+                for p in nv.nvmlDeviceGetComputeRunningProcesses(handle):  # type: ignore[attr-defined]  # pynvml is untyped and optional
+                    if p.pid == pid and p.usedGpuMemory:
+                        total += int(p.usedGpuMemory)
+        except Exception as exc:  # noqa: BLE001 (a driver error: fall back to the estimate)
+            log.warning("NVML could not list the processes using the GPU: %s", exc)
+            return None
+        return total or None
+
 
 class MemoryManager:
     """Per-model estimates and measurements against one budget (bytes)."""
@@ -92,6 +110,10 @@ class MemoryManager:
         self._facts = FactsCache()
         # Estimates are the memory manager's, keyed by model and valid for one spec.
         self._estimates: dict[str, tuple[ModelSpec, Estimate]] = {}
+        # GPU hosts: the largest per-child VRAM seen beyond the estimated buffers (device
+        # context, library workspaces, the compute allowance's shortfall). A model not yet
+        # measured counts its estimate plus this; 0 until a child was measured.
+        self.context_bytes = 0
 
     @classmethod
     def from_setting(
@@ -128,26 +150,47 @@ class MemoryManager:
         known = self._estimates.get(proc.name)
         return known[1] if known is not None and known[0] == proc.spec else None
 
+    def measure_device(self, proc: ModelProcess, pid: int) -> int | None:
+        """The child's VRAM once ready (NVML), learning the per-child overhead from it.
+        Called from the child's life; synchronous, so nothing interleaves."""
+        used = self.probe.process_bytes(pid)
+        if used:
+            est = self.estimate_of(proc)
+            if est is not None:
+                self.context_bytes = max(self.context_bytes, used - (est.weights_gpu + est.kv + est.compute))
+        return used
+
     def footprint(self, proc: ModelProcess) -> int:
         """What a model counts against the budget: its measured load report when we have
-        one, else the estimate (RSS is shown but not used: it counts shared pages)."""
-        if proc.measured_bytes:
-            return proc.measured_bytes
+        one, else the estimate (RSS is shown but not used: it counts shared pages). On a
+        GPU host, at least the VRAM its child used once ready (NVML) plus the weights -ngl
+        leaves on the CPU: the device context and library workspaces are in no buffer
+        report, and on a large GPU they are several hundred MiB per child. A model not yet
+        measured adds the largest such overhead seen so far."""
         est = self.estimate_of(proc)
-        return est.total if est is not None else 0
+        base = proc.measured_bytes or (est.total if est is not None else 0)
+        if proc.device_bytes:
+            return max(base, proc.device_bytes + (est.weights_cpu if est is not None else 0))
+        return base + self.context_bytes
+
+    def asleep(self, proc: ModelProcess) -> int:
+        """What a sleeping child still holds: nothing we can see on a CPU host; on a GPU
+        host its device context, i.e. its VRAM when ready less the weights, KV cache and
+        compute buffers that sleep frees (as estimated, so it errs on the high side)."""
+        if not proc.device_bytes:
+            return 0
+        est = self.estimate_of(proc)
+        freed = est.weights_gpu + est.kv + est.compute if est is not None else 0
+        return max(proc.device_bytes - freed, 0)
 
     def held(self, proc: ModelProcess) -> int:
-        """What a model holds of the budget now: its footprint, or nothing while its child
-        sleeps (llama-server's --sleep-idle-seconds frees weights and context)."""
-        return held_bytes(self.footprint(proc), proc.state == State.READY and sleeping_from_log(proc.logs))
+        """What a model holds of the budget now: its footprint, or only what a sleeping
+        child keeps (llama-server's --sleep-idle-seconds frees weights and context)."""
+        sleeping = proc.state == State.READY and sleeping_from_log(proc.logs)
+        return held_bytes(self.footprint(proc), sleeping, self.asleep(proc))
 
     def used(self, procs: Iterable[ModelProcess]) -> int:
-        # A child asleep (llama-server's --sleep-idle-seconds) has freed its weights and
-        # context: it counts as what it holds, i.e. nothing, until a request wakes it.
-        return sum(
-            held_bytes(self.footprint(p), p.state == State.READY and sleeping_from_log(p.logs))
-            for p in procs if p.holds_slot
-        )
+        return sum(self.held(p) for p in procs if p.holds_slot)
 
     async def wait_recovered(self, need: int) -> None:
         """After children exit, device memory (VRAM above all) can come back late; wait for

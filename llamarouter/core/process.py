@@ -103,6 +103,7 @@ class _Command:
 class _Loaded:
     gen: int
     info: dict[str, Any]
+    device_bytes: int | None = None
 
 
 @dataclass
@@ -171,6 +172,10 @@ class ModelProcess:
         self.ever_ready = False  # this life reached READY (STOPPING shows "loaded" only then)
         # Buffer sizes the child reported while loading, by (device, kind).
         self.measured: dict[tuple[str, str], int] = {}
+        # VRAM of the child once ready, from NVML (GPU hosts with a memory budget only);
+        # kept after it exits as the best guess of what its next start needs.
+        self.device_bytes: int | None = None
+        self.measure_device: Callable[[int], int | None] | None = None
         # Awaited (bounded by the memory manager) before each spawn: freed VRAM shows up late.
         self.before_spawn: Callable[[], Awaitable[None]] | None = None
         # Keep-cache (handed over by the app when the model starts): slot caches are saved
@@ -372,6 +377,8 @@ class ModelProcess:
         if isinstance(msg, _Loaded):
             if msg.gen == self._gen and self.state == State.STARTING:
                 self.loaded_info = msg.info
+                if msg.device_bytes:
+                    self.device_bytes = msg.device_bytes
                 self.ready_at = time.monotonic()
                 self.ever_ready = True
                 self._bind_retries = 0
@@ -579,7 +586,9 @@ class ModelProcess:
                     # keep-cache timeout, never raises, and a stop does not wait for it.
                     await _unless_stopped(kv.restore_after_ready(self.name, port), life.stop)
                 result.loaded = True
-                self._post(_Loaded(life.gen, info))
+                # A synchronous NVML call of well under a millisecond, once per load.
+                device = self.measure_device(child.pid) if self.measure_device is not None else None
+                self._post(_Loaded(life.gen, info, device))
                 await self._watch(life, exit_wait, port, result)
             if life.stop.is_set():
                 result.asked = True

@@ -64,11 +64,11 @@ async def probe_sleeping(
     return value if isinstance(value, bool) else None
 
 
-def held_bytes(full: int, sleeping: bool) -> int:
-    """What a model holds of what the memory budget counts (weights, KV cache, compute
-    buffers): a sleeping child has freed all three, so 0; in full again once it wakes.
-    The process's own overhead (a GPU device context) is not counted, awake or asleep."""
-    return 0 if sleeping else full
+def held_bytes(full: int, sleeping: bool, asleep: int = 0) -> int:
+    """What a model holds of what the memory budget counts: a sleeping child has freed
+    its weights, KV cache and compute buffers and keeps only `asleep` (a GPU device
+    context, where one was measured); in full again once it wakes."""
+    return asleep if sleeping else full
 
 
 def sleep_lines(lines: Iterable[str]) -> list[bool]:

@@ -210,6 +210,8 @@ class Supervisor:
         memory = self.memory
         if memory is not None:
             proc.before_spawn = lambda: memory.wait_recovered(memory.footprint(proc))
+            if memory.probe.gpu:
+                proc.measure_device = lambda pid: memory.measure_device(proc, pid)
         task = proc.open()
         self._owners.add(task)
         task.add_done_callback(self._owner_done)
@@ -545,10 +547,13 @@ class Supervisor:
         budget = _mib(self.memory.budget)
         if est is None:
             return BudgetExceeded(f"model name={proc.name} does not fit the memory budget {budget}")
+        # On a GPU host, the VRAM a child needs beyond its buffers (learned from others).
+        overhead = max(self.memory.footprint(proc) - est.total, 0)
         return BudgetExceeded(
-            f"model name={proc.name} needs an estimated {_mib(est.total)} (weights "
+            f"model name={proc.name} needs an estimated {_mib(est.total + overhead)} (weights "
             f"{_mib(est.weights)}, KV cache {_mib(est.kv)} for {est.n_ctx} tokens, compute "
-            f"{_mib(est.compute)}) but the memory budget is {budget}"
+            f"{_mib(est.compute)}" + (f", GPU overhead {_mib(overhead)}" if overhead else "")
+            + f") but the memory budget is {budget}"
             + (f" with {_mib(fixed)} held by pinned models" if fixed else "")
         )
 

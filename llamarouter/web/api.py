@@ -395,7 +395,7 @@ class Api:
             proc.spec, proc.state, proc.api_status, proc.port, proc.in_flight,
             self.sup.queued_for(proc), proc.restarts, self.sup.usage(proc.name).last_used_wall,
             proc.crashed, proc.exit_code, proc.failure, proc.stop_reason,
-            self.sup.estimate_of(proc), proc.measured_bytes, id(proc.loaded_info),
+            self.sup.estimate_of(proc), proc.measured_bytes, proc.device_bytes, id(proc.loaded_info),
             self._status_value(proc), self._saved_caches(proc.name), self.sup.pinned(proc),
         )
         cached = self._item_cache.get(proc)
@@ -462,6 +462,8 @@ class Api:
             item["estimate"] = est.as_dict()
         if proc.measured_bytes is not None and proc.api_status != "unloaded":
             item["measured_bytes"] = proc.measured_bytes
+        if proc.device_bytes is not None and proc.api_status != "unloaded":
+            item["device_bytes"] = proc.device_bytes
         if proc.api_status != "unloaded":
             for key, value in proc.loaded_info.items():
                 item.setdefault(key, value)
@@ -564,6 +566,10 @@ class Api:
             if proc.measured_bytes is not None:
                 entry["measured_bytes"] = proc.measured_bytes
                 entry["measured"] = {f"{dev}:{kind}": n for (dev, kind), n in proc.measured.items()}
+            if proc.device_bytes is not None:
+                entry["device_bytes"] = proc.device_bytes
+            if memory is not None and proc.holds_slot:
+                entry["counted_bytes"] = memory.held(proc)
             models[proc.name] = entry
         body: dict[str, Any] = {"budget": None, "models": models}
         if memory is not None:

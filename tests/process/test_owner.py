@@ -322,3 +322,47 @@ async def test_a_ready_childs_output_is_held_between_reads_and_released_once_it_
         assert child.output_calls[-2:] == ["release", "close"]
     finally:
         await sup.shutdown()
+
+
+async def test_a_gpu_host_records_each_childs_vram_once_ready() -> None:
+    """With a memory budget on a GPU host, the owner asks NVML (here a fake) for the
+    child's VRAM when it is ready; the budget then counts it, and it survives the exit as
+    the guess for the next start."""
+    from llamarouter.core.memory import Device, MemoryManager
+    from tests.process.fakes import FakeProbe
+
+    class GpuProbe:
+        gpu = True
+
+        def __init__(self) -> None:
+            self.asked: list[int] = []
+
+        def devices(self) -> list[Device]:
+            return [Device("cuda:0", 2**40, 2**40)]
+
+        def process_bytes(self, pid: int) -> int | None:
+            self.asked.append(pid)
+            return 700 * 2**20 + pid
+
+    probe = GpuProbe()
+    memory = MemoryManager(2**40, probe, 1.0, 0.01)  # type: ignore[arg-type]
+    specs = {"a": spec("a")}
+    launcher = FakeLauncher()
+    sup = Supervisor(
+        fast_config(1), lambda: dict(specs), launcher, FakeProbe(launcher),
+        lambda s, port: [s.name, str(port)], memory=memory,
+    )
+    await sup.start()
+    try:
+        (await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)).release()
+        child = launcher.alive("a")[0]
+        proc = sup.models["a"]
+        assert probe.asked == [child.pid]
+        assert proc.device_bytes == 700 * 2**20 + child.pid
+        assert memory.used(sup.models.values()) == proc.device_bytes  # no estimate: no model file
+        sup.unload("a")
+        await state_is(sup, "a", State.STOPPED)
+        assert proc.device_bytes == 700 * 2**20 + child.pid
+        assert memory.footprint(proc) == proc.device_bytes
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from llamarouter.devtools.tinymodel import ModelShape, write_model
-from llamarouter.errors import ConfigError
-from llamarouter.core.scheduler import Candidate, plan_evictions
 from llamarouter.core.gguf_info import (
     FactsCache,
     RunSettings,
@@ -17,7 +15,10 @@ from llamarouter.core.gguf_info import (
     parse_buffer_line,
     read_facts,
 )
-from llamarouter.core.memory import Device, MemoryManager, parse_bytes
+from llamarouter.core.memory import Device, DeviceProbe, MemoryManager, parse_bytes
+from llamarouter.core.scheduler import Candidate, plan_evictions
+from llamarouter.devtools.tinymodel import ModelShape, write_model
+from llamarouter.errors import ConfigError
 
 SHAPE = ModelShape(n_embd=128, n_layer=3, n_head=4, n_head_kv=2, n_ff=256, n_ctx_train=2048)
 
@@ -138,3 +139,80 @@ def test_plan_evictions_by_bytes() -> None:
     assert plan_evictions(cands, 2, 10) == ["a", "b"]  # the slot count decides
     assert plan_evictions(cands, 0, 10_000) == ["a", "b", "c"]  # all idle ones; busy never
     assert plan_evictions(cands, 0, 0) == []
+
+
+class _NvProc:
+    def __init__(self, pid: int, used: int | None) -> None:
+        self.pid, self.usedGpuMemory = pid, used
+
+
+class FakeNvml:
+    """pynvml's few calls the probe makes: two GPUs, each listing its processes."""
+
+    def __init__(self, per_gpu: list[list[_NvProc]], broken: bool = False) -> None:
+        self.per_gpu, self.broken = per_gpu, broken
+
+    def nvmlDeviceGetCount(self) -> int:
+        return len(self.per_gpu)
+
+    def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+        return i
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[_NvProc]:
+        if self.broken:
+            raise RuntimeError("driver gone")
+        return self.per_gpu[handle]
+
+
+def test_process_bytes_sums_a_child_over_every_gpu() -> None:
+    probe = DeviceProbe()
+    probe._nvml = FakeNvml([[_NvProc(7, 600), _NvProc(8, 50)], [_NvProc(7, 400), _NvProc(9, None)]])
+    assert probe.gpu
+    assert probe.process_bytes(7) == 1000
+    assert probe.process_bytes(8) == 50
+    assert probe.process_bytes(9) is None  # listed without a figure (no permission): unknown
+    assert probe.process_bytes(10) is None
+    probe._nvml = FakeNvml([[_NvProc(7, 600)]], broken=True)
+    assert probe.process_bytes(7) is None
+    probe._nvml = None
+    assert probe.process_bytes(7) is None
+
+
+async def test_a_gpu_child_counts_its_vram_and_its_device_context_while_asleep(model: Path) -> None:
+    """The figures are an H200's: a child whose buffers come to ~330 MiB used 1108 MiB of
+    VRAM (its device context and cuBLAS workspace are in no buffer report)."""
+    from types import SimpleNamespace
+
+    from llamarouter.core.states import State
+    from llamarouter.settings.config import ModelSpec
+
+    probe = FixedProbe(2**40, 2**40)
+    probe.gpu = True  # the estimate splits weights by -ngl
+    m = MemoryManager(10 * 2**30, probe, 1.0, 0.1)  # type: ignore[arg-type]
+    proc: Any = SimpleNamespace(
+        name="a", spec=ModelSpec(name="a", source="models_dir", model_path=str(model)),
+        measured_bytes=None, device_bytes=None, state=State.READY, logs=[], holds_slot=True,
+    )
+    est = await m.estimate_for(proc, {"-c": "512", "-ngl": "2"})
+    assert est is not None and 0 < est.weights_cpu < est.weights  # -ngl 2 of 3 layers leaves weights on the CPU
+    assert m.footprint(proc) == est.total and m.asleep(proc) == 0  # nothing measured: the estimate
+    probe.process_bytes = lambda pid: 1108 * 2**20 if pid == 42 else None  # type: ignore[attr-defined]
+    assert m.measure_device(proc, 41) is None and m.context_bytes == 0
+    proc.device_bytes = m.measure_device(proc, 42)
+    assert proc.device_bytes == 1108 * 2**20
+    assert m.footprint(proc) == proc.device_bytes + est.weights_cpu
+    assert m.used([proc]) == proc.device_bytes + est.weights_cpu
+    proc.logs = ["srv  operator(): server is entering sleeping state"]
+    context = proc.device_bytes - (est.weights_gpu + est.kv + est.compute)
+    assert m.held(proc) == m.used([proc]) == context > 0
+    # A model not measured yet adds the overhead learned from this one.
+    other: Any = SimpleNamespace(
+        name="b", spec=ModelSpec(name="b", source="models_dir", model_path=str(model)),
+        measured_bytes=None, device_bytes=None, state=State.STOPPED, logs=[], holds_slot=False,
+    )
+    other_est = await m.estimate_for(other, {"-c": "512"})
+    assert other_est is not None and m.context_bytes == context
+    assert m.footprint(other) == other_est.total + context
+    # A load report larger than VRAM + CPU weights (CPU-heavy offload) still wins.
+    proc.logs, proc.measured_bytes = [], 5 * 2**30
+    assert m.footprint(proc) == 5 * 2**30
