@@ -121,7 +121,12 @@ class _BackoffDone:
     gen: int
 
 
-_Message = _Command | _Loaded | _Exited | _BackoffDone
+@dataclass
+class _Remeasure:
+    gen: int
+
+
+_Message = _Command | _Loaded | _Exited | _BackoffDone | _Remeasure
 
 
 @dataclass
@@ -176,6 +181,9 @@ class ModelProcess:
         # kept after it exits as the best guess of what its next start needs.
         self.device_bytes: int | None = None
         self.measure_device: Callable[[int], int | None] | None = None
+        # Generation whose VRAM was measured again after its first request (a GPU child
+        # allocates library workspaces then: about 100 MiB more on an H200).
+        self._remeasured_gen = -1
         # Awaited (bounded by the memory manager) before each spawn: freed VRAM shows up late.
         self.before_spawn: Callable[[], Awaitable[None]] | None = None
         # Keep-cache (handed over by the app when the model starts): slot caches are saved
@@ -290,6 +298,12 @@ class ModelProcess:
         """End the owner task; only for a model that is stopped and no longer listed."""
         return self._send(_Command(_Cmd.CLOSE))
 
+    def served(self) -> None:
+        """A request finished: the first one of a life has the child's VRAM measured again."""
+        if self.measure_device is not None and self._remeasured_gen != self._gen and self.state == State.READY:
+            self._remeasured_gen = self._gen
+            self._post(_Remeasure(self._gen))
+
     async def wait_shutdown(self, timeout: float) -> bool:
         """True once SHUTDOWN (every command sent before `shutdown()` handled, the child
         reaped); False after timeout."""
@@ -390,6 +404,11 @@ class ModelProcess:
             # Otherwise a stop got there first: the life is already being told to end.
         elif isinstance(msg, _Exited) and msg.gen == self._gen:
             self._on_exit(msg)
+        elif isinstance(msg, _Remeasure) and msg.gen == self._gen and self.state == State.READY:
+            child, measure = self.child, self.measure_device
+            if child is not None and measure is not None:
+                # Synchronous and well under a millisecond: NVML lists the GPU's processes.
+                self.device_bytes = max(self.device_bytes or 0, measure(child.pid) or 0) or None
         elif isinstance(msg, _BackoffDone) and msg.gen == self._gen and self.state == State.BACKOFF:
             self._backoff_timer = None
             self.restarts += 1

@@ -388,6 +388,7 @@ class Supervisor:
         usage.last_used = usage.last_activity = now
         usage.last_used_wall = time.time()
         left = self._serving.get(proc, 0) - 1
+        proc.served()
         if left > 0:
             self._serving[proc] = left
         else:

@@ -342,7 +342,8 @@ async def test_a_gpu_host_records_each_childs_vram_once_ready() -> None:
 
         def process_bytes(self, pid: int) -> int | None:
             self.asked.append(pid)
-            return 700 * 2**20 + pid
+            # A first request makes the child allocate workspaces (as cuBLAS does).
+            return 700 * 2**20 + pid + (100 * 2**20 if len(self.asked) > 1 else 0)
 
     probe = GpuProbe()
     memory = MemoryManager(2**40, probe, 1.0, 0.01)  # type: ignore[arg-type]
@@ -354,15 +355,19 @@ async def test_a_gpu_host_records_each_childs_vram_once_ready() -> None:
     )
     await sup.start()
     try:
-        (await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)).release()
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
         child = launcher.alive("a")[0]
         proc = sup.models["a"]
-        assert probe.asked == [child.pid]
+        assert probe.asked == [child.pid]  # once ready
         assert proc.device_bytes == 700 * 2**20 + child.pid
         assert memory.used(sup.models.values()) == proc.device_bytes  # no estimate: no model file
+        lease.release()  # the first request of this life: measured again
+        await wait_for(lambda: proc.device_bytes == 800 * 2**20 + child.pid, 5)
+        (await asyncio.wait_for(sup.acquire(proc, True), 5)).release()
+        assert probe.asked == [child.pid, child.pid]  # not after every request
         sup.unload("a")
         await state_is(sup, "a", State.STOPPED)
-        assert proc.device_bytes == 700 * 2**20 + child.pid
+        assert proc.device_bytes == 800 * 2**20 + child.pid
         assert memory.footprint(proc) == proc.device_bytes
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
