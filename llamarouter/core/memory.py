@@ -151,8 +151,9 @@ class MemoryManager:
         return known[1] if known is not None and known[0] == proc.spec else None
 
     def measure_device(self, proc: ModelProcess, pid: int) -> int | None:
-        """The child's VRAM once ready (NVML), learning the per-child overhead from it.
-        Called from the child's life; synchronous, so nothing interleaves."""
+        """The child's VRAM (NVML), learning the per-child overhead from it. Called from
+        the child's life once ready and from its owner after the first request; synchronous,
+        so nothing interleaves."""
         used = self.probe.process_bytes(pid)
         if used:
             est = self.estimate_of(proc)
@@ -163,8 +164,8 @@ class MemoryManager:
     def footprint(self, proc: ModelProcess) -> int:
         """What a model counts against the budget: its measured load report when we have
         one, else the estimate (RSS is shown but not used: it counts shared pages). On a
-        GPU host, at least the VRAM its child used once ready (NVML) plus the weights -ngl
-        leaves on the CPU: the device context and library workspaces are in no buffer
+        GPU host, at least the VRAM NVML saw its child use (once ready and after its first
+        request) plus the weights -ngl leaves on the CPU: the device context and library workspaces are in no buffer
         report, and on a large GPU they are several hundred MiB per child. A model not yet
         measured adds the largest such overhead seen so far."""
         est = self.estimate_of(proc)
@@ -175,7 +176,7 @@ class MemoryManager:
 
     def asleep(self, proc: ModelProcess) -> int:
         """What a sleeping child still holds: nothing we can see on a CPU host; on a GPU
-        host its device context, i.e. its VRAM when ready less the weights, KV cache and
+        host its device context, i.e. its measured VRAM less the weights, KV cache and
         compute buffers that sleep frees (as estimated, so it errs on the high side)."""
         if not proc.device_bytes:
             return 0

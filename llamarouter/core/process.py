@@ -177,7 +177,8 @@ class ModelProcess:
         self.ever_ready = False  # this life reached READY (STOPPING shows "loaded" only then)
         # Buffer sizes the child reported while loading, by (device, kind).
         self.measured: dict[tuple[str, str], int] = {}
-        # VRAM of the child once ready, from NVML (GPU hosts with a memory budget only);
+        # VRAM of the child from NVML, once ready and after its first request (GPU hosts
+        # with a memory budget only);
         # kept after it exits as the best guess of what its next start needs.
         self.device_bytes: int | None = None
         self.measure_device: Callable[[int], int | None] | None = None
