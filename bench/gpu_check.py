@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +40,7 @@ from llamarouter.core.gguf_info import RunSettings, estimate, read_facts
 from llamarouter.core.memory import DeviceProbe
 from llamarouter.devtools.tinymodel import shape_for_size, write_model
 
+from .keep_cache import wait
 from .procs import ProcessRegistry, Server, free_port
 from .run import bench_env, find_binary, wait_healthy
 
@@ -48,7 +48,6 @@ MIB = 1024 * 1024
 START_TIMEOUT_S = 120.0
 REQUEST_TIMEOUT_S = 120.0
 STATE_TIMEOUT_S = 60.0
-POLL_S = 0.1
 MODEL_BYTES = 256 * MIB
 CHILD_FLAGS = ["-ngl", "99", "-c", "2048", "-np", "1"]
 
@@ -95,17 +94,6 @@ class Nvml:
             for p in nv.nvmlDeviceGetComputeRunningProcesses(nv.nvmlDeviceGetHandleByIndex(i)):
                 out[p.pid] = out.get(p.pid, 0) + int(p.usedGpuMemory or 0)
         return out
-
-
-async def poll(what: str, check: Callable[[], Awaitable[Any]], timeout: float = STATE_TIMEOUT_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout}s")
-        await asyncio.sleep(POLL_S)
 
 
 class Client:
@@ -291,7 +279,7 @@ async def sleeping(c: Checks, reg: ProcessRegistry, work: Path, binary: str, mod
         async def asleep() -> bool:
             return bool((await client.models())["m1"]["status"]["value"] == "sleeping")
 
-        await poll("m1 sleeping", asleep)
+        await wait(asleep, STATE_TIMEOUT_S)
         held = (await client.get("/memory"))["used"]
         c.figures["sleep_counted_bytes"] = held
         if nvml.nv is not None:
