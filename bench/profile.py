@@ -5,7 +5,7 @@
 
 Starts llamarouter alone (same flags as `make bench`), loads the model, then runs the
 chosen load (one keep-alive connection, sequential requests; `streams` = 16 concurrent
-streams in a loop; `models` = GET /models on a directory of 1,000 GGUF files) while
+streams in a loop; `burst` = 16 one-token streams from a raw-socket client, back to back; `models` = GET /models on a directory of 1,000 GGUF files) while
 `py-spy record` samples the router process (not its children). Writes DIR/LOAD.svg
 (flame graph) and DIR/LOAD.txt (collapsed stacks), and prints the top functions by
 self and by total (inclusive) time. Every process it starts is stopped before it exits.
@@ -54,6 +54,16 @@ def summarize(collapsed: Path, top: int = 25) -> str:
 async def load(kind: str, url: str, seconds: float) -> int:
     deadline = time.monotonic() + seconds
     n = 0
+    if kind == "burst":
+        # 16 one-token streams written back to back on open raw sockets: what the router
+        # spends taking a burst in, with almost no client CPU on the same cores.
+        from .rawburst import one_round, request
+        port = int(url.rsplit(":", 1)[1])
+        req = request("alpha", 1)
+        while time.monotonic() < deadline:
+            await asyncio.to_thread(one_round, port, req)
+            n += 16
+        return n
     if kind == "streams":
         body = json.dumps({"model": "alpha", "prompt": "Once upon a time", "max_tokens": 64,
                            "stream": True, "ignore_eos": True}).encode()
@@ -142,7 +152,7 @@ async def amain(args: argparse.Namespace, reg: ProcessRegistry, work: Path) -> N
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--load", choices=("small", "chat", "streams", "models"), default="small")
+    ap.add_argument("--load", choices=("small", "chat", "streams", "burst", "models"), default="small")
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
     ap.add_argument("--out", default="/tmp/llamarouter-profile")

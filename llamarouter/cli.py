@@ -108,6 +108,8 @@ SETTINGS: tuple[Setting, ...] = (
             "memory left free by --memory-budget auto"),
     Setting("--memory-recovery-wait", "LLAMAROUTER_MEMORY_RECOVERY_WAIT", "timeouts.memory_recovery", "float",
             "seconds a load waits for freed device memory to show up before it starts"),
+    Setting("--device-probe-timeout", "LLAMAROUTER_DEVICE_PROBE_TIMEOUT", "timeouts.device_probe", "float",
+            "seconds one NVML call (GPU memory, a child's VRAM) may take before its figure counts as unknown"),
     Setting("--shutdown-grace", "LLAMAROUTER_SHUTDOWN_GRACE", "timeouts.shutdown_grace", "float",
             "seconds in-flight responses may run after SIGTERM"),
     Setting("--metrics-scrape-timeout", "LLAMAROUTER_METRICS_SCRAPE_TIMEOUT",

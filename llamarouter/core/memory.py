@@ -8,14 +8,14 @@ With no budget configured none of this runs, and scheduling counts models only, 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import psutil
 
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .process import ModelProcess
 
 log = logging.getLogger("llamarouter.core.memory")
+
+_T = TypeVar("_T")
 
 _SIZE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
 
@@ -54,49 +56,107 @@ class Device:
 
 
 class DeviceProbe:
-    """Reads device memory: NVML when an NVIDIA driver is present, else system RAM."""
+    """Reads device memory: NVML when an NVIDIA driver is present, else system RAM.
 
-    def __init__(self) -> None:
+    A GPU that has fallen off the bus can leave NVML calls blocked in the driver for
+    good (nvidia-smi hangs the same way). The calls come from the event loop's thread,
+    so each runs on a daemon thread of its own and is waited for at most `timeout`
+    seconds. While one that gave up has not returned, every later call gives up at
+    once: a wedged driver stalls the router once, for `timeout`, and never piles up
+    threads. A call that gives up or fails counts as "not known"."""
+
+    def __init__(self, timeout: float = 2.0) -> None:
+        self._timeout = timeout
+        self._stuck: threading.Thread | None = None
         self._nvml: object | None = None
-        with contextlib.suppress(Exception):
-            import pynvml
-
-            pynvml.nvmlInit()
-            if pynvml.nvmlDeviceGetCount() > 0:
-                self._nvml = pynvml
+        pynvml = _import_pynvml()
+        if pynvml is not None and self._bounded("nvmlInit", lambda: _nvml_init(pynvml)):
+            self._nvml = pynvml
 
     @property
     def gpu(self) -> bool:
         return self._nvml is not None
 
+    @property
+    def wedged(self) -> bool:
+        """An NVML call gave up on the driver and has not returned since."""
+        stuck = self._stuck
+        return stuck is not None and stuck.is_alive()
+
+    def _bounded(self, what: str, call: Callable[[], _T]) -> _T | None:
+        if self.wedged:
+            return None
+        box: list[_T] = []
+
+        def run() -> None:
+            try:
+                box.append(call())
+            except Exception as exc:  # noqa: BLE001 (a driver error: the caller falls back)
+                log.warning("NVML %s failed: %s", what, exc)
+
+        worker = threading.Thread(target=run, name=f"nvml:{what}", daemon=True)
+        worker.start()
+        worker.join(self._timeout or None)  # 0: no limit, as for the proxy timeout
+        if worker.is_alive():
+            self._stuck = worker
+            log.error(
+                "NVML did not answer %s within %gs (--device-probe-timeout); the GPU driver "
+                "looks wedged, so device memory is unknown until it answers", what, self._timeout,
+            )
+            return None
+        return box[0] if box else None
+
     def devices(self) -> list[Device]:
+        """Each GPU's memory, or system RAM without NVML; empty while NVML does not answer."""
         nv = self._nvml
-        if nv is not None:
+        if nv is None:
+            vm = psutil.virtual_memory()
+            return [Device("cpu", int(vm.total), int(vm.available))]
+
+        def read() -> list[Device]:
             out = []
             for i in range(nv.nvmlDeviceGetCount()):  # type: ignore[attr-defined]  # pynvml is untyped and optional
                 info = nv.nvmlDeviceGetMemoryInfo(nv.nvmlDeviceGetHandleByIndex(i))  # type: ignore[attr-defined]  # pynvml is untyped and optional
                 out.append(Device(f"cuda:{i}", int(info.total), int(info.free)))
             return out
-        vm = psutil.virtual_memory()
-        return [Device("cpu", int(vm.total), int(vm.available))]
+
+        return self._bounded("memory info", read) or []
 
     def process_bytes(self, pid: int) -> int | None:
         """The VRAM one process uses over all GPUs, as NVML counts it (device context,
-        library workspaces and every buffer); None without a GPU or when NVML lists no use."""
+        library workspaces and every buffer); None without a GPU, when NVML lists no use,
+        or when it does not answer."""
         nv = self._nvml
         if nv is None:
             return None
-        total = 0
-        try:
+
+        def read() -> int:
+            total = 0
             for i in range(nv.nvmlDeviceGetCount()):  # type: ignore[attr-defined]  # pynvml is untyped and optional
                 handle = nv.nvmlDeviceGetHandleByIndex(i)  # type: ignore[attr-defined]  # pynvml is untyped and optional
                 for p in nv.nvmlDeviceGetComputeRunningProcesses(handle):  # type: ignore[attr-defined]  # pynvml is untyped and optional
                     if p.pid == pid and p.usedGpuMemory:
                         total += int(p.usedGpuMemory)
-        except Exception as exc:  # noqa: BLE001 (a driver error: fall back to the estimate)
-            log.warning("NVML could not list the processes using the GPU: %s", exc)
-            return None
-        return total or None
+            return total
+
+        return self._bounded("process list", read) or None
+
+
+def _import_pynvml() -> object | None:
+    try:
+        import pynvml
+    except Exception:  # noqa: BLE001 (optional: absent or broken means no GPU figures)
+        return None
+    return pynvml  # type: ignore[no-any-return]  # pynvml is untyped and optional
+
+
+def _nvml_init(nv: object) -> bool:
+    """True when NVML starts and sees at least one GPU."""
+    try:
+        nv.nvmlInit()  # type: ignore[attr-defined]  # pynvml is untyped and optional
+        return bool(nv.nvmlDeviceGetCount() > 0)  # type: ignore[attr-defined]  # pynvml is untyped and optional
+    except Exception:  # noqa: BLE001 (no driver: a CPU host)
+        return False
 
 
 class MemoryManager:
@@ -117,11 +177,18 @@ class MemoryManager:
 
     @classmethod
     def from_setting(
-        cls, text: str, margin: int, recovery_wait: float, poll: float, probe: DeviceProbe | None = None
+        cls, text: str, margin: int, recovery_wait: float, poll: float, probe: DeviceProbe | None = None,
+        probe_timeout: float = 2.0,
     ) -> MemoryManager:
-        probe = probe or DeviceProbe()
+        probe = probe or DeviceProbe(probe_timeout)
+        if getattr(probe, "wedged", False):
+            # Without NVML's figures a GPU host would be budgeted as a CPU host.
+            raise ConfigError(f"--memory-budget: NVML did not start within {probe_timeout:g}s (see the log)")
         if text.strip().lower() == "auto":
-            budget = sum(d.total for d in probe.devices()) - margin
+            devices = probe.devices()
+            if not devices:
+                raise ConfigError("--memory-budget auto: NVML did not report the GPUs' memory (see the log)")
+            budget = sum(d.total for d in devices) - margin
             if budget <= 0:
                 raise ConfigError(f"--memory-budget auto: the margin {margin} exceeds device memory")
         else:

@@ -48,6 +48,9 @@ class Timeouts:
     # as free (VRAM is released late), and how often to look.
     memory_recovery: float = 5.0
     memory_poll: float = 0.1
+    # One NVML call (GPU memory, a child's VRAM) may take this long; a driver that does not
+    # answer leaves the figures unknown instead of blocking the event loop for good. 0 = none.
+    device_probe: float = 2.0
     # GET /metrics fetches each --metrics child's own /metrics for the Inference Extension
     # gauges; a slow child costs the scrape at most this long and is then left out.
     metrics_scrape: float = 1.0

@@ -324,6 +324,62 @@ async def test_a_ready_childs_output_is_held_between_reads_and_released_once_it_
         await sup.shutdown()
 
 
+@pytest.mark.timeout(30)
+async def test_a_gpu_driver_that_stops_answering_does_not_hang_loads_requests_or_shutdown() -> None:
+    """NVML calls block in the driver when a GPU has fallen off the bus. The owner measures
+    a ready child through the real probe (over a fake NVML that never answers): the model
+    still becomes ready, serves, unloads and shuts down; its VRAM is just not known."""
+    import threading
+
+    from llamarouter.core.memory import DeviceProbe, MemoryManager
+    from tests.process.fakes import FakeProbe
+
+    release = threading.Event()
+    asked: list[str] = []
+
+    class StuckNvml:
+        def nvmlDeviceGetCount(self) -> int:
+            return 1
+
+        def nvmlDeviceGetHandleByIndex(self, i: int) -> int:
+            return i
+
+        def nvmlDeviceGetMemoryInfo(self, handle: int) -> object:
+            asked.append("memory info")
+            release.wait()
+            raise RuntimeError("released")
+
+        def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[object]:
+            asked.append("process list")
+            release.wait()
+            return []
+
+    probe = DeviceProbe(timeout=0.05)
+    probe._nvml = StuckNvml()
+    memory = MemoryManager(2**40, probe, 1.0, 0.01)
+    specs = {"a": spec("a")}
+    launcher = FakeLauncher()
+    sup = Supervisor(
+        fast_config(1), lambda: dict(specs), launcher, FakeProbe(launcher),
+        lambda s, port: [s.name, str(port)], memory=memory,
+    )
+    await sup.start()
+    try:
+        proc = sup.models["a"]
+        lease = await asyncio.wait_for(sup.acquire(proc, True), 5)
+        assert proc.state == State.READY and proc.device_bytes is None and probe.wedged
+        lease.release()  # the first request's re-measure gives up at once
+        (await asyncio.wait_for(sup.acquire(proc, True), 5)).release()
+        sup.unload("a")
+        await state_is(sup, "a", State.STOPPED)  # the owner has handled the re-measure too
+        assert len(asked) == 1  # one call went into the driver, none after it
+    finally:
+        try:
+            await asyncio.wait_for(sup.shutdown(), 5)
+        finally:
+            release.set()
+
+
 async def test_a_gpu_host_records_each_childs_vram_once_ready() -> None:
     """With a memory budget on a GPU host, the owner asks NVML (here a fake) for the
     child's VRAM when it is ready; the budget then counts it, and it survives the exit as

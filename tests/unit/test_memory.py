@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -176,6 +179,91 @@ def test_process_bytes_sums_a_child_over_every_gpu() -> None:
     assert probe.process_bytes(7) is None
     probe._nvml = None
     assert probe.process_bytes(7) is None
+
+
+class WedgedNvml(FakeNvml):
+    """A driver that has stopped answering (a GPU fallen off the bus): every call that
+    reads the GPU blocks until the test lets it go."""
+
+    def __init__(self) -> None:
+        super().__init__([[_NvProc(7, 600)]])
+        self.release = threading.Event()
+        self.calls = 0
+
+    def nvmlInit(self) -> None:
+        self.calls += 1
+        self.release.wait()
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        self.calls += 1
+        self.release.wait()
+        return SimpleNamespace(total=100, free=60)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[_NvProc]:
+        self.calls += 1
+        self.release.wait()
+        return super().nvmlDeviceGetComputeRunningProcesses(handle)
+
+
+@pytest.mark.timeout(20)
+def test_a_wedged_gpu_driver_stalls_one_call_for_the_probe_timeout_and_no_more() -> None:
+    nv = WedgedNvml()
+    probe = DeviceProbe(timeout=0.05)
+    probe._nvml = nv
+    try:
+        assert probe.process_bytes(7) is None  # gave up: unknown
+        assert probe.wedged and nv.calls == 1
+        assert probe.process_bytes(7) is None
+        assert probe.devices() == []  # not system RAM: this is a GPU host
+        assert nv.calls == 1  # no second thread sent into the driver while the first is stuck
+    finally:
+        nv.release.set()
+    stuck = probe._stuck
+    assert stuck is not None
+    stuck.join(10)
+    assert not probe.wedged  # the driver answered: figures again
+    assert probe.process_bytes(7) == 600
+    assert probe.devices() == [Device("cuda:0", 100, 60)]
+
+
+@pytest.mark.timeout(20)
+def test_a_budget_on_a_gpu_host_whose_driver_does_not_answer_is_a_clear_startup_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from llamarouter.core import memory
+
+    nv = WedgedNvml()
+    monkeypatch.setattr(memory, "_import_pynvml", lambda: nv)
+    try:
+        with pytest.raises(ConfigError, match=r"NVML did not start within 0\.05s"):
+            MemoryManager.from_setting("20GiB", 0, 1.0, 0.1, probe_timeout=0.05)
+    finally:
+        nv.release.set()
+    # NVML starts, then stops answering before the budget is read.
+    started = WedgedNvml()
+    started.release.set()
+    probe = DeviceProbe(timeout=0.05)
+    probe._nvml = started
+    started.release.clear()
+    try:
+        with pytest.raises(ConfigError, match="NVML did not report"):
+            MemoryManager.from_setting("auto", 0, 1.0, 0.1, probe)
+    finally:
+        started.release.set()
+
+
+@pytest.mark.timeout(20)
+async def test_waiting_for_freed_vram_on_a_wedged_driver_ends_at_the_recovery_wait() -> None:
+    nv = WedgedNvml()
+    probe = DeviceProbe(timeout=0.05)
+    probe._nvml = nv
+    try:
+        m = MemoryManager(2**30, probe, 0.3, 0.01)
+        await asyncio.wait_for(m.wait_recovered(1), 5)
+        assert nv.calls == 1  # every later look gave up at once
+        assert m.report([])["devices"] == []
+    finally:
+        nv.release.set()
 
 
 async def test_a_gpu_child_counts_its_vram_and_its_device_context_while_asleep(model: Path) -> None:
