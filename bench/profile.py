@@ -1,7 +1,7 @@
 """Profile llamarouter's hot path with py-spy under a benchmark load.
 
     .venv/bin/pip install py-spy
-    .venv/bin/python -m bench.profile [--load small|chat|streams|models] [--seconds 20] [--out DIR]
+    .venv/bin/python -m bench.profile [--load small|chat|streams|burst|models] [--seconds 20] [--out DIR]
 
 Starts llamarouter alone (same flags as `make bench`), loads the model, then runs the
 chosen load (one keep-alive connection, sequential requests; `streams` = 16 concurrent

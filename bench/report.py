@@ -281,7 +281,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
     out += [
         "## Profiling",
         "",
-        "`.venv/bin/python -m bench.profile --load small|chat|streams|models --svg` starts llamarouter",
+        "`.venv/bin/python -m bench.profile --load small|chat|streams|burst|models --svg` starts llamarouter",
         "alone with the same flags, runs that load and records the router process with py-spy",
         "(`pip install py-spy` into the venv first); it prints the top frames and writes a flame graph.",
         "",
