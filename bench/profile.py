@@ -5,10 +5,11 @@
 
 Starts llamarouter alone (same flags as `make bench`), loads the model, then runs the
 chosen load (one keep-alive connection, sequential requests; `streams` = 16 concurrent
-streams in a loop; `burst` = 16 one-token streams from a raw-socket client, back to back; `models` = GET /models on a directory of 1,000 GGUF files) while
-`py-spy record` samples the router process (not its children). Writes DIR/LOAD.svg
-(flame graph) and DIR/LOAD.txt (collapsed stacks), and prints the top functions by
-self and by total (inclusive) time. Every process it starts is stopped before it exits.
+streams in a loop; `burst` = 16 one-token streams from a raw-socket client, back to
+back; `models` = GET /models on a directory of 1,000 GGUF files) while `py-spy record`
+samples the router process (not its children). Writes DIR/LOAD.svg (flame graph) and
+DIR/LOAD.txt (collapsed stacks), and prints the top functions by self and by total
+(inclusive) time. Every process it starts is stopped before it exits.
 """
 
 from __future__ import annotations
