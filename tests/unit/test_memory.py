@@ -166,6 +166,11 @@ class FakeNvml:
             raise RuntimeError("driver gone")
         return self.per_gpu[handle]
 
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        if self.broken:
+            raise RuntimeError("driver gone")
+        return SimpleNamespace(total=1000, free=500 + handle)
+
 
 def test_process_bytes_sums_a_child_over_every_gpu() -> None:
     probe = DeviceProbe()
@@ -175,8 +180,10 @@ def test_process_bytes_sums_a_child_over_every_gpu() -> None:
     assert probe.process_bytes(8) == 50
     assert probe.process_bytes(9) is None  # listed without a figure (no permission): unknown
     assert probe.process_bytes(10) is None
+    assert probe.devices() == [Device("cuda:0", 1000, 500), Device("cuda:1", 1000, 501)]
     probe._nvml = FakeNvml([[_NvProc(7, 600)]], broken=True)
     assert probe.process_bytes(7) is None
+    assert probe.devices() == []  # a driver error is no figure, not an exception in a load
     probe._nvml = None
     assert probe.process_bytes(7) is None
 
