@@ -131,6 +131,7 @@ def summary(r: dict[str, Any], keys: list[str]) -> str:
     if s1:
         row("1 stream: SSE events/s", lambda k: s1[k]["events_per_s"], "{:.0f}")
         row("1 stream: TTFT p50 ms", lambda k: s1[k]["ttft_p50_ms"], "{:.1f}")
+        row("1 stream: CPU µs per SSE event", lambda k: s1[k]["cpu_us_per_event"], "{:.1f}")
     row("16 streams: CPU µs per SSE event", lambda k: s16[k]["cpu_us_per_event"], "{:.1f}")
     row("16 streams: SSE events/s", lambda k: s16[k]["events_per_s"], "{:.0f}")
     row("16 streams: TTFT p50 ms", lambda k: s16[k]["ttft_p50_ms"], "{:.1f}")

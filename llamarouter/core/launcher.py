@@ -207,12 +207,13 @@ class OsLauncher:
     grandchildren too, and a terminal's Ctrl-C reaches the router alone) and, on Linux,
     a parent-death signal so that a SIGKILLed router takes its children with it.
 
-    Children lead their own session too, unless they run nicer than the router: where
-    the kernel shares CPU time between sessions first and between threads second
-    (autogroup, on hosts whose processes sit in the root cgroup), a child's nice only
-    ranks it against the threads of its own session. So a nicer child stays in the
-    router's session, where it ranks below the router's thread and, as a session, level
-    with everything else."""
+    Children stay in the router's session, as upstream's router keeps its children.
+    Where the kernel shares CPU time between sessions first and between threads second
+    (autogroup, on hosts whose processes sit in the root cgroup), a child in a session
+    of its own made the router's single thread wait for a CPU behind the child's compute
+    threads whenever a burst of requests came in; in one session the router's thread and
+    the child's threads are ranked against each other, and a child made nicer with
+    `child_nice` ranks below the router's thread."""
 
     def __init__(self, child_nice: int = 0) -> None:
         self._prctl = _libc_prctl()
@@ -225,8 +226,8 @@ class OsLauncher:
             self._prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # type: ignore[operator]  # prctl comes from ctypes, untyped
             if os.getppid() != parent_pid:
                 os._exit(1)
+        os.setpgid(0, 0)  # the router's session, a group of its own
         if self._nice > 0:
-            os.setpgid(0, 0)  # the router's session, a group of its own
             _nicer(self._nice)
 
     async def spawn(self, argv: Sequence[str], env: Mapping[str, str]) -> Child:
@@ -245,8 +246,7 @@ class OsLauncher:
                 stdout=write_fd,
                 stderr=asyncio.subprocess.STDOUT,
                 env=dict(env),
-                start_new_session=self._nice <= 0,
-                preexec_fn=(lambda: self._preexec(parent)) if self._prctl or self._nice > 0 else None,
+                preexec_fn=lambda: self._preexec(parent),
             )
         except BaseException:
             os.close(read_fd)

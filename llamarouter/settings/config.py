@@ -111,14 +111,12 @@ class Limits:
     # Lines of each child's output kept in memory for /models/logs and failure reports.
     log_lines: int = 1000
     # Children run this much nicer than the router (0-19; 0 = as the router, as upstream).
-    # On busy cores the router's one thread otherwise waits behind a child's compute
-    # threads for each request it takes in and each event it relays; a child alone still
-    # gets all the CPU. Such children stay in the router's session, so that where the
-    # kernel shares CPU time between sessions first (autogroup) they rank below the
-    # router only. Off by default: it makes the router wake for smaller batches of
-    # events (more CPU per event), and where nothing groups CPU time by session or
-    # cgroup the children also yield to every other busy process (docs/performance.md).
-    # The systemd unit raises the router instead (Nice=-5 with --child-nice 5).
+    # Children always stay in the router's session (as upstream's do), so under autogroup
+    # the router's thread and theirs are ranked together; a nicer child then also ranks
+    # below the router's thread, and a child alone still gets all the CPU. Off by default:
+    # where nothing groups CPU time by session or cgroup, nicer children also yield to
+    # every other busy process (docs/performance.md). The systemd unit raises the router
+    # instead (Nice=-5 with --child-nice 5).
     child_nice: int = 0
     # Request bodies larger than this get 413 (audio uploads need room).
     max_body_bytes: int = 256 * 1024 * 1024

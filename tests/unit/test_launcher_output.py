@@ -190,11 +190,12 @@ async def _children_run_nicer(gate: tuple[str, int]) -> None:
         await finish(child)
 
 
-async def test_a_nicer_childs_whole_group_gets_a_signal(gate: tuple[str, int]) -> None:
-    """Stop and kill go to the child's process group, grandchildren included, whether or
-    not it leads a session."""
+@pytest.mark.parametrize("nice", [0, 3])
+async def test_a_childs_whole_group_gets_a_kill(gate: tuple[str, int], nice: int) -> None:
+    """Stop and kill go to the child's process group, grandchildren included, though the
+    child does not lead a session."""
     path, _ = gate
-    launcher = OsLauncher(child_nice=3)
+    launcher = OsLauncher(child_nice=nice)
     child = await asyncio.wait_for(
         launcher.spawn(["sh", "-c", f"sh -c 'echo grandchild $$; read _ < {path}' & wait"], ENV), 10
     )
@@ -218,19 +219,27 @@ def _alive(pid: int) -> bool:
         return False
 
 
-async def test_child_nice_zero_leaves_children_as_the_router(gate: tuple[str, int]) -> None:
+@pytest.mark.parametrize("loop", LOOPS)
+def test_children_share_the_routers_session_in_a_group_of_their_own(gate: tuple[str, int], loop: str) -> None:
+    """As upstream's router keeps them: a child in a session of its own would be a
+    scheduling group of its own under autogroup, and the router's one thread would wait
+    for a CPU behind its compute threads while a burst of requests comes in."""
+    run_on(loop, _children_share_the_session, gate)
+
+
+async def _children_share_the_session(gate: tuple[str, int]) -> None:
     path, go = gate
+    our_group = _autogroup_of("self")
     child = await asyncio.wait_for(
         OsLauncher(child_nice=0).spawn(["sh", "-c", f"echo up; read _ < {path}"], ENV), 10
     )
     try:
         assert await asyncio.wait_for(child.read_lines(), 10) == [b"up"]
-        assert _nice_of(child.pid) == _nice_of(os.getpid())
-        assert os.getsid(child.pid) == child.pid  # a session of its own, as always before
-        theirs = _autogroup_of(child.pid)
-        if theirs is not None:  # a kernel with autogroup
-            assert theirs != _autogroup_of("self")
-            assert theirs.endswith(" nice 0")  # a new session's default
+        assert _nice_of(child.pid) == _nice_of(os.getpid())  # nice 0: as the router
+        assert os.getsid(child.pid) == os.getsid(0)  # the router's session...
+        assert os.getpgid(child.pid) == child.pid  # ...in a group of its own
+        assert os.getpgid(0) != child.pid
+        assert _autogroup_of(child.pid) == our_group
     finally:
         os.write(go, b"go\n")
         await finish(child)
