@@ -324,6 +324,19 @@ async def test_a_ready_childs_output_is_held_between_reads_and_released_once_it_
         await sup.shutdown()
 
 
+def _one_model_under_a_budget(memory: object) -> tuple[Supervisor, FakeLauncher]:
+    """A supervisor of one model, "a", whose loads go through `memory`."""
+    from tests.process.fakes import FakeProbe
+
+    specs = {"a": spec("a")}
+    launcher = FakeLauncher()
+    sup = Supervisor(
+        fast_config(1), lambda: dict(specs), launcher, FakeProbe(launcher),
+        lambda s, port: [s.name, str(port)], memory=memory,  # type: ignore[arg-type]
+    )
+    return sup, launcher
+
+
 @pytest.mark.timeout(30)
 async def test_a_gpu_driver_that_stops_answering_does_not_hang_loads_requests_or_shutdown() -> None:
     """NVML calls block in the driver when a GPU has fallen off the bus. The owner measures
@@ -332,7 +345,6 @@ async def test_a_gpu_driver_that_stops_answering_does_not_hang_loads_requests_or
     import threading
 
     from llamarouter.core.memory import DeviceProbe, MemoryManager
-    from tests.process.fakes import FakeProbe
 
     release = threading.Event()
     asked: list[str] = []
@@ -357,12 +369,7 @@ async def test_a_gpu_driver_that_stops_answering_does_not_hang_loads_requests_or
     probe = DeviceProbe(timeout=0.05)
     probe._nvml = StuckNvml()
     memory = MemoryManager(2**40, probe, 1.0, 0.01)
-    specs = {"a": spec("a")}
-    launcher = FakeLauncher()
-    sup = Supervisor(
-        fast_config(1), lambda: dict(specs), launcher, FakeProbe(launcher),
-        lambda s, port: [s.name, str(port)], memory=memory,
-    )
+    sup, _ = _one_model_under_a_budget(memory)
     await sup.start()
     try:
         proc = sup.models["a"]
@@ -385,7 +392,6 @@ async def test_a_gpu_host_records_each_childs_vram_once_ready() -> None:
     child's VRAM when it is ready; the budget then counts it, and it survives the exit as
     the guess for the next start."""
     from llamarouter.core.memory import Device, MemoryManager
-    from tests.process.fakes import FakeProbe
 
     class GpuProbe:
         gpu = True
@@ -403,12 +409,7 @@ async def test_a_gpu_host_records_each_childs_vram_once_ready() -> None:
 
     probe = GpuProbe()
     memory = MemoryManager(2**40, probe, 1.0, 0.01)  # type: ignore[arg-type]
-    specs = {"a": spec("a")}
-    launcher = FakeLauncher()
-    sup = Supervisor(
-        fast_config(1), lambda: dict(specs), launcher, FakeProbe(launcher),
-        lambda s, port: [s.name, str(port)], memory=memory,
-    )
+    sup, launcher = _one_model_under_a_budget(memory)
     await sup.start()
     try:
         lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
