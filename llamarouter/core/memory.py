@@ -63,15 +63,22 @@ class DeviceProbe:
     so each runs on a daemon thread of its own and is waited for at most `timeout`
     seconds. While one that gave up has not returned, every later call gives up at
     once: a wedged driver stalls the router once, for `timeout`, and never piles up
-    threads. A call that gives up or fails counts as "not known"."""
+    threads. A call that gives up or fails counts as "not known". Starting NVML gets
+    `start_timeout` instead: without the persistence daemon, the driver initialises
+    every GPU on that first call, which takes seconds on a host with several."""
 
-    def __init__(self, timeout: float = 2.0) -> None:
+    def __init__(self, timeout: float = 2.0, start_timeout: float = 30.0) -> None:
         self._timeout = timeout
         self._stuck: threading.Thread | None = None
         self._nvml: object | None = None
+        # NVML did not start in time: device figures would be the CPU host's, and wrong.
+        self.start_failed = False
         pynvml = _import_pynvml()
-        if pynvml is not None and self._bounded("nvmlInit", lambda: _nvml_init(pynvml)):
-            self._nvml = pynvml
+        if pynvml is not None:
+            started = self._bounded("start", lambda: _nvml_init(pynvml), start_timeout)
+            self.start_failed = self.wedged
+            if started:
+                self._nvml = pynvml
 
     @property
     def gpu(self) -> bool:
@@ -83,7 +90,8 @@ class DeviceProbe:
         stuck = self._stuck
         return stuck is not None and stuck.is_alive()
 
-    def _bounded(self, what: str, call: Callable[[], _T]) -> _T | None:
+    def _bounded(self, what: str, call: Callable[[], _T], limit: float | None = None) -> _T | None:
+        limit = self._timeout if limit is None else limit
         if self.wedged:
             return None
         box: list[_T] = []
@@ -96,12 +104,12 @@ class DeviceProbe:
 
         worker = threading.Thread(target=run, name=f"nvml:{what}", daemon=True)
         worker.start()
-        worker.join(self._timeout or None)  # 0: no limit, as for the proxy timeout
+        worker.join(limit or None)  # 0: no limit, as for the proxy timeout
         if worker.is_alive():
             self._stuck = worker
             log.error(
-                "NVML did not answer %s within %gs (--device-probe-timeout); the GPU driver "
-                "looks wedged, so device memory is unknown until it answers", what, self._timeout,
+                "NVML did not answer (%s) within %gs; the GPU driver looks wedged, so device "
+                "memory is unknown until it answers", what, limit,
             )
             return None
         return box[0] if box else None
@@ -178,12 +186,12 @@ class MemoryManager:
     @classmethod
     def from_setting(
         cls, text: str, margin: int, recovery_wait: float, poll: float, probe: DeviceProbe | None = None,
-        probe_timeout: float = 2.0,
+        probe_timeout: float = 2.0, start_timeout: float = 30.0,
     ) -> MemoryManager:
-        probe = probe or DeviceProbe(probe_timeout)
-        if getattr(probe, "wedged", False):
+        probe = probe or DeviceProbe(probe_timeout, start_timeout)
+        if probe.start_failed:
             # Without NVML's figures a GPU host would be budgeted as a CPU host.
-            raise ConfigError(f"--memory-budget: NVML did not start within {probe_timeout:g}s (see the log)")
+            raise ConfigError(f"--memory-budget: NVML did not start within {start_timeout:g}s (see the log)")
         if text.strip().lower() == "auto":
             devices = probe.devices()
             if not devices:

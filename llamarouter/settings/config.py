@@ -51,6 +51,10 @@ class Timeouts:
     # One NVML call (GPU memory, a child's VRAM) may take this long; a driver that does not
     # answer leaves the figures unknown instead of blocking the event loop for good. 0 = none.
     device_probe: float = 2.0
+    # Starting NVML (only with a memory budget, at startup) may take this long: without the
+    # persistence daemon the driver initialises every GPU then. Not started in time: the
+    # router refuses to start rather than budget a GPU host as a CPU host. 0 = none.
+    device_start: float = 30.0
     # GET /metrics fetches each --metrics child's own /metrics for the Inference Extension
     # gauges; a slow child costs the scrape at most this long and is then left out.
     metrics_scrape: float = 1.0

@@ -255,7 +255,7 @@ def build_app(
             memory = MemoryManager.from_setting(
                 config.memory_budget, config.limits.memory_margin,
                 config.timeouts.memory_recovery, config.timeouts.memory_poll,
-                probe_timeout=config.timeouts.device_probe,
+                probe_timeout=config.timeouts.device_probe, start_timeout=config.timeouts.device_start,
             )
         state_dir = StateDir(config.state_dir) if config.state_dir is not None else None
         if state_dir is not None:

@@ -113,6 +113,7 @@ def test_parse_bytes() -> None:
 
 class FixedProbe:
     gpu = False
+    start_failed = False
 
     def __init__(self, total: int, free: int) -> None:
         self._d = [Device("cpu", total, free)]
@@ -243,9 +244,27 @@ def test_a_budget_on_a_gpu_host_whose_driver_does_not_answer_is_a_clear_startup_
     monkeypatch.setattr(memory, "_import_pynvml", lambda: nv)
     try:
         with pytest.raises(ConfigError, match=r"NVML did not start within 0\.05s"):
-            MemoryManager.from_setting("20GiB", 0, 1.0, 0.1, probe_timeout=0.05)
+            MemoryManager.from_setting("20GiB", 0, 1.0, 0.1, probe_timeout=0.05, start_timeout=0.05)
+        late = DeviceProbe(timeout=0.05, start_timeout=0.05)
     finally:
         nv.release.set()
+    assert late._stuck is not None
+    late._stuck.join(10)
+    assert late.start_failed and not late.gpu  # a start that came too late stays a failed one
+    with pytest.raises(ConfigError, match="NVML did not start"):
+        MemoryManager.from_setting("auto", 0, 1.0, 0.1, late)
+    # A slow start (the driver initialising its GPUs) gets the start timeout, not the
+    # per-call one.
+    slow = WedgedNvml()
+    monkeypatch.setattr(memory, "_import_pynvml", lambda: slow)
+    timer = threading.Timer(0.2, slow.release.set)
+    timer.start()
+    try:
+        probe = DeviceProbe(timeout=0.05, start_timeout=10)
+    finally:
+        timer.cancel()
+        slow.release.set()
+    assert probe.gpu and not probe.start_failed and not probe.wedged
     # NVML starts, then stops answering before the budget is read.
     started = WedgedNvml()
     started.release.set()
