@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 import psutil
 
 from ..errors import ConfigError
-from ..settings.config import ModelSpec
+from ..settings.config import ModelSpec, Timeouts
 from .gguf_info import Estimate, FactsCache, RunSettings, estimate
 from .sleep import held_bytes, sleeping_from_log
 from .states import State
@@ -67,7 +67,7 @@ class DeviceProbe:
     `start_timeout` instead: without the persistence daemon, the driver initialises
     every GPU on that first call, which takes seconds on a host with several."""
 
-    def __init__(self, timeout: float = 2.0, start_timeout: float = 30.0) -> None:
+    def __init__(self, timeout: float = Timeouts.device_probe, start_timeout: float = Timeouts.device_start) -> None:
         self._timeout = timeout
         self._stuck: threading.Thread | None = None
         self._nvml: object | None = None
@@ -186,7 +186,7 @@ class MemoryManager:
     @classmethod
     def from_setting(
         cls, text: str, margin: int, recovery_wait: float, poll: float, probe: DeviceProbe | None = None,
-        probe_timeout: float = 2.0, start_timeout: float = 30.0,
+        probe_timeout: float = Timeouts.device_probe, start_timeout: float = Timeouts.device_start,
     ) -> MemoryManager:
         probe = probe or DeviceProbe(probe_timeout, start_timeout)
         if probe.start_failed:

@@ -408,7 +408,8 @@ class ModelProcess:
         elif isinstance(msg, _Remeasure) and msg.gen == self._gen and self.state == State.READY:
             child, measure = self.child, self.measure_device
             if child is not None and measure is not None:
-                # Synchronous and well under a millisecond: NVML lists the GPU's processes.
+                # Synchronous: NVML lists the GPU's processes, well under a millisecond, and
+                # the probe gives up after --device-probe-timeout on a driver that hangs.
                 self.device_bytes = max(self.device_bytes or 0, measure(child.pid) or 0) or None
         elif isinstance(msg, _BackoffDone) and msg.gen == self._gen and self.state == State.BACKOFF:
             self._backoff_timer = None
@@ -606,7 +607,8 @@ class ModelProcess:
                     # keep-cache timeout, never raises, and a stop does not wait for it.
                     await _unless_stopped(kv.restore_after_ready(self.name, port), life.stop)
                 result.loaded = True
-                # A synchronous NVML call of well under a millisecond, once per load.
+                # One synchronous NVML call per load, well under a millisecond; bounded by
+                # --device-probe-timeout should the driver hang.
                 device = self.measure_device(child.pid) if self.measure_device is not None else None
                 self._post(_Loaded(life.gen, info, device))
                 await self._watch(life, exit_wait, port, result)
