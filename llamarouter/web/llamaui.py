@@ -7,13 +7,19 @@ content hash in its name or is a fixed icon, so it may be cached for a year. All
 are public, like upstream's UI assets: the UI sends the API key on its own calls.
 
 The directory is listed once, at startup; a rebuild is picked up on the next start. Only
-the files found then are routes, so no request path ever reaches the filesystem.
+the files found then are routes, so no request path ever reaches the filesystem. Small
+files are kept in memory; large ones (the UI's JavaScript bundle alone is about 9 MB) stay
+open from startup and are read per request in pieces, so the router does not hold them
+and a rebuild that replaces them on disk does not change what this run serves.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import mimetypes
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
@@ -38,6 +44,12 @@ _TYPES = {
 }
 _TEXT = ("text/", "application/json", "application/manifest+json", "image/svg+xml")
 
+# Files up to this size are kept in memory; larger ones are read from disk per request.
+# 256 KiB keeps every icon and the small JSON/JS files in memory and the bundles out.
+IN_MEMORY_MAX = 256 * 1024
+# A large file goes out in pieces of this size, each read on a worker thread.
+READ_PIECE = 256 * 1024
+
 # What upstream answers for /sw.js when its UI is off: a browser that once ran the UI keeps
 # its service worker, which would go on showing the cached UI; this one removes itself.
 SW_REMOVE = b"""self.addEventListener('install', () => self.skipWaiting());
@@ -49,30 +61,53 @@ self.addEventListener('activate', (e) => e.waitUntil((async () => {
 """
 
 
-class LlamaUi:
-    """The files of one built UI directory, read into memory at startup (about 10 MB)."""
+@dataclass(frozen=True)
+class UiFile:
+    """One file of the UI: its bytes when small, else the descriptor opened at startup."""
 
-    def __init__(self, root: Path) -> None:
+    ctype: str
+    etag: str
+    size: int
+    body: bytes | None = None
+    fd: int | None = None
+
+
+class LlamaUi:
+    """The files of one built UI directory, listed at startup."""
+
+    def __init__(self, root: Path, in_memory_max: int = IN_MEMORY_MAX) -> None:
         self.root = root
-        self.files: dict[str, tuple[bytes, str, str]] = {}
-        for path in sorted(root.rglob("*")):
-            rel = path.relative_to(root).as_posix()
-            if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
-                continue
-            body = path.read_bytes()
-            ctype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
-            etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-            self.files[rel] = (body, ctype, etag)
-        if "index.html" not in self.files:
-            raise FileNotFoundError(f"{root}: no index.html (build it with bin/build-webui)")
+        self.files: dict[str, UiFile] = {}
+        try:
+            for path in sorted(root.rglob("*")):
+                rel = path.relative_to(root).as_posix()
+                if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
+                    continue
+                ctype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                self.files[rel] = _open(path, ctype, in_memory_max)
+            if "index.html" not in self.files:
+                raise FileNotFoundError(f"{root}: no index.html (build it with bin/build-webui)")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Closes the descriptors of the large files; idempotent."""
+        files, self.files = self.files, {}
+        for f in files.values():
+            if f.fd is not None:
+                os.close(f.fd)
+
+    async def _cleanup(self, app: web.Application) -> None:
+        self.close()
 
     @property
     def public_paths(self) -> frozenset[str]:
         return frozenset({"/", *(f"/{name}" for name in self.files)})
 
-    def _serve(self, request: web.Request, name: str) -> web.Response:
-        body, ctype, etag = self.files[name]
-        headers = {"ETag": etag, "X-Content-Type-Options": "nosniff"}
+    async def _serve(self, request: web.Request, name: str) -> web.StreamResponse:
+        f = self.files[name]
+        headers = {"ETag": f.etag, "X-Content-Type-Options": "nosniff"}
         if name == "index.html":
             headers["Cache-Control"] = "no-cache"
             headers["Cross-Origin-Embedder-Policy"] = "require-corp"
@@ -82,19 +117,74 @@ class LlamaUi:
         else:
             headers["Cache-Control"] = _IMMUTABLE
         match = request.headers.get("If-None-Match", "")
-        if etag in (t.strip().removeprefix("W/") for t in match.split(",")):
+        if f.etag in (t.strip().removeprefix("W/") for t in match.split(",")):
             return web.Response(status=304, headers=headers)
-        charset = "utf-8" if ctype.startswith(_TEXT) else None
-        return web.Response(body=body, content_type=ctype, charset=charset, headers=headers)
+        charset = "utf-8" if f.ctype.startswith(_TEXT) else None
+        if f.body is not None:
+            return web.Response(body=f.body, content_type=f.ctype, charset=charset, headers=headers)
+        assert f.fd is not None
+        resp = web.StreamResponse(headers=headers)
+        resp.content_type = f.ctype
+        if charset:
+            resp.charset = charset
+        resp.content_length = f.size
+        await resp.prepare(request)
+        if request.method == "HEAD":
+            return resp
+        loop = asyncio.get_running_loop()
+        sent = 0
+        while sent < f.size:
+            try:
+                piece = await loop.run_in_executor(None, os.pread, f.fd, min(READ_PIECE, f.size - sent), sent)
+            except OSError as exc:
+                piece, why = b"", str(exc)
+            else:
+                why = "shrank since startup"
+            if not piece:
+                # The promised length cannot be kept (truncated in place, a read error): the
+                # connection is dropped rather than left waiting for the rest.
+                raise ConnectionResetError(f"{self.root / name}: {why}")
+            await resp.write(piece)
+            sent += len(piece)
+        await resp.write_eof()
+        return resp
 
-    async def index(self, request: web.Request) -> web.Response:
-        return self._serve(request, "index.html")
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        return await self._serve(request, "index.html")
 
-    async def asset(self, request: web.Request) -> web.Response:
+    async def asset(self, request: web.Request) -> web.StreamResponse:
         name = request.match_info["path"]
         if name not in self.files:
             raise web.HTTPNotFound()
-        return self._serve(request, name)
+        return await self._serve(request, name)
+
+
+def _open(path: Path, ctype: str, in_memory_max: int) -> UiFile:
+    """Reads a small file whole; opens a large one, hashing it in pieces for its ETag."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size <= in_memory_max:
+            body = b""
+            while len(body) < size and (more := os.read(fd, size - len(body))):
+                body += more
+            return UiFile(ctype, _etag(hashlib.sha256(body).hexdigest()), len(body), body=body)
+        digest = hashlib.sha256()
+        done = 0
+        while done < size and (piece := os.pread(fd, min(READ_PIECE, size - done), done)):
+            digest.update(piece)
+            done += len(piece)
+    except BaseException:
+        os.close(fd)
+        raise
+    if done < size:
+        os.close(fd)
+        raise OSError(f"{path}: shrank while being read")
+    return UiFile(ctype, _etag(digest.hexdigest()), size, fd=fd)
+
+
+def _etag(hexdigest: str) -> str:
+    return '"' + hexdigest[:32] + '"'
 
 
 async def _no_ui_asset(request: web.Request) -> web.Response:
@@ -113,4 +203,5 @@ def add_routes(app: web.Application, ui: LlamaUi | None) -> None:
     wins; an unknown path still gets the usual 404."""
     if ui is not None:
         app.router.add_get("/", ui.index)
+        app.on_cleanup.append(ui._cleanup)
     app.router.add_get("/{path:.+}", ui.asset if ui is not None else _no_ui_asset)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import tracemalloc
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
@@ -75,5 +78,73 @@ async def test_without_a_ui_only_the_self_removing_service_worker(tmp_path: Path
         assert "unregister()" in await resp.text()
         assert (await client.get("/index.html")).status == 404
         assert (await client.get("/")).status == 404  # the dashboard takes `/` (webui)
+    finally:
+        await client.close()
+
+
+def with_bundle(tmp_path: Path, size: int) -> tuple[Path, bytes]:
+    root = built(tmp_path)
+    data = os.urandom(size)
+    (root / "_app" / "immutable" / "bundle.big.js").write_bytes(data)
+    return root, data
+
+
+def test_a_large_file_is_not_held_in_memory(tmp_path: Path) -> None:
+    root, data = with_bundle(tmp_path, 4 * llamaui.IN_MEMORY_MAX)
+    tracemalloc.start()
+    try:
+        ui = llamaui.LlamaUi(root)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    try:
+        assert held < len(data) // 2, held
+        assert ui.files["index.html"].body is not None  # small ones are
+        assert ui.files["_app/immutable/bundle.big.js"].body is None
+    finally:
+        ui.close()
+
+
+async def test_a_large_file_is_served_whole_from_what_was_there_at_startup(tmp_path: Path) -> None:
+    root, data = with_bundle(tmp_path, 3 * llamaui.READ_PIECE + 123)
+    ui = llamaui.LlamaUi(root)
+    fd = ui.files["_app/immutable/bundle.big.js"].fd
+    assert fd is not None
+    client = await serve(ui)
+    try:
+        resp = await client.get("/_app/immutable/bundle.big.js")
+        assert resp.status == 200 and resp.content_type == "text/javascript" and resp.charset == "utf-8"
+        assert resp.headers["Content-Length"] == str(len(data))
+        assert resp.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+        assert await resp.read() == data
+        etag = resp.headers["ETag"]
+        again = await client.get("/_app/immutable/bundle.big.js", headers={"If-None-Match": etag})
+        assert again.status == 304 and await again.read() == b""
+        head = await client.head("/_app/immutable/bundle.big.js")
+        assert head.status == 200 and head.headers["Content-Length"] == str(len(data))
+        assert head.headers["ETag"] == etag
+        # A rebuild replaces the file: this run goes on serving what it listed at startup.
+        fresh = root / "_app" / "immutable" / "bundle.new"
+        fresh.write_bytes(b"rebuilt")
+        os.replace(fresh, root / "_app" / "immutable" / "bundle.big.js")
+        resp = await client.get("/_app/immutable/bundle.big.js")
+        assert await resp.read() == data and resp.headers["ETag"] == etag
+    finally:
+        await client.close()
+    with pytest.raises(OSError):  # closed with the app
+        os.fstat(fd)
+
+
+async def test_a_large_file_truncated_in_place_drops_that_response_only(tmp_path: Path) -> None:
+    root, data = with_bundle(tmp_path, 2 * llamaui.READ_PIECE)
+    client = await serve(llamaui.LlamaUi(root))
+    try:
+        os.truncate(root / "_app" / "immutable" / "bundle.big.js", llamaui.READ_PIECE + 10)
+        resp = await client.get("/_app/immutable/bundle.big.js")
+        assert resp.headers["Content-Length"] == str(len(data))
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+        resp = await client.get("/index.html")
+        assert resp.status == 200 and await resp.text() == "<!doctype html><title>ui</title>"
     finally:
         await client.close()
