@@ -172,7 +172,7 @@ class Proxy:
         head = _request_head(request, port, body)
         # One buffer for a small body: one send, one segment.
         parts = (head + body,) if body and len(body) <= _JOIN_LIMIT else (head, body) if body else (head,)
-        exchange = conn.send(parts, _BUFFER_LIMIT, self._timeout)
+        exchange = conn.send(parts, _BUFFER_LIMIT, self._timeout, request.method == "HEAD")
         try:
             await exchange.wait()
             if exchange.head is None:
@@ -185,10 +185,12 @@ class Proxy:
                     raise UpstreamError(f"proxy error: {exchange.error}")
                 if timing is not None and PREDICTED_MARK in exchange.body:
                     timing.tokens = predicted_tokens(exchange.body) or 0
-                return web.Response(
-                    status=exchange.head.status, body=exchange.body,
-                    headers=_response_headers(exchange.head),
-                )
+                headers = _response_headers(exchange.head)
+                if request.method == "HEAD":
+                    if exchange.head.length is not None:
+                        headers["Content-Length"] = str(exchange.head.length)  # what a GET gets
+                    return web.Response(status=exchange.head.status, headers=headers)
+                return web.Response(status=exchange.head.status, body=exchange.body, headers=headers)
             try:
                 return await self._stream(request, proc, exchange)
             finally:
@@ -221,7 +223,17 @@ class Proxy:
         while not exchange.done:
             await exchange.wait()
             if exchange.paused:
-                await writer.drain()
+                # A client that reads nothing would otherwise hold the model (its lease, its
+                # slot, an eviction or a reload's drain) for good: like llama-server, whose
+                # --timeout is also its write timeout, it gets -to seconds to make room.
+                try:
+                    async with asyncio.timeout(self._timeout or None):
+                        await writer.drain()
+                except TimeoutError:
+                    log.warning(
+                        "[%s] client read nothing for %g s: stream dropped", proc.name, self._timeout
+                    )
+                    raise ConnectionResetError("the client stopped reading") from None
                 exchange.resume()
         if exchange.client_gone:
             raise ConnectionResetError("the client went away")

@@ -123,6 +123,7 @@ class Exchange:
         "_buffer_limit",
         "_frame",
         "_head_buf",
+        "_head_only",
         "_high",
         "_last_read",
         "_loop",
@@ -152,8 +153,11 @@ class Exchange:
         "whole",
     )
 
-    def __init__(self, conn: ChildConnection, buffer_limit: int, timeout: float) -> None:
+    def __init__(self, conn: ChildConnection, buffer_limit: int, timeout: float, head_only: bool = False) -> None:
         self.conn = conn
+        # The answer to a HEAD request: its head says how long or chunked the body of a
+        # GET would be, but no body follows.
+        self._head_only = head_only
         self._loop = conn.loop
         self._buffer_limit = buffer_limit
         self.state = _HEAD
@@ -272,7 +276,7 @@ class Exchange:
     def _start_body(self, head: Head, more: bool) -> None:
         self.head = head
         self.state = _BODY
-        if head.status in (204, 304):
+        if head.status in (204, 304) or self._head_only:
             self.mode = _NONE
         elif head.chunked:
             self.mode = _CHUNKED
@@ -519,9 +523,9 @@ class ChildConnection(asyncio.Protocol):
             return False
         return False  # EOF, or bytes nobody asked for: either way not reusable
 
-    def send(self, parts: Iterable[bytes], buffer_limit: int, timeout: float) -> Exchange:
+    def send(self, parts: Iterable[bytes], buffer_limit: int, timeout: float, head_only: bool = False) -> Exchange:
         assert self.transport is not None
-        exchange = self.exchange = Exchange(self, buffer_limit, timeout)
+        exchange = self.exchange = Exchange(self, buffer_limit, timeout, head_only)
         self.transport.writelines(parts)
         return exchange
 

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 import pytest
 
@@ -150,3 +151,57 @@ async def test_a_client_that_stops_reading_pauses_the_child(tmp_path: Path, star
         tail = (tail + chunk)[-64:]
     writer.close()
     assert received > 40 << 20 and b"data: [DONE]" in tail, (received, tail)
+
+
+async def test_a_client_that_stops_reading_is_dropped_after_the_timeout(
+    tmp_path: Path, start_router: StartRouter
+) -> None:
+    # llama-server's --timeout is also its write timeout: a client that makes no room for
+    # that long loses its stream, and the model is free again (not held for good).
+    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=200_000)
+    r = await start_router("--models-dir", str(tmp_path / "m"), "--timeout", "2")
+    assert (await r.chat("alpha", max_tokens=1))[0] == 200
+    body = json.dumps({"model": "alpha", "stream": True, "messages": [{"role": "user", "content": "x"}]})
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    try:
+        writer.write(
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        )
+        await reader.readuntil(b"\r\n\r\n")
+
+        async def in_flight() -> int:
+            return int((await r.models())["alpha"]["in_flight"])
+
+        await wait_for(lambda: in_flight(), 10)  # the stream is under way, unread
+
+        async def freed() -> bool:
+            return await in_flight() == 0
+
+        await wait_for(freed, 30, message="the stalled stream to be dropped")
+        assert "client read nothing for 2 s: stream dropped" in r.log()
+        received = 0
+        while chunk := await asyncio.wait_for(reader.read(1 << 20), 30):  # then EOF
+            received += len(chunk)
+        assert received < 40 << 20  # cut short, not the whole stream
+    finally:
+        writer.close()
+    assert (await r.chat("alpha", max_tokens=1))[0] == 200
+
+
+async def test_head_to_a_model_route_is_answered_from_the_childs_head(
+    tmp_path: Path, start_router: StartRouter
+) -> None:
+    # No body follows the head of an answer to HEAD, whatever its Content-Length or
+    # Transfer-Encoding says: waiting for one timed out into a 500.
+    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=3)
+    r = await start_router("--models-dir", str(tmp_path / "m"))
+    assert (await r.chat("alpha", max_tokens=1))[0] == 200
+    async with r.session.get(r.url + "/props?model=alpha") as resp:
+        assert resp.status == 200
+        length = len(await resp.read())
+    for _ in range(3):  # on a pooled connection, again and again
+        async with r.session.head(r.url + "/props?model=alpha", timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            assert resp.status == 200 and resp.headers["Content-Length"] == str(length)
+            assert await resp.read() == b""
+    assert (await r.chat("alpha", max_tokens=1))[0] == 200
