@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import re
 import time
 import weakref
@@ -258,8 +259,8 @@ class Api:
         answers are collected in order (server-http.cpp, register_gcp_compat)."""
         raw = await _read_body(request, self.config.limits.max_body_bytes)
         try:
-            data = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as exc:
+            data = parse_json(raw)
+        except ValueError as exc:
             raise InvalidRequest(str(exc)) from None
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
@@ -352,7 +353,7 @@ class Api:
             return _json({"status": "unavailable", "reason": "server is starting"}, 503)
         if sup.closing:
             return _json({"status": "unavailable", "reason": "server is shutting down"}, 503)
-        name = request.query.get("model", "")
+        name = _query_model(request)
         if not name:
             return _json({"status": "ok"})
         try:
@@ -368,7 +369,7 @@ class Api:
         return _json({"status": "unavailable", "reason": reason, **body}, 503)
 
     async def metrics_endpoint(self, request: web.Request) -> web.StreamResponse:
-        if request.query.get("model"):
+        if _query_model(request):
             return await self.proxy_get(request)
         data = await self.metrics.render(self.sup, self.session)
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
@@ -494,7 +495,7 @@ class Api:
         return next((p.name for p in sorted(sup.models.values(), key=lambda p: p.name) if p.spec.default), "")
 
     async def props(self, request: web.Request) -> web.StreamResponse:
-        if request.query.get("model"):
+        if _query_model(request):
             return await self.proxy_get(request)
         if default := self._default_name():
             return await self._route(request, default, None)
@@ -514,12 +515,12 @@ class Api:
         )
 
     async def load(self, request: web.Request) -> web.Response:
-        name = _model_field(await _json_body(request, self.config.limits.max_body_bytes))
+        name = _model_field(await _json_body(request, self.config.limits.max_body_bytes, allow_empty=False))
         await self.sup.load(name)
         return _json({"success": True})
 
     async def unload(self, request: web.Request) -> web.Response:
-        name = _model_field(await _json_body(request, self.config.limits.max_body_bytes))
+        name = _model_field(await _json_body(request, self.config.limits.max_body_bytes, allow_empty=False))
         if name == "*":
             return self._unload_all()
         self.sup.unload(name)
@@ -530,7 +531,9 @@ class Api:
         names them (an empty list when none ran)."""
         names = []
         for proc in list(self.sup.models.values()):
-            if proc.spec.pin or proc.state not in (State.STARTING, State.READY, State.BACKOFF):
+            # What the model's owner will do, not what it did: a stop already on its way
+            # (an eviction, a TTL in the same pass) would make unload() refuse it.
+            if proc.spec.pin or proc.expected_state not in (State.STARTING, State.READY, State.BACKOFF):
                 continue
             self.sup.unload(proc.name)
             names.append(proc.name)
@@ -622,7 +625,7 @@ class Api:
         return resp
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
-        name = request.query.get("model", "")
+        name = _query_model(request)
         if not name:
             raise InvalidRequest("model name is missing from the request")
         proc = self.sup.resolve(name)
@@ -659,7 +662,7 @@ class Api:
         return await self._route(request, name, body)
 
     async def proxy_get(self, request: web.Request) -> web.StreamResponse:
-        return await self._route(self._for_child(request), request.query.get("model", "") or self._default_name(), None)
+        return await self._route(self._for_child(request), _query_model(request) or self._default_name(), None)
 
     def _for_child(self, request: web.Request) -> web.Request:
         """The request as the child sees it: without --api-prefix, which children do not
@@ -720,6 +723,7 @@ class Api:
             self.metrics.observe_request(proc.name, endpoint, code, timing)
 
 
+
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
@@ -728,13 +732,81 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return await request.read()
 
 
-async def _json_body(request: web.Request, limit: int) -> Any:
+async def _json_body(request: web.Request, limit: int, allow_empty: bool = True) -> Any:
+    """The body as JSON; an empty one is {}, or with `allow_empty` off invalid JSON (as
+    llama-server's /models/load and /models/unload answer it)."""
     # Same limit and 413 as proxied POSTs (a Content-Length over it is refused unread).
     raw = await _read_body(request, limit)
+    if not raw and allow_empty:
+        return {}
     try:
-        return json.loads(raw) if raw else {}
-    except (ValueError, UnicodeDecodeError) as exc:
+        return parse_json(raw)
+    except ValueError as exc:
         raise InvalidRequest(f"invalid JSON in request body: {exc}") from None
+
+
+def parse_json(raw: bytes) -> Any:
+    """JSON as llama-server's parser (nlohmann) reads it: NaN and Infinity, numbers too
+    large for a double and unpaired surrogates are errors (Python's json takes them, so a
+    request llama-server would refuse could load a model first). Raises ValueError."""
+    if not raw:
+        raise ValueError("empty input")
+    try:
+        data = _STRICT.decode(raw.decode("utf-8-sig"))  # nlohmann skips a BOM too
+    except UnicodeDecodeError as exc:
+        raise ValueError(str(exc)) from None
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+    if _SURROGATE_ESCAPE.search(raw):  # one may be unpaired: look at every string
+        _check_strings(data)
+    return data
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number overflow: {text[:40]}")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if len(text) > 300:  # beyond int64 nlohmann reads a double, and this one may not fit
+        try:
+            float(value)
+        except OverflowError:
+            raise ValueError(f"number overflow: {text[:40]}...") from None
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_STRICT = json.JSONDecoder(parse_constant=_no_constant, parse_float=_finite_float, parse_int=_bounded_int)
+
+
+def _check_strings(data: Any) -> None:
+    # Iterative: the document may be nested nearly as deep as the parser allows.
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            strings: Any = (item,)
+        elif isinstance(item, dict):
+            strings = item.keys()
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+            continue
+        else:
+            continue
+        for text in strings:
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("invalid string: a surrogate escape without its pair") from None
 
 
 def _model_field(body: Any) -> str:
@@ -750,10 +822,16 @@ def _model_from_body(request: web.Request, body: bytes) -> str:
         match = _MULTIPART_MODEL.search(body)
         return match.group(1).decode("utf-8", "replace") if match else ""
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = parse_json(body)
+    except ValueError as exc:
         raise InvalidRequest(f"invalid JSON in request body: {exc}") from None
     return _model_field(data)
+
+
+def _query_model(request: web.Request) -> str:
+    # The last `model=` wins, as in llama-server (cpp-httplib keeps the last value).
+    values = request.query.getall("model", ())
+    return values[-1] if values else ""
 
 
 @functools.cache

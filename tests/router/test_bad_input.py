@@ -72,9 +72,20 @@ BAD_BODIES: list[tuple[str, bytes, str, int, str]] = [
     ("model is an object", b'{"model": {"name": "alpha"}}', "application/json", 400, "model name is missing"),
     ("unknown model", b'{"model": "nope"}', "application/json", 400, "model 'nope' not found"),
     ("invalid UTF-8", b'{"model": "al\xffpha"}', "application/json", 400, "invalid JSON in request body"),
-    # Python's json accepts UTF-16/32; the child (llama-server: UTF-8 only) answers 400.
-    ("UTF-16 body", '{"model": "alpha"}'.encode("utf-16"), "application/json", 400, ""),
-    ("lone surrogate escape", b'{"model": "\\ud800"}', "application/json", 400, "model '\ud800' not found"),
+    # What Python's json takes and llama-server's parser refuses is refused here, before
+    # a model is looked up or loaded for it.
+    ("UTF-16 body", '{"model": "alpha"}'.encode("utf-16"), "application/json", 400, "invalid JSON in request body"),
+    ("lone surrogate escape", b'{"model": "\\ud800"}', "application/json", 400, "invalid JSON in request body"),
+    ("lone surrogate elsewhere", b'{"model": "alpha", "x": ["\\uDC00"]}', "application/json", 400,
+     "invalid JSON in request body"),
+    ("NaN", b'{"model": "alpha", "temperature": NaN}', "application/json", 400, "invalid JSON in request body"),
+    ("Infinity", b'{"model": "alpha", "top_p": -Infinity}', "application/json", 400, "invalid JSON in request body"),
+    ("float overflow", b'{"model": "alpha", "top_p": 1e400}', "application/json", 400, "invalid JSON in request body"),
+    ("integer overflow", b'{"model": "alpha", "seed": ' + b"9" * 400 + b"}", "application/json", 400,
+     "invalid JSON in request body"),
+    # Deeper than Python's parser goes (llama-server's goes on): a clear 400, not a 500.
+    ("nested too deeply", b'{"model": "alpha", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", "application/json", 400,
+     "invalid JSON in request body: nested too deeply"),
     ("form-encoded", b"model=alpha", "application/x-www-form-urlencoded", 400, "invalid JSON in request body"),
     ("multipart without model", b"--b\r\nContent-Disposition: form-data; name=\"x\"\r\n\r\n1\r\n--b--\r\n",
      "multipart/form-data; boundary=b", 400, "model name is missing"),
@@ -90,17 +101,19 @@ async def test_bad_bodies_get_openai_shaped_400(tmp_path: Path, start_router: St
         for path in (CHAT, "/v1/completions", "/v1/embeddings", "/tokenize"):
             status, got = await r.post(path, data=body, headers={"Content-Type": ctype})
             assert_openai_error(status, got, code, (label, path))
-            if "\ud800" not in message:
-                assert got["error"]["message"].startswith(message), (label, got)
+            assert got["error"]["message"].startswith(message), (label, got)
         await still_serving(r)
-    # /models/load and /models/unload: a non-object or unparsable body is a 4xx as well.
-    for label, body, ctype, _, _ in BAD_BODIES:
-        if label in ("empty body", "UTF-16 body"):  # {} and a valid body
-            continue
+    # /models/load and /models/unload: a non-object or unparsable body is a 4xx as well
+    # (an empty one is invalid JSON there too, as in llama-server).
+    for label, body, ctype, _, message in BAD_BODIES:
         for path in ("/models/load", "/models/unload"):
             status, got = await r.post(path, data=body, headers={"Content-Type": ctype})
             assert 400 <= status < 500, (label, path, status, got)
             assert_openai_error(status, got, status, (label, path))
+            if message.startswith("invalid JSON"):
+                assert got["error"]["message"].startswith(message), (label, path, got)
+    assert "unhandled error" not in r.log()
+    assert (await r.models())["alpha"]["status"]["value"] == "loaded"
     # The content type is not checked for JSON routes (as upstream): JSON sent as
     # text/plain is routed normally.
     status, got = await r.post(
@@ -109,6 +122,34 @@ async def test_bad_bodies_get_openai_shaped_400(tmp_path: Path, start_router: St
     )
     assert status == 200, got
     await still_serving(r)
+
+
+async def test_a_body_the_child_would_refuse_loads_nothing(tmp_path: Path, start_router: StartRouter) -> None:
+    # Refused before routing: the request names an unloaded model, and loading it would
+    # have evicted the one that is loaded (--models-max 1) only for its child to answer 400.
+    d = models(tmp_path, alpha={"tokens": 3}, beta={"tokens": 3})
+    r = await start_router("--models-dir", str(d), "--models-max", "1")
+    await still_serving(r)
+    for label, body, _, _, message in BAD_BODIES:
+        if b'"alpha"' not in body or not message.startswith("invalid JSON"):
+            continue
+        status, got = await r.post(CHAT, data=body.replace(b'"alpha"', b'"beta"'))
+        assert_openai_error(status, got, 400, label)
+        assert got["error"]["message"].startswith(message), (label, got)
+    listed = await r.models()
+    assert listed["alpha"]["status"]["value"] == "loaded", listed
+    assert listed["beta"]["status"]["value"] == "unloaded", listed
+
+
+async def test_the_last_model_in_the_query_wins(tmp_path: Path, start_router: StartRouter) -> None:
+    # As llama-server reads a repeated query parameter.
+    d = models(tmp_path, alpha={"tokens": 3})
+    r = await start_router("--models-dir", str(d))
+    await still_serving(r)
+    assert (await r.get("/props?model=nope&model=alpha"))[0] == 200
+    status, got = await r.get("/props?model=alpha&model=nope")
+    assert_openai_error(status, got, 400, "last one unknown")
+    assert "'nope'" in got["error"]["message"]
 
 
 # ------------------------------------------------------------------------ model names
