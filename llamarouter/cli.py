@@ -674,6 +674,14 @@ async def serve(
             log.info("SIGHUP: models reloaded")
         except LlamaRouterError as exc:
             log.error("SIGHUP: reload failed, keeping the current models: %s", exc.message)
+        except Exception as exc:
+            # Discovery can fail outside our own checks (an unreadable or corrupt cache
+            # entry, a filesystem error): nobody awaits this task, so it is said here or
+            # only at garbage collection as "never retrieved".
+            log.error(
+                "SIGHUP: reload failed, keeping the current models: %s: %s",
+                type(exc).__name__, exc, exc_info=True,
+            )
 
     def on_hup() -> None:
         sup = app.get(SUPERVISOR)

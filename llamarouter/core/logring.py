@@ -14,12 +14,14 @@ T = TypeVar("T")
 class LogRing:
     """The last `size` lines. Followers get every new line through a bounded queue; a
     follower that falls behind is dropped and gets the end marker (None) at once, so its
-    reader wakes up and ends instead of waiting for lines that will never come."""
+    reader wakes up and ends instead of waiting for lines that will never come. Once
+    closed, a new follower gets the end marker at once too."""
 
     def __init__(self, size: int, follow_queue: int) -> None:
         self._lines: collections.deque[str] = collections.deque(maxlen=max(1, size))
         self._follow_queue = max(2, follow_queue)
         self._followers: set[asyncio.Queue[str | None]] = set()
+        self._closed = False
 
     def append(self, line: str) -> None:
         self._lines.append(line)
@@ -46,7 +48,12 @@ class LogRing:
 
     def follow(self) -> asyncio.Queue[str | None]:
         q: asyncio.Queue[str | None] = asyncio.Queue(self._follow_queue)
-        self._followers.add(q)
+        if self._closed:
+            # Nothing would ever end it later: a follow that arrives after shutdown began
+            # (on a kept-alive connection) would hold the router for its whole grace.
+            end_queue(q)
+        else:
+            self._followers.add(q)
         return q
 
     def unfollow(self, q: asyncio.Queue[str | None]) -> None:
@@ -57,7 +64,8 @@ class LogRing:
         return len(self._followers)
 
     def close(self) -> None:
-        """End every follower (router shutdown)."""
+        """End every follower, and every later one at once (router shutdown)."""
+        self._closed = True
         for q in list(self._followers):
             self._end(q)
 

@@ -605,7 +605,7 @@ class ModelProcess:
                 if kv is not None:
                     # Saved slots go back before any request is granted; bounded by the
                     # keep-cache timeout, never raises, and a stop does not wait for it.
-                    await _unless_stopped(kv.restore_after_ready(self.name, port), life.stop)
+                    await _unless_stopped(kv.restore_after_ready(self.name, port), life.stop, timeouts.settle_cancelled)
                 result.loaded = True
                 # One synchronous NVML call per load, well under a millisecond; bounded by
                 # --device-probe-timeout should the driver hang.
@@ -661,7 +661,7 @@ class ModelProcess:
         if self.before_spawn is not None:
             waits.append(self.before_spawn())
         for aw in waits:
-            if not await _unless_stopped(aw, life.stop):
+            if not await _unless_stopped(aw, life.stop, self._config.timeouts.settle_cancelled):
                 return False
         return not life.stop.is_set()
 
@@ -677,7 +677,8 @@ class ModelProcess:
                     return False
                 # Stopped or exited while a probe hangs: do not wait for it to time out.
                 probe = await _first(
-                    self._probe.health(port, timeouts.ready_poll * 20 + 1.0), exit_wait, stop_wait
+                    self._probe.health(port, timeouts.ready_poll * 20 + 1.0), exit_wait, stop_wait,
+                    settle=timeouts.settle_cancelled,
                 )
                 if probe is None:
                     return False
@@ -725,7 +726,10 @@ class ModelProcess:
                 )
                 if done:
                     return
-                probe = await _first(self._probe.health(port, timeouts.health_timeout), exit_wait, stop_wait)
+                probe = await _first(
+                    self._probe.health(port, timeouts.health_timeout), exit_wait, stop_wait,
+                    settle=timeouts.settle_cancelled,
+                )
                 if probe is None:
                     return
                 healthy = probe.result() == 200
@@ -734,7 +738,10 @@ class ModelProcess:
                     # one-token completion now and then. Failed canaries are counted on their
                     # own (the /health probes between them pass) against the same limit.
                     self._last_canary = time.monotonic()
-                    canary = await _first(self._probe.canary(port, timeouts.canary_timeout), exit_wait, stop_wait)
+                    canary = await _first(
+                        self._probe.canary(port, timeouts.canary_timeout), exit_wait, stop_wait,
+                        settle=timeouts.settle_cancelled,
+                    )
                     if canary is None:
                         return
                     if canary.result():
@@ -848,24 +855,48 @@ class ModelProcess:
         child_log.debug("[%s] %s", self.name, text)
 
 
-async def _first(aw: Awaitable[T], *stops: asyncio.Future[Any]) -> asyncio.Future[T] | None:
-    """Await `aw` unless one of `stops` finishes first: then `aw` is cancelled (and its end
-    awaited) and None comes back; else `aw`'s finished future, for its result."""
+async def _first(aw: Awaitable[T], *stops: asyncio.Future[Any], settle: float) -> asyncio.Future[T] | None:
+    """Await `aw` unless one of `stops` finishes first: then `aw` is cancelled (its end
+    awaited up to `settle` seconds) and None comes back; else `aw`'s finished future, for
+    its result. Should the caller itself be cancelled, `aw` is cancelled too, without
+    waiting for it."""
     task = asyncio.ensure_future(aw)
-    await asyncio.wait({task, *stops}, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        return task
-    task.cancel()
-    with contextlib.suppress(BaseException):
-        await task
+    try:
+        await asyncio.wait({task, *stops}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task
+        task.cancel()
+        await asyncio.wait({task}, timeout=settle)
+    except BaseException:
+        # asyncio.wait never cancels what it waits for: a life cancelled at teardown
+        # would leave its probe, canary or restore running unwatched.
+        _abandon(task)
+        raise
+    _abandon(task)
     return None
 
 
-async def _unless_stopped(aw: Awaitable[object], stop: asyncio.Event) -> bool:
+def _abandon(task: asyncio.Future[Any]) -> None:
+    """Cancel `task` and take its outcome whenever it ends, so that no error in it waits
+    for garbage collection to be reported as never retrieved."""
+    task.cancel()
+    task.add_done_callback(_retrieve)
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if task.cancelled():
+        return
+    exc = task.exception()
+    if exc is not None:
+        # Nobody wants its answer any more; an error here is worth a trace, not a warning.
+        log.debug("abandoned wait ended with %s: %s", type(exc).__name__, exc)
+
+
+async def _unless_stopped(aw: Awaitable[object], stop: asyncio.Event, settle: float) -> bool:
     """Await `aw` unless `stop` is set first (then cancel it). True when `aw` finished."""
     stop_wait = asyncio.create_task(stop.wait())
     try:
-        done = await _first(aw, stop_wait)
+        done = await _first(aw, stop_wait, settle=settle)
     finally:
         stop_wait.cancel()
     if done is None:

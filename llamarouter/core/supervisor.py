@@ -54,11 +54,13 @@ OptionsFor = Callable[[ModelSpec], dict[str, str]]
 
 
 class EventHub:
-    """Fan-out of /models/sse events. A subscriber that falls behind is dropped."""
+    """Fan-out of /models/sse events. A subscriber that falls behind is dropped; once
+    closed, a new subscriber gets the end marker at once."""
 
     def __init__(self, queue_size: int) -> None:
         self._queue_size = queue_size
         self._subscribers: set[asyncio.Queue[bytes | None]] = set()
+        self._closed = False
 
     def publish(self, event: str, model: str, data: dict[str, object] | None = None) -> None:
         payload: dict[str, object] = {"model": model, "event": event}
@@ -77,13 +79,19 @@ class EventHub:
     @contextlib.asynccontextmanager
     async def subscribe(self) -> AsyncIterator[asyncio.Queue[bytes | None]]:
         q: asyncio.Queue[bytes | None] = asyncio.Queue(self._queue_size)
-        self._subscribers.add(q)
+        if self._closed:
+            # Nothing would ever end it later: a stream opened after shutdown began (a
+            # reconnect on a kept-alive connection) would hold the router for its grace.
+            end_queue(q)
+        else:
+            self._subscribers.add(q)
         try:
             yield q
         finally:
             self._subscribers.discard(q)
 
     def close(self) -> None:
+        self._closed = True
         for q in list(self._subscribers):
             end_queue(q)
         self._subscribers.clear()
@@ -698,10 +706,14 @@ class Supervisor:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=self.config.timeouts.reap)
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._loop_task
+        loop_task = self._loop_task
+        if loop_task is not None:
+            loop_task.cancel()
+            # asyncio.wait never re-raises: a loop that died of a bug (logged by _loop_done)
+            # must not skip the rest of shutdown (state-dir record, event streams).
+            _, pending = await asyncio.wait([loop_task], timeout=self.config.timeouts.reap)
+            if pending:
+                log.error("the scheduling loop did not end within %.1fs", self.config.timeouts.reap)
         self.events.close()
         if self._state_dir is not None:
             with contextlib.suppress(OSError):

@@ -70,6 +70,10 @@ class Timeouts:
     reap: float = 5.0
     drain: float = 3.0
     info: float = 3.0
+    # A wait of a child's life (a probe, a canary, a keep-cache restore, the wait for freed
+    # memory) cancelled because a stop came first gets this long to end before the life
+    # goes on; one that ignores cancellation is left to end on its own, observed.
+    settle_cancelled: float = 1.0
     # A ready child's log lines wait in its output pipe for up to this long between reads,
     # so a burst of requests costs the router one wakeup for their log lines rather than
     # one per line (a loading child's lines are read at once). 0 = read every line at once.

@@ -33,6 +33,7 @@ from ..errors import (
     ModelNotFound,
     NotFound,
     PayloadTooLarge,
+    ShuttingDown,
     UpstreamError,
 )
 from ..settings.childargs import ChildArgs
@@ -611,6 +612,10 @@ class Api:
         raise LlamaRouterError("removing cached models is not supported by llamarouter")
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
+        if self.sup.closing:
+            # Not a 200 that ends at once: an EventSource would reconnect to it every few
+            # seconds for as long as in-flight requests keep the router up.
+            raise ShuttingDown("server is shutting down")
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         # Subscribed before the headers go out: a client that has them misses no event.
         async with self.sup.events.subscribe() as queue:
@@ -636,6 +641,8 @@ class Api:
         tail = proc.log_tail(lines)
         if not _is_true(request.query.get("follow", "")):
             return web.Response(text="".join(line + "\n" for line in tail), content_type="text/plain")
+        if self.sup.closing:
+            raise ShuttingDown("server is shutting down")  # nothing more to follow
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8", "X-Accel-Buffering": "no"})
         await resp.prepare(request)
         queue = proc.logs.follow()
