@@ -630,6 +630,22 @@ class _Stop:
             self._on_force()
 
 
+async def reload_on_signal(sup: Supervisor) -> None:
+    """SIGHUP: rescan every source. Never raises: nobody awaits this task, so a failure is
+    said here (the router keeps the models it had) or only at garbage collection."""
+    try:
+        await sup.reload()
+        log.info("SIGHUP: models reloaded")
+    except LlamaRouterError as exc:
+        log.error("SIGHUP: reload failed, keeping the current models: %s", exc.message)
+    except Exception as exc:
+        # A bug of ours, or a failure discovery does not expect: logged with its trace.
+        log.error(
+            "SIGHUP: reload failed, keeping the current models: %s: %s",
+            type(exc).__name__, exc, exc_info=True,
+        )
+
+
 async def serve(
     config: RouterConfig, discovery: Discovery, table: FlagTable, notifier: Notifier | None = None
 ) -> int:
@@ -668,25 +684,10 @@ async def serve(
 
     stop = _Stop(force)
 
-    async def reload(sup: Supervisor) -> None:
-        try:
-            await sup.reload()
-            log.info("SIGHUP: models reloaded")
-        except LlamaRouterError as exc:
-            log.error("SIGHUP: reload failed, keeping the current models: %s", exc.message)
-        except Exception as exc:
-            # Discovery can fail outside our own checks (an unreadable or corrupt cache
-            # entry, a filesystem error): nobody awaits this task, so it is said here or
-            # only at garbage collection as "never retrieved".
-            log.error(
-                "SIGHUP: reload failed, keeping the current models: %s: %s",
-                type(exc).__name__, exc, exc_info=True,
-            )
-
     def on_hup() -> None:
         sup = app.get(SUPERVISOR)
         if sup is not None and not sup.closing:
-            task = loop.create_task(reload(sup))
+            task = loop.create_task(reload_on_signal(sup))
             reloads.add(task)
             task.add_done_callback(reloads.discard)
 

@@ -230,7 +230,7 @@ def _cached_ref(repo_dir: Path) -> str | None:
     for ref in sorted(refs.iterdir()):
         try:
             commit = ref.read_text().strip()
-        except OSError:
+        except (OSError, UnicodeDecodeError):  # unreadable or corrupt: not a usable ref
             continue
         if not _COMMIT.match(commit):
             continue
