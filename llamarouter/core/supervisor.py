@@ -636,6 +636,19 @@ class Supervisor:
         proc.stop("unloaded")
         return proc
 
+    def unload_all(self) -> list[str]:
+        """Stop every running model that is not pinned; their names."""
+        names = []
+        for proc in list(self.models.values()):
+            # What the model's owner will do, not what it did: one with a stop already on
+            # its way (an eviction, a TTL in the same pass) is not running any more, and
+            # unload() would refuse it half-way through the list.
+            if proc.spec.pin or proc.expected_state not in (State.STARTING, State.READY, State.BACKOFF):
+                continue
+            self.unload(proc.name)
+            names.append(proc.name)
+        return names
+
     async def reload(self) -> None:
         """Rescan every source. A model whose definition changed or vanished is stopped
         (it keeps its slot until it has exited); the new definition applies at once, so a

@@ -530,15 +530,7 @@ class Api:
     def _unload_all(self) -> web.Response:
         """`{"model": "*"}`: unload every running model that is not pinned; the answer
         names them (an empty list when none ran)."""
-        names = []
-        for proc in list(self.sup.models.values()):
-            # What the model's owner will do, not what it did: a stop already on its way
-            # (an eviction, a TTL in the same pass) would make unload() refuse it.
-            if proc.spec.pin or proc.expected_state not in (State.STARTING, State.READY, State.BACKOFF):
-                continue
-            self.sup.unload(proc.name)
-            names.append(proc.name)
-        return _json({"success": True, "models": names})
+        return _json({"success": True, "models": self.sup.unload_all()})
 
     async def pin(self, request: web.Request) -> web.Response:
         """llamarouter's own: {"model": NAME, "pin": true|false} keeps a model loaded or

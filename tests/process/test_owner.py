@@ -428,3 +428,21 @@ async def test_a_gpu_host_records_each_childs_vram_once_ready() -> None:
         assert memory.footprint(proc) == proc.device_bytes
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_unload_all_passes_over_a_model_whose_stop_is_on_its_way() -> None:
+    # `a` is still READY but a stop (a TTL, an eviction) was sent in the same pass: `*`
+    # used to pick it by its state and fail on it, leaving `b` loaded.
+    sup, launcher, _ = await started("a b")
+    try:
+        for name in ("a", "b"):
+            (await asyncio.wait_for(sup.acquire(sup.models[name], True), 5)).release()
+            await state_is(sup, name, State.READY)
+        sup.models["a"].stop("ttl")
+        assert sup.models["a"].state == State.READY  # the owner has not acted yet
+        assert sup.unload_all() == ["b"]
+        await state_is(sup, "a", State.STOPPED)
+        await state_is(sup, "b", State.STOPPED)
+    finally:
+        await sup.shutdown()
+    assert launcher.alive() == []
