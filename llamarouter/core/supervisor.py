@@ -416,20 +416,24 @@ class Supervisor:
         while True:
             now = time.monotonic()
             wake = next_tick
-            self._stop_drained()
-            snap = self._snapshot(now)
+            # The whole pass, not only plan and apply: a loop that died of a bug would
+            # leave every later request waiting for a grant that never comes.
             try:
-                actions = scheduler.plan(snap)
-                self._apply(actions)
+                self._stop_drained()
+                snap = self._snapshot(now)
+                self._apply(scheduler.plan(snap))
+                soonest = scheduler.next_wakeup(snap)
+                if soonest is not None:
+                    wake = min(wake, soonest)
             except Exception:  # a bug of ours: log it, keep the loop (and the router) alive
                 log.exception("scheduling pass failed")
             self.counters.passes += 1
-            soonest = scheduler.next_wakeup(snap)
-            if soonest is not None:
-                wake = min(wake, soonest)
             if now >= next_tick:
                 next_tick = now + tick
-                self._record()
+                try:
+                    self._record()
+                except Exception:
+                    log.exception("recording the children in the state dir failed")
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, wake - time.monotonic()) + 0.001):
                     await self._kick.wait()

@@ -66,15 +66,15 @@ async def test_shutdown_runs_to_the_end_after_the_scheduling_loop_died(
         (await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)).release()
         assert ["a"] in state_dir.records  # the running child was recorded
 
-        def broken(now: float) -> object:
-            raise RuntimeError("bug outside the guarded part of a pass")
+        class Broken(asyncio.Event):
+            async def wait(self) -> bool:
+                raise RuntimeError("a bug between two passes")
 
-        # Outside the pass's try (which keeps the loop alive): the loop dies of this.
-        monkeypatch.setattr(sup, "_snapshot", broken)
+        # Between passes, outside the pass's guard: the loop dies of this.
+        monkeypatch.setattr(sup, "_kick", Broken())
         loop_task = sup._loop_task
         assert loop_task is not None
         with caplog.at_level(logging.CRITICAL, logger="llamarouter.supervisor"):
-            sup._kick.set()
             await wait_for(loop_task.done, 5, message="the scheduling loop to die")
             await wait_for(lambda: "scheduling loop died" in caplog.text, 5)
         async with sup.events.subscribe() as events:
@@ -86,3 +86,32 @@ async def test_shutdown_runs_to_the_end_after_the_scheduling_loop_died(
             await asyncio.wait_for(sup.shutdown(), 5)
     assert launcher.alive() == []
     assert state_dir.records[-1] == []  # the record was cleared: nothing left to reap
+
+
+async def test_a_pass_that_fails_anywhere_leaves_the_loop_running(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Taking the snapshot used to sit outside the pass's guard: a bug there killed the
+    # loop, and every later request waited for a grant that never came.
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher)
+    await sup.start()
+    try:
+        real = sup._snapshot
+        failures: list[float] = []
+
+        def broken(now: float) -> object:
+            failures.append(now)
+            raise RuntimeError("bug while taking the snapshot")
+
+        with caplog.at_level(logging.ERROR, logger="llamarouter.supervisor"):
+            monkeypatch.setattr(sup, "_snapshot", broken)
+            sup._kick.set()
+            await wait_for(lambda: failures, 5, message="a pass to fail")
+            monkeypatch.setattr(sup, "_snapshot", real)
+        assert "scheduling pass failed" in caplog.text
+        assert sup._loop_task is not None and not sup._loop_task.done()
+        (await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)).release()  # granted
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+    assert launcher.alive() == []
