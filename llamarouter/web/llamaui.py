@@ -162,6 +162,7 @@ class LlamaUi:
 def _open(path: Path, ctype: str, in_memory_max: int) -> UiFile:
     """Reads a small file whole; opens a large one, hashing it in pieces for its ETag."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    keep = False
     try:
         size = os.fstat(fd).st_size
         if size <= in_memory_max:
@@ -174,13 +175,13 @@ def _open(path: Path, ctype: str, in_memory_max: int) -> UiFile:
         while done < size and (piece := os.pread(fd, min(READ_PIECE, size - done), done)):
             digest.update(piece)
             done += len(piece)
-    except BaseException:
-        os.close(fd)
-        raise
-    if done < size:
-        os.close(fd)
-        raise OSError(f"{path}: shrank while being read")
-    return UiFile(ctype, _etag(digest.hexdigest()), size, fd=fd)
+        if done < size:
+            raise OSError(f"{path}: shrank while being read")
+        keep = True
+        return UiFile(ctype, _etag(digest.hexdigest()), size, fd=fd)
+    finally:
+        if not keep:
+            os.close(fd)
 
 
 def _etag(hexdigest: str) -> str:

@@ -91,6 +91,7 @@ def with_bundle(tmp_path: Path, size: int) -> tuple[Path, bytes]:
 
 def test_a_large_file_is_not_held_in_memory(tmp_path: Path) -> None:
     root, data = with_bundle(tmp_path, 4 * llamaui.IN_MEMORY_MAX)
+    fds = len(os.listdir("/proc/self/fd"))
     tracemalloc.start()
     try:
         ui = llamaui.LlamaUi(root)
@@ -99,10 +100,12 @@ def test_a_large_file_is_not_held_in_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     try:
         assert held < len(data) // 2, held
+        assert len(os.listdir("/proc/self/fd")) == fds + 1  # the large file's only
         assert ui.files["index.html"].body is not None  # small ones are
         assert ui.files["_app/immutable/bundle.big.js"].body is None
     finally:
         ui.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 async def test_a_large_file_is_served_whole_from_what_was_there_at_startup(tmp_path: Path) -> None:
