@@ -722,7 +722,6 @@ class Api:
             self.metrics.observe_request(proc.name, endpoint, code, timing)
 
 
-
 async def _read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is larger than {limit} bytes")
