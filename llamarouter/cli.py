@@ -620,6 +620,13 @@ class _Stop:
         self.requested = asyncio.Event()
         self._on_force = on_force
         self.count = 0
+        self.exit_code = 0
+
+    def fail(self, exit_code: int) -> None:
+        """Shut down as for a signal, then exit with `exit_code`."""
+        if not self.requested.is_set():
+            self.exit_code = exit_code
+            self.requested.set()
 
     def signal(self) -> None:
         self.count += 1
@@ -628,6 +635,15 @@ class _Stop:
             self.requested.set()
         else:
             self._on_force()
+
+
+async def exit_if_the_model_cannot_load(sup: Supervisor, stop: _Stop) -> None:
+    """Single-model mode: a model that fails before it ever served ends the router with
+    exit code 1, as llama-server exits when it cannot load its model (a typo in `-m` then
+    makes systemd or Docker see a failed service, not a live one answering 503)."""
+    await sup.failed_before_ready.wait()
+    log.error("%s; exiting, as llama-server does when its model cannot load", sup.first_failure)
+    stop.fail(1)
 
 
 async def reload_on_signal(sup: Supervisor) -> None:
@@ -693,6 +709,7 @@ async def serve(
 
     reloads: set[asyncio.Task[None]] = set()
     watchdog: asyncio.Task[None] | None = None
+    unloadable: asyncio.Task[None] | None = None
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.signal)
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -711,9 +728,11 @@ async def serve(
                 log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
         notifier.ready(f"listening on {config.host}:{config.port}")
         watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
+        sup = app.get(SUPERVISOR)
+        if config.single_model is not None and sup is not None:
+            unloadable = asyncio.create_task(exit_if_the_model_cannot_load(sup, stop), name="single-model-watch")
         await stop.requested.wait()
         notifier.stopping("finishing in-flight requests")
-        sup = app.get(SUPERVISOR)
         if sup is not None:
             sup.begin_shutdown()
         for site in sites:
@@ -726,10 +745,14 @@ async def serve(
             )
             await active.cancel_all(config.timeouts.shutdown_cancel)
         await runner.cleanup()
-        return 0
+        return stop.exit_code
     finally:
         for task in reloads:
             task.cancel()
+        if unloadable is not None:
+            unloadable.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await unloadable
         if watchdog is not None:
             watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -164,6 +164,11 @@ class Supervisor:
         self._options_for: OptionsFor = options_for or (lambda spec: dict(spec.options))
         self.memory = memory
         self.events = EventHub(config.limits.sse_queue)
+        # Set when a model fails before it was ever ready in this run, with the reason:
+        # single-model mode then exits, as llama-server does when its model cannot load.
+        self.failed_before_ready = asyncio.Event()
+        self.first_failure = ""
+        self._been_ready: set[str] = set()
         self.models: dict[str, ModelProcess] = {}
         self.aliases: dict[str, str] = {}
         self._retired: set[ModelProcess] = set()  # replaced or removed by a reload, stopping
@@ -604,6 +609,11 @@ class Supervisor:
             self._observer(proc, old, new)
         if new in (State.READY, State.STOPPED, State.FAILED, State.SHUTDOWN):
             self._record()
+        if new == State.READY:
+            self._been_ready.add(proc.name)
+        elif new == State.FAILED and proc.name not in self._been_ready and not self.failed_before_ready.is_set():
+            self.first_failure = f"model name={proc.name}: {proc.failure or 'failed'}"
+            self.failed_before_ready.set()
         # ever_ready is about the life that is ending (it resets only on entering STARTING).
         old_api = api_status(old, proc.ever_ready)
         new_api = proc.api_status

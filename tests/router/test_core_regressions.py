@@ -70,6 +70,47 @@ async def test_single_model_mode_on_a_busy_port_exits_with_the_bind_error(tmp_pa
     assert b"stopped -> starting" not in out  # nothing was spawned
 
 
+async def test_single_model_mode_exits_when_its_model_cannot_load(tmp_path: Path, fake_bin: Path) -> None:
+    """Was: the router stayed up answering 503 for good, where llama-server exits with 1
+    (a typo in -m looked like a live service to systemd or Docker)."""
+    model = write_fake_model(tmp_path / "solo.gguf", crash_on_start=True, exit_code=3)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llamarouter", "-m", str(model), "--port", "0", "--host", "127.0.0.1",
+        "--server-bin", str(fake_bin), "--restart-max", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(ROOT),
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 1, out
+    assert b"model name=solo: " in out and b"exiting, as llama-server does" in out, out
+    assert b"giving up after 2 failures" in out, out  # supervised first: retried, then failed
+
+
+async def test_single_model_mode_stays_up_when_a_model_that_served_fails(
+    tmp_path: Path, start_router: StartRouter
+) -> None:
+    # Only a model that never served ends the router: once it has, crashes are the
+    # supervisor's to restart, and a model that then fails for good answers 503.
+    model = write_fake_model(tmp_path / "solo.gguf")
+    r = await start_router("-m", str(model), "--restart-max", "2")
+    r.models_path = "/llamarouter/models"
+    await r.wait_status("solo", "loaded")
+    write_fake_model(model, crash_on_start=True)  # its restarts fail from now on
+    (child,) = psutil.Process(r.proc.pid).children()
+    child.kill()
+    async def failed() -> bool:
+        return (await r.models())["solo"]["status"].get("state") == "failed"
+
+    await wait_for(failed, 20, message="the restarts to fail")
+    assert "giving up after 2 failures" in r.log()
+    assert r.proc.returncode is None
+    assert (await r.chat("solo", max_tokens=1))[0] == 503
+
+
 async def test_second_signal_during_a_stream_exits_at_once(tmp_path: Path, start_router: StartRouter) -> None:
     """Was: "forced exit" was logged and the children died, but the process stayed in the
     loop's executor shutdown (5 of 6 tries)."""
