@@ -42,6 +42,7 @@ from .settings.flags import (
     Opt,
     env_items,
     first_invalid_argument,
+    first_invalid_index,
     key,
     lacks_value,
     split_argv,
@@ -856,10 +857,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     environ = dict(os.environ)
     _setup_logging(environ)
     cli_table, _ = flag_tables()
-    bad = first_invalid_argument(args, cli_table, _EXTRA_KEYS)
-    if bad is not None:
+    at = first_invalid_index(args, cli_table, _EXTRA_KEYS)
+    if at is not None:
+        # llama-server stops at the first error in order: a bad value before this token
+        # is what it reports (its parse of what comes before, in its own words).
+        try:
+            if at > 0:
+                check_with_server(args[:at], environ)
+        except CommandLineRejected as exc:
+            click.echo(exc.message, err=True)
+            sys.exit(exc.exit_code)
+        except LlamaRouterError:
+            pass  # no binary to ask: the unknown token is the error to report
         # llama-server's own words and exit code for a flag it does not know.
-        click.echo(f"error: invalid argument: {bad}", err=True)
+        click.echo(f"error: invalid argument: {first_invalid_argument(args, cli_table, _EXTRA_KEYS)}", err=True)
         sys.exit(1)
     try:
         build = check_with_server(args, environ)

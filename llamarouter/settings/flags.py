@@ -46,6 +46,7 @@ __all__ = [
     "env_items",
     "env_names",
     "first_invalid_argument",
+    "first_invalid_index",
     "is_autoy",
     "is_falsey",
     "is_truthy",
@@ -602,6 +603,12 @@ def first_invalid_argument(argv: list[str], table: FlagTable, own: Collection[st
     not reported here (upstream reports it with the option's usage text). Options whose
     key is in ``own`` (llamarouter's) may also be written ``--flag=value``.
     """
+    at = first_invalid_index(argv, table, own)
+    return None if at is None else _normalize_spelling(argv[at])
+
+
+def first_invalid_index(argv: list[str], table: FlagTable, own: Collection[str] = ()) -> int | None:
+    """Where in `argv` :func:`first_invalid_argument`'s token is, or None."""
     i, n = 0, len(argv)
     while i < n:
         tok = _normalize_spelling(argv[i])
@@ -610,7 +617,7 @@ def first_invalid_argument(argv: list[str], table: FlagTable, own: Collection[st
             if _own_inline(tok, table, own):
                 i += 1
                 continue
-            return tok
+            return i
         i += 1 + hit[0].nargs
     return None
 

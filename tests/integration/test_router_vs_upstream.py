@@ -420,6 +420,9 @@ async def _run_cli(argv: list[str], cwd: Path) -> tuple[int, str]:
         ["--ctx-size=512"],
         ["positional"],
         ["-c", "512", "--temp", "warm"],
+        # Two errors: the first in order is the one reported.
+        ["-c", "abc", "--bogus"],
+        ["-c", "--port", "1"],
     ],
     ids=lambda a: " ".join(a),
 )
