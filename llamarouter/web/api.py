@@ -704,6 +704,10 @@ class Api:
                     retried, failed = True, exc
                 finally:
                     lease.release()
+                if proc.stop_reason is not None and not proc.crashed:
+                    # Stopped on purpose (an unload) while it ran: a replay would only load
+                    # the model again.
+                    raise failed
                 await proc.wait_changed_from(port, self.config.timeouts.health_timeout)
                 gone = proc.state != State.READY or proc.port != port
                 if not (gone or isinstance(failed, ChildUnreachable)):

@@ -23,7 +23,9 @@ from ..core.kvcache import KvCache
 from ..core.launcher import Launcher, OsLauncher
 from ..core.memory import MemoryManager
 from ..core.probes import HttpProbe
+from ..core.process import ModelProcess
 from ..core.statedir import StateDir
+from ..core.states import State
 from ..core.supervisor import Supervisor
 from ..core.watch import Watcher
 from ..errors import ConfigError, LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
@@ -293,13 +295,23 @@ def build_app(
                         kv.ensure_dir(spec.name)
                     return child_args.argv(spec, port)
 
+                proxy = Proxy(config)
+
+                def on_state(proc: ModelProcess, old: State, new: State) -> None:
+                    metrics.on_state(proc, old, new)
+                    if new == State.STOPPING:
+                        # llama-server exits only once its open connections are closed:
+                        # requests still running on a model being stopped (an unload) end
+                        # now with an error, instead of going silent until the SIGKILL.
+                        proxy.cut(proc, f"the model was stopped ({proc.stop_reason or 'stop'})")
+
                 sup = Supervisor(
                     config, discover, launcher or OsLauncher(config.limits.child_nice), HttpProbe(session),
-                    build_argv, state_dir, observer=metrics.on_state,
+                    build_argv, state_dir, observer=on_state,
                     options_for=child_args.merged, memory=memory, kv_cache=kv,
                 )
                 app[SUPERVISOR] = sup
-                api.bind(sup, Proxy(config), session)
+                api.bind(sup, proxy, session)
                 api.kv_cache = kv
                 watcher: Watcher | None = None
                 try:

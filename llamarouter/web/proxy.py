@@ -149,6 +149,13 @@ class Proxy:
         self._pools[proc] = (proc.argv, pool)
         return pool
 
+    def cut(self, proc: ModelProcess, reason: str) -> None:
+        """The model is being stopped: end its requests in flight now, with `reason`,
+        and close its connections (llama-server exits only once they are closed)."""
+        entry = self._pools.pop(proc, None)
+        if entry is not None:
+            entry[1].cut(reason)
+
     async def forward(
         self,
         request: web.Request,

@@ -441,6 +441,10 @@ class Exchange:
         self.error = message
         self._finish(reusable=False, clean=False)
 
+    def fail(self, message: str) -> None:
+        """End this exchange with `message` as its error (the router stops the child)."""
+        self._fail(message)
+
     def on_lost(self, exc: BaseException | None) -> None:
         if self.done:
             return
@@ -558,6 +562,14 @@ class ChildConnection(asyncio.Protocol):
         else:
             self.pool.forget(self)
 
+    def cut(self, reason: str) -> None:
+        """Close at once, failing the exchange on it (if any) with `reason`."""
+        exchange = self.exchange
+        if exchange is not None:
+            exchange.fail(reason)  # finishing it aborts the connection
+        else:
+            self.abort()
+
 
 class ChildPool:
     """Keep-alive connections to one child: at most `limit` open at once; requests beyond
@@ -576,6 +588,7 @@ class ChildPool:
         self._prune: asyncio.TimerHandle | None = None
         self._refills: set[asyncio.Task[None]] = set()
         self.closed = False
+        self.live: set[ChildConnection] = set()  # every connection open now, idle or busy
 
     async def acquire(self) -> ChildConnection:
         conn = self._take_idle()
@@ -651,6 +664,7 @@ class ChildPool:
                 raise ConnectFailed(f"cannot connect to 127.0.0.1:{self.port}: {_describe(exc)}") from exc
             raise
         self.opened += 1
+        self.live.add(conn)
         return conn
 
     def release(self, conn: ChildConnection) -> None:
@@ -679,6 +693,7 @@ class ChildPool:
     def forget(self, conn: ChildConnection) -> None:
         """A connection is closed: its place goes to the first waiter, if any; else, if it
         had served a whole response, to a replacement opened now."""
+        self.live.discard(conn)
         if not conn.counted:
             return
         conn.counted = False
@@ -749,6 +764,14 @@ class ChildPool:
             self._prune = None
         for conn in list(self.idle):
             conn.abort()
+
+    def cut(self, reason: str) -> None:
+        """Close every connection, the busy ones included, failing their exchanges with
+        `reason`: the child is being stopped, and llama-server waits for its open
+        connections before it exits."""
+        self.close()
+        for conn in list(self.live):
+            conn.cut(reason)
 
 
 

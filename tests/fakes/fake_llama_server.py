@@ -33,6 +33,9 @@ Knobs (see ``KNOBS``):
 ``inference_fails`` bool   inference requests answer 500 while /health and the
                            other monitoring endpoints still answer 200
 ``ignore_sigterm`` bool    SIGTERM is ignored (only SIGKILL stops it)
+``term_waits_for_clients`` bool  on SIGTERM, streams stop producing tokens but
+                           stay open, and the process exits only once their
+                           clients have closed them (as llama-server does)
 ``tokens``     int, 8      tokens per completion ("tok0 tok1 ...")
 ``tps``        float, 0    generation speed in tokens/s (0 = unlimited); it
                            paces streaming *and* non-streaming generation
@@ -116,6 +119,7 @@ KNOBS: dict[str, tuple[type, object]] = {
     "hang_after": (int, 0),
     "inference_fails": (bool, False),
     "ignore_sigterm": (bool, False),
+    "term_waits_for_clients": (bool, False),
     "tokens": (int, 8),
     "tps": (float, 0.0),
     "silent": (bool, False),
@@ -593,6 +597,8 @@ class State:
         """Wait until token ``i`` is due (tps pacing); returns at once on shutdown."""
         import asyncio
 
+        if self.shutting_down and self.knobs["term_waits_for_clients"]:
+            await asyncio.Event().wait()  # until the client goes away (handler cancelled)
         tps = float(self.knobs["tps"])
         if tps <= 0 or self.shutting_down:
             await asyncio.sleep(0)
@@ -1286,9 +1292,10 @@ async def serve(
     log.quiet = False
     log.info("srv    operator(): operator(): cleaning up before exit...")
     load_task.cancel()
-    # In-flight streams stop pacing and finish at once; give them a moment.
+    # In-flight streams stop pacing and finish at once; give them a moment (or, like
+    # llama-server, wait for their clients to close them).
     try:
-        await asyncio.wait_for(state.streams_idle.wait(), 2.0)
+        await asyncio.wait_for(state.streams_idle.wait(), None if knobs["term_waits_for_clients"] else 2.0)
     except TimeoutError:
         log.warn("fake: streams still open at shutdown, dropping them")
     for task in list(state.hung_tasks):

@@ -261,3 +261,31 @@ async def test_client_disconnects_are_not_counted_as_errors(tmp_path: Path, star
 
 async def _idle(r: Router) -> bool:
     return (await r.models())["a"]["in_flight"] == 0
+
+
+async def test_unloading_a_busy_model_ends_its_requests_at_once(tmp_path: Path, start_router: StartRouter) -> None:
+    """Was: llama-server waits for its open connections before it exits, and the router
+    kept them open, so a stream on a model being unloaded went silent for the whole
+    --stop-timeout before the child was SIGKILLed; and a whole-response request in
+    flight was replayed, which loaded the model again the admin had just unloaded."""
+    d = make_models(tmp_path, "a", tokens=100000, tps=20, term_waits_for_clients=True)
+    r = await start_router("--models-dir", str(d), "--stop-timeout", "60")
+    async with aiohttp.ClientSession() as s:
+        body = {"model": "a", "messages": [{"role": "user", "content": "x"}]}
+        whole = asyncio.create_task(s.post(r.url + "/v1/chat/completions", json=body))
+        async with open_stream(r, "a") as stream:
+            await wait_for(lambda: _in_flight(r, "a", 2), 10, message="both requests to reach the model")
+            assert (await r.post("/models/unload", {"model": "a"}))[0] == 200
+            async with asyncio.timeout(15):  # a quarter of the stop timeout
+                rest = await stream.content.read()
+                await r.wait_status("a", "unloaded")
+                resp = await whole
+        assert b'"type": "server_error"' in rest and b"unloaded" in rest, rest[-500:]
+        assert resp.status == 500
+        assert "unloaded" in (await resp.json())["error"]["message"]
+    assert "killing" not in r.log()
+    assert (await r.models())["a"]["status"]["value"] == "unloaded"  # not loaded again
+
+
+async def _in_flight(r: Router, name: str, n: int) -> bool:
+    return (await r.models())[name]["in_flight"] == n
