@@ -205,3 +205,20 @@ async def test_head_to_a_model_route_is_answered_from_the_childs_head(
             assert resp.status == 200 and resp.headers["Content-Length"] == str(length)
             assert await resp.read() == b""
     assert (await r.chat("alpha", max_tokens=1))[0] == 200
+
+
+async def test_a_half_close_after_the_request_is_taken_as_the_client_leaving(
+    tmp_path: Path, start_router: StartRouter
+) -> None:
+    # A documented difference from llama-server, which answers: the end of the client's
+    # input is how a client that went away is noticed (and its generation stopped).
+    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=3)
+    r = await start_router("--models-dir", str(tmp_path / "m"))
+    reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
+    try:
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write_eof()
+        assert await asyncio.wait_for(reader.read(), 10) == b""
+    finally:
+        writer.close()
+    assert (await r.get("/health"))[0] == 200
