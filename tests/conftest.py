@@ -22,6 +22,23 @@ from tests.fakes.helpers import free_port, wait_for, write_fake_server_bin
 ROOT = Path(__file__).resolve().parent.parent
 
 
+async def run_router_to_exit(*args: str, timeout: float) -> tuple[int, bytes]:
+    """Run `llamarouter ARGS` until it exits by itself (killed after `timeout`, which then
+    fails the caller's wait); its exit code and its output, stdout and stderr together."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "llamarouter", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(ROOT),
+    )
+    try:
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode, out
+
+
 @dataclass
 class Router:
     proc: asyncio.subprocess.Process

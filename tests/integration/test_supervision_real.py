@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import sys
 from pathlib import Path
 
 import aiohttp
 import psutil
 import pytest
 
-from tests.conftest import ROOT, StartRouter
+from tests.conftest import StartRouter, run_router_to_exit
 from tests.fakes.helpers import wait_for
 from tests.integration.conftest import TinyModels
 from tests.router.test_supervision import child_of
@@ -81,17 +80,10 @@ async def test_single_model_mode_with_a_missing_file_exits_like_llama_server(
     # llama-server exits with 1 when it cannot load its model; so does the router, with
     # the child's own reason, instead of staying up to answer 503.
     missing = tmp_path / "nope.gguf"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llamarouter", "-m", str(missing), "--port", "0", "--host", "127.0.0.1",
-        "--server-bin", str(llama_server_bin), *BASE,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(ROOT),
+    rc, out = await run_router_to_exit(
+        "-m", str(missing), "--port", "0", "--host", "127.0.0.1", "--server-bin", str(llama_server_bin), *BASE,
+        timeout=60,
     )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1, out
+    assert rc == 1, out
     line = next(x for x in out.decode(errors="replace").splitlines() if "exiting, as llama-server does" in x)
     assert "model name=nope" in line and "cause:" in line, line

@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import psutil
 
-from tests.conftest import ROOT, Router, StartRouter
+from tests.conftest import Router, StartRouter, run_router_to_exit
 from tests.fakes.helpers import wait_for, write_fake_model
 from tests.router.test_scheduling import Events, make_models, open_stream
 
@@ -54,18 +53,8 @@ async def test_single_model_mode_on_a_busy_port_exits_with_the_bind_error(tmp_pa
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "llamarouter", "-m", str(model), "--port", str(port),
-            "--server-bin", str(fake_bin),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(ROOT),
-        )
-        try:
-            out, _ = await asyncio.wait_for(proc.communicate(), 20)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
-    assert proc.returncode == 1, out
+        rc, out = await run_router_to_exit("-m", str(model), "--port", str(port), "--server-bin", str(fake_bin), timeout=20)
+    assert rc == 1, out
     assert b"couldn't bind" in out, out
     assert b"stopped -> starting" not in out  # nothing was spawned
 
@@ -74,18 +63,11 @@ async def test_single_model_mode_exits_when_its_model_cannot_load(tmp_path: Path
     """Was: the router stayed up answering 503 for good, where llama-server exits with 1
     (a typo in -m looked like a live service to systemd or Docker)."""
     model = write_fake_model(tmp_path / "solo.gguf", crash_on_start=True, exit_code=3)
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "llamarouter", "-m", str(model), "--port", "0", "--host", "127.0.0.1",
-        "--server-bin", str(fake_bin), "--restart-max", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=str(ROOT),
+    rc, out = await run_router_to_exit(
+        "-m", str(model), "--port", "0", "--host", "127.0.0.1", "--server-bin", str(fake_bin), "--restart-max", "2",
+        timeout=30,
     )
-    try:
-        out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 1, out
+    assert rc == 1, out
     assert b"model name=solo: " in out and b"exiting, as llama-server does" in out, out
     assert b"giving up after 2 failures" in out, out  # supervised first: retried, then failed
 
