@@ -77,10 +77,14 @@ async def test_first_cancels_the_work_when_a_stop_comes_first() -> None:
     assert work.ended == ["cancelled"]
 
 
-async def test_first_cancels_the_work_when_its_caller_is_cancelled() -> None:
+@pytest.mark.parametrize("helper", ["_first", "_unless_stopped"])
+async def test_the_work_is_cancelled_when_the_caller_is(helper: str) -> None:
     work = Work()
-    never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-    caller = asyncio.create_task(_first(work.run(), never, settle=SETTLE))
+    if helper == "_first":
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        caller = asyncio.create_task(_first(work.run(), never, settle=SETTLE))
+    else:
+        caller = asyncio.create_task(_unless_stopped(work.run(), asyncio.Event(), SETTLE))
     try:
         await asyncio.wait_for(work.started.wait(), BOUND)
         await _cancel_caller(caller)
@@ -88,21 +92,9 @@ async def test_first_cancels_the_work_when_its_caller_is_cancelled() -> None:
         assert work.ended == ["cancelled"]
     finally:
         work.release.set()
-        never.cancel()
-
-
-async def test_unless_stopped_cancels_the_work_when_its_caller_is_cancelled() -> None:
-    work = Work()
-    stop = asyncio.Event()
-    caller = asyncio.create_task(_unless_stopped(work.run(), stop, SETTLE))
-    try:
-        await asyncio.wait_for(work.started.wait(), BOUND)
-        await _cancel_caller(caller)
-        await wait_for(lambda: work.ended, BOUND, message="the wrapped work to be cancelled")
-        assert work.ended == ["cancelled"]
-    finally:
-        work.release.set()
-    # Nothing the helper started is left behind: its own stop.wait() task included.
+        if helper == "_first":
+            never.cancel()
+    # Nothing the helper started is left behind (_unless_stopped's stop.wait() task included).
     mine = {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
     await wait_for(lambda: all(t.done() for t in mine), BOUND, message="no task left running")
 
