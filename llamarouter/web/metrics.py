@@ -119,10 +119,17 @@ class RouterMetrics:
             "Children that exited or were killed without being asked to stop.",
             ("model",), registry=r,
         )
+        self.request_kills = Counter(
+            "llamarouter_model_request_failure_kills",
+            "Children killed and replaced because live requests kept failing by their doing "
+            "(--request-failures).",
+            ("model",), registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
         self._state = _SupervisorCollector()
         r.register(self._state)
+        r.register(_EndpointPickerCollector(self._state))
 
     def add_kv_cache(self, kv: KvCache) -> None:
         """Saved slot caches (keep-cache), read off `kv` at scrape time."""
@@ -157,6 +164,8 @@ class RouterMetrics:
             self.loads.labels(name, "failed").inc()
         if old in _RUNNING and new in _CRASH_TARGETS:
             self.crashes.labels(name).inc()
+            if proc.sick_exit:
+                self.request_kills.labels(name).inc()
         elif old == State.BACKOFF and new == State.STARTING:
             self.restarts.labels(name).inc()
         elif new == State.STOPPING:
@@ -375,3 +384,96 @@ class _KvCacheCollector(Collector):
         ops.add_metric(("restore",), self._kv.restores)
         ops.add_metric(("failure",), self._kv.failures)
         yield ops
+
+
+# ------------------------------------------------------------------------ endpoint picker
+# Pod-level gauges with the semantics of the Gateway API Inference Extension's model-server
+# protocol (docs/metrics.md). Its endpoint picker scores whole pods: it reads one value per
+# pod for each metric, and the adapter lists of one info series. The router's models play
+# the adapters' part, so the picker's adapter affinity sends a model's requests to the
+# pod that already has it loaded.
+ADAPTERS_INFO = "llamarouter_loaded_models_info"
+# The label names are fixed by the protocol (only the metric name is configurable there).
+RUNNING_LABEL = "running_lora_adapters"
+WAITING_LABEL = "waiting_lora_adapters"
+MAX_LABEL = "max_lora"
+
+
+def adapter_lists(
+    sup: Supervisor, procs: list[ModelProcess]
+) -> tuple[list[str], list[str], int]:
+    """(loaded, queued for load, capacity) as the protocol's adapter labels carry them.
+
+    Loading models and models with requests waiting for a slot are both "waiting": each
+    holds or is about to take a slot, which is what the picker counts against max_lora.
+    Names with a comma cannot be told apart in a comma-separated label, so they are left
+    out (the picker then sees that model as not loaded anywhere, and balances by queue).
+    """
+    running: list[str] = []
+    waiting: list[str] = []
+    for proc in procs:
+        if "," in proc.name:
+            continue
+        if proc.state == State.READY:
+            running.append(proc.name)
+        elif proc.state == State.STARTING or sup.queued_for(proc) > 0:
+            waiting.append(proc.name)
+    limit = sup.config.limits.models_max
+    # 0 = unlimited: every known model fits, so the catalogue size is the capacity (a picker
+    # reading 0 would think no model can ever be loaded here).
+    capacity = limit if limit > 0 else len(procs)
+    return sorted(running), sorted(waiting), capacity
+
+
+class _EndpointPickerCollector(Collector):
+    """Reads the same scrape-time snapshot as the per-model gauges."""
+
+    def __init__(self, state: _SupervisorCollector) -> None:
+        self._state = state
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        snap = self._state.snapshot
+        if snap is None:
+            return
+        sup = snap.sup
+        queued = 0.0
+        running = 0.0
+        kv: float | None = None
+        for proc in snap.procs:
+            child = snap.children.get(proc.name, {})
+            deferred = child.get(CHILD_DEFERRED, 0.0)
+            queued += sup.queued_for(proc) + deferred
+            # in_flight counts what the child deferred too; without --metrics the split is
+            # unknown and every proxied request counts as running.
+            running += max(0.0, proc.in_flight - deferred)
+            if CHILD_KV_USAGE in child:
+                # The fullest child: a request for it is the one that would wait for cache.
+                kv = max(kv or 0.0, child[CHILD_KV_USAGE])
+        yield GaugeMetricFamily(
+            "llamarouter_total_queued_requests",
+            "Requests waiting in this router and its children (protocol TotalQueuedRequests).",
+            value=queued,
+        )
+        yield GaugeMetricFamily(
+            "llamarouter_total_running_requests",
+            "Requests being served by this router's children (protocol TotalRunningRequests).",
+            value=running,
+        )
+        yield GaugeMetricFamily(
+            "llamarouter_kv_cache_usage_ratio",
+            "Highest KV-cache usage (0-1) among children run with --metrics, 0 without any "
+            "(protocol KVCacheUtilization).",
+            value=kv or 0.0,
+        )
+        loaded, waiting, capacity = adapter_lists(sup, snap.procs)
+        info = GaugeMetricFamily(
+            ADAPTERS_INFO,
+            "Models loaded, models queued for load and --models-max, as the protocol's LoRA "
+            "adapter labels; the value is the scrape time (the picker keeps the newest series).",
+            labels=(RUNNING_LABEL, WAITING_LABEL, MAX_LABEL),
+        )
+        info.add_metric((",".join(loaded), ",".join(waiting), str(capacity)), time.time())
+        yield info
