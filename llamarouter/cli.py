@@ -92,6 +92,12 @@ SETTINGS: tuple[Setting, ...] = (
             "stays responsive on busy cores (default 0)", maximum=19),
     Setting("--max-body-bytes", "LLAMAROUTER_MAX_BODY_BYTES", "limits.max_body_bytes", "int",
             "largest request body accepted (413 above)"),
+    Setting("--request-failures", "LLAMAROUTER_REQUEST_FAILURES", "limits.request_failures", "int",
+            "requests in a row a loaded child fails by its own doing (5xx other than 501/503, "
+            "reset or closed before answering) before it is replaced (0 = off)"),
+    Setting("--request-failure-window", "LLAMAROUTER_REQUEST_FAILURE_WINDOW",
+            "limits.request_failure_window", "float",
+            "seconds within which those failures must fall to count together"),
     Setting("--load-timeout", "LLAMAROUTER_LOAD_TIMEOUT", "timeouts.load_stall", "float",
             "fail a load that shows no progress (no output, no answer) for this many seconds"),
     Setting("--health-interval", "LLAMAROUTER_HEALTH_INTERVAL", "timeouts.health_interval", "float",

@@ -88,6 +88,11 @@ class ChildUnreachable(UpstreamError):
     """Connecting to the child failed, so it never saw the request: safe to send again."""
 
 
+class ChildBroke(UpstreamError):
+    """The child took the request but our client got nothing: the connection was reset or
+    closed, the response was malformed, or nothing came within the proxy timeout."""
+
+
 class CommandLineRejected(ConfigError):
     """llama-server refused the command line; `message` is its own text, printed as is."""
 

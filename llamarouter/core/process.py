@@ -34,6 +34,7 @@ from .kvcache import SAVE_ON_STOP
 from .launcher import Child, Launcher
 from .logring import LogRing
 from .probes import Probe
+from .reqhealth import RequestHealth
 from .sleep import sleeping_from_log
 from .states import SLOT_STATES, State, api_status, check_transition
 
@@ -114,6 +115,7 @@ class _Exited:
     bind_failed: bool = False
     loaded: bool = False  # it reached READY in this life
     cause: str | None = None
+    sick: bool = False  # killed because its live requests kept failing
 
 
 @dataclass
@@ -134,9 +136,14 @@ class _Life:
     """What the owner keeps of the current attempt: its task and how to stop it."""
 
     gen: int
+    requests: RequestHealth
     task: asyncio.Task[None] | None = None
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     kill_at_once: bool = False
+    # Set once its live requests failed past the limit: the life kills the child and the
+    # exit is handled as a crash; until then the model routes nothing new (expected_state).
+    sick: asyncio.Event = field(default_factory=asyncio.Event)
+    sick_cause: str | None = None
 
 
 class ModelProcess:
@@ -175,6 +182,8 @@ class ModelProcess:
         self.load_started_at: float | None = None
         self.ready_at: float | None = None
         self.ever_ready = False  # this life reached READY (STOPPING shows "loaded" only then)
+        # The last unasked exit was a kill because live requests kept failing (reqhealth.py).
+        self.sick_exit = False
         # Buffer sizes the child reported while loading, by (device, kind).
         self.measured: dict[tuple[str, str], int] = {}
         # VRAM of the child from NVML, once ready and after its first request (GPU hosts
@@ -219,6 +228,9 @@ class ModelProcess:
     def expected_state(self) -> State:
         """The state once the commands already sent are handled (what scheduling uses)."""
         state = self.state
+        life = self._life
+        if state == State.READY and life is not None and life.sick_cause is not None:
+            state = State.BACKOFF  # its exit, already on its way, will be handled as a crash
         for cmd in self._pending:
             if cmd == _Cmd.START and state in (State.STOPPED, State.FAILED):
                 state = State.STARTING
@@ -304,6 +316,25 @@ class ModelProcess:
         if self.measure_device is not None and self._remeasured_gen != self._gen and self.state == State.READY:
             self._remeasured_gen = self._gen
             self._post(_Remeasure(self._gen))
+
+    def note_request(self, port: int | None, fault: str | None) -> None:
+        """A live request to the child on `port` ended; `fault` says how the child failed
+        it (reqhealth.py), None that it answered. Past the limit the child is taken out of
+        routing at once and its life kills it; the exit then counts as a crash (backoff,
+        or `failed` once the restart budget is used up). A report about an earlier child,
+        or while the model is not READY (a stop cuts requests short), is ignored."""
+        life = self._life
+        if (
+            life is None or port is None or port != self.port or self.state != State.READY
+            or life.sick_cause is not None
+        ):
+            return
+        cause = life.requests.note(time.monotonic(), fault)
+        if cause is None:
+            return
+        life.sick_cause = cause
+        log.error("[%s] %s", self.name, cause)
+        life.sick.set()
 
     async def wait_shutdown(self, timeout: float) -> bool:
         """True once SHUTDOWN (every command sent before `shutdown()` handled, the child
@@ -475,7 +506,8 @@ class ModelProcess:
 
     def _begin_life(self) -> None:
         self._gen += 1
-        life = _Life(self._gen)
+        limits = self._config.limits
+        life = _Life(self._gen, RequestHealth(limits.request_failures, limits.request_failure_window))
         self._life = life
         life.task = asyncio.create_task(self._live(life), name=f"life:{self.name}:{life.gen}")
         life.task.add_done_callback(self._life_done)
@@ -514,6 +546,7 @@ class ModelProcess:
         limits = self._config.limits
         self.crashed = True
         self.failure = ex.cause or "child exited"
+        self.sick_exit = ex.sick
         found = classify(self.logs.tail(limits.log_lines)) if not ex.loaded else None
         if found is not None and found.cause:
             # The child's own words ("invalid magic characters", "No such file") say why.
@@ -717,17 +750,19 @@ class ModelProcess:
         timeouts = self._config.timeouts
         misses = canary_misses = 0
         stop_wait = asyncio.create_task(life.stop.wait())
+        # Failed live requests end the watch like a stop does, but the exit is a crash.
+        sick_wait = asyncio.create_task(life.sick.wait())
         try:
             while True:
                 done, _ = await asyncio.wait(
-                    {exit_wait, stop_wait},
+                    {exit_wait, stop_wait, sick_wait},
                     timeout=timeouts.health_interval,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 if done:
                     return
                 probe = await _first(
-                    self._probe.health(port, timeouts.health_timeout), exit_wait, stop_wait,
+                    self._probe.health(port, timeouts.health_timeout), exit_wait, stop_wait, sick_wait,
                     settle=timeouts.settle_cancelled,
                 )
                 if probe is None:
@@ -739,7 +774,7 @@ class ModelProcess:
                     # own (the /health probes between them pass) against the same limit.
                     self._last_canary = time.monotonic()
                     canary = await _first(
-                        self._probe.canary(port, timeouts.canary_timeout), exit_wait, stop_wait,
+                        self._probe.canary(port, timeouts.canary_timeout), exit_wait, stop_wait, sick_wait,
                         settle=timeouts.settle_cancelled,
                     )
                     if canary is None:
@@ -780,6 +815,11 @@ class ModelProcess:
                     return
         finally:
             stop_wait.cancel()
+            sick_wait.cancel()
+            if life.sick.is_set() and not life.stop.is_set() and not exit_wait.done():
+                # Whatever else ended the watch, the child is killed for its requests.
+                result.cause = life.sick_cause
+                result.sick = True
 
     def _canary_due(self) -> bool:
         return canary_due(

@@ -24,10 +24,12 @@ from aiohttp import web
 from ..core.failure import explain_failure
 from ..core.process import ModelProcess
 from ..core.sleep import sleeping_from_log
+from ..core.reqhealth import status_fault
 from ..core.states import State
 from ..core.supervisor import Supervisor
 from ..errors import (
     ChildUnreachable,
+    ChildBroke,
     InvalidRequest,
     LlamaRouterError,
     ModelNotFound,
@@ -435,6 +437,8 @@ class Api:
         if proc.stop_reason and proc.api_status == "unloaded":
             status["stop_reason"] = proc.stop_reason
         item: dict[str, Any] = {
+            if cause is None and proc.sick_exit:
+                cause = proc.failure  # its live requests said it, not its output
             "id": spec.name,
             "aliases": list(spec.aliases),
             "tags": list(spec.tags),
@@ -700,8 +704,12 @@ class Api:
                     # connection). Send it once more when the child that may have seen it
                     # is gone, or when it never reached the child at all.
                     if retried:
+                    # Health from live traffic (reqhealth.py): the child's answer counts.
+                    proc.note_request(port, status_fault(code))
                         raise
                     retried, failed = True, exc
+                    if isinstance(exc, ChildUnreachable | ChildBroke):
+                        proc.note_request(port, exc.message)
                 finally:
                     lease.release()
                 if proc.stop_reason is not None and not proc.crashed:

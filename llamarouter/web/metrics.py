@@ -119,6 +119,12 @@ class RouterMetrics:
             "Children that exited or were killed without being asked to stop.",
             ("model",), registry=r,
         )
+        self.request_kills = Counter(
+            "llamarouter_model_request_failure_kills",
+            "Children killed and replaced because live requests kept failing by their doing "
+            "(--request-failures).",
+            ("model",), registry=r,
+        )
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
         self._state = _SupervisorCollector()
@@ -158,6 +164,8 @@ class RouterMetrics:
             self.loads.labels(name, "failed").inc()
         if old in _RUNNING and new in _CRASH_TARGETS:
             self.crashes.labels(name).inc()
+            if proc.sick_exit:
+                self.request_kills.labels(name).inc()
         elif old == State.BACKOFF and new == State.STARTING:
             self.restarts.labels(name).inc()
         elif new == State.STOPPING:

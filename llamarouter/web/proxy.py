@@ -24,7 +24,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..core.process import ModelProcess
-from ..errors import ChildUnreachable, UpstreamError
+from ..errors import ChildBroke, ChildUnreachable, UpstreamError
 from ..settings.config import RouterConfig
 from .metrics import PREDICTED_MARK, RequestTiming, predicted_tokens
 from .relay import ChildPool, ConnectFailed, Exchange, Head
@@ -183,13 +183,13 @@ class Proxy:
         try:
             await exchange.wait()
             if exchange.head is None:
-                raise UpstreamError(f"proxy error: {exchange.error or 'no response from child'}")
+                raise ChildBroke(f"proxy error: {exchange.error or 'no response from child'}")
             now = proc.last_activity = time.monotonic()
             if timing is not None:
                 timing.headers_at = now  # time to first byte: the same clock read, no extra cost
             if exchange.whole:
                 if exchange.body is None:  # cut short: nothing reached our client yet
-                    raise UpstreamError(f"proxy error: {exchange.error}")
+                    raise ChildBroke(f"proxy error: {exchange.error}")
                 if timing is not None and PREDICTED_MARK in exchange.body:
                     timing.tokens = predicted_tokens(exchange.body) or 0
                 headers = _response_headers(exchange.head)

@@ -32,6 +32,11 @@ Knobs (see ``KNOBS``):
 ``hang_after`` int, 0      hang after N completed inference requests
 ``inference_fails`` bool   inference requests answer 500 while /health and the
                            other monitoring endpoints still answer 200
+``inference_fails_after`` int, 0  the same once N inference requests have been
+                           received (0 = never): the first N are served
+``inference_reset`` bool   a failing inference request (either knob above) gets
+                           its connection reset before any response head,
+                           instead of a 500
 ``ignore_sigterm`` bool    SIGTERM is ignored (only SIGKILL stops it)
 ``term_waits_for_clients`` bool  on SIGTERM, streams stop producing tokens but
                            stay open, and the process exits only once their
@@ -118,6 +123,8 @@ KNOBS: dict[str, tuple[type, object]] = {
     "hang": (bool, False),
     "hang_after": (int, 0),
     "inference_fails": (bool, False),
+    "inference_fails_after": (int, 0),
+    "inference_reset": (bool, False),
     "ignore_sigterm": (bool, False),
     "term_waits_for_clients": (bool, False),
     "tokens": (int, 8),
@@ -411,6 +418,24 @@ PUBLIC_PATHS = {"/health", "/v1/health", "/models", "/v1/models", "/api/tags", "
 EMBD_DIM = 8
 
 
+def _reset(request) -> None:
+    """Drop the request's connection with a TCP reset (SO_LINGER 0), before any byte of
+    a response: what a crashing worker thread or a broken proxy in between looks like."""
+    import socket
+    import struct
+
+    transport = request.transport
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
+
+
 def _err(code: int, message: str, typ: str) -> dict:
     return {"error": {"code": code, "message": message, "type": typ}}
 
@@ -495,6 +520,8 @@ class State:
         self.cancelled_streams = 0
         self.cancelled_requests = 0
         self.completed_inference = 0
+        self.received_inference = 0
+        self.failed_inference = 0
         self.tokens_predicted_total = 0
         self.prompt_tokens_total = 0
         self.last_headers: dict | None = None
@@ -574,6 +601,8 @@ class State:
             "cancelled_streams": self.cancelled_streams,
             "cancelled_requests": self.cancelled_requests,
             "completed_inference": self.completed_inference,
+            "received_inference": self.received_inference,
+            "failed_inference": self.failed_inference,
             "processing": self.processing,
             "deferred": self.deferred,
             "last_headers": self.last_headers,
@@ -759,8 +788,16 @@ def make_app(state: State):
                 await asyncio.get_running_loop().create_future()  # never resolves
             finally:
                 state.hung_tasks.discard(task)
-        if state.knobs["inference_fails"] and path in INFERENCE_PATHS:
-            return jresp(_err(500, "fake: inference fails", "server_error"), 500)
+        if path in INFERENCE_PATHS:
+            state.received_inference += 1
+            k = state.knobs
+            after = k["inference_fails_after"]
+            if k["inference_fails"] or (after > 0 and state.received_inference > after):
+                state.failed_inference += 1
+                if k["inference_reset"]:
+                    _reset(request)
+                    return web.Response(status=500)  # never sent: the connection is gone
+                return jresp(_err(500, "fake: inference fails", "server_error"), 500)
         try:
             return await handler(request)
         except BadRequest as e:
