@@ -113,6 +113,14 @@ class Limits:
     restart_window: float = 60.0
     # How long a FAILED model refuses requests before a request may try it again.
     failed_holdoff: float = 30.0
+    # Health from live traffic: this many requests in a row that a READY child fails by
+    # its own doing (a 5xx other than 501 and 503, or no response head: refused, reset,
+    # closed, or nothing within the proxy timeout), all within `request_failure_window`
+    # seconds, take it out of routing and replace it like a crash. Any other answer, 4xx
+    # included, starts the count again. 0 = off. Above what one bad prompt makes: the
+    # OpenAI SDKs send a request that got a 5xx three times in all.
+    request_failures: int = 5
+    request_failure_window: float = 60.0
     # A child that lost its port to another process before binding it is respawned on a
     # fresh port this many times before the load counts as failed.
     bind_retries: int = 5
@@ -129,14 +137,6 @@ class Limits:
     # Request bodies larger than this get 413 (audio uploads need room).
     max_body_bytes: int = 256 * 1024 * 1024
     # Connections to a child are limited to its HTTP worker threads minus this many, left
-    # Health from live traffic: this many requests in a row that a READY child fails by
-    # its own doing (a 5xx other than 501 and 503, or no response head: refused, reset,
-    # closed, or nothing within the proxy timeout), all within `request_failure_window`
-    # seconds, take it out of routing and replace it like a crash. Any other answer, 4xx
-    # included, starts the count again. 0 = off. Above what one bad prompt makes: the
-    # OpenAI SDKs send a request that got a 5xx three times in all.
-    request_failures: int = 5
-    request_failure_window: float = 60.0
     # for the router's own health probes and metrics scrapes.
     child_http_reserve: int = 1
     # Per-subscriber queue of /models/sse events; a slower client is dropped, not buffered.

@@ -23,13 +23,13 @@ from aiohttp import web
 
 from ..core.failure import explain_failure
 from ..core.process import ModelProcess
-from ..core.sleep import sleeping_from_log
 from ..core.reqhealth import status_fault
+from ..core.sleep import sleeping_from_log
 from ..core.states import State
 from ..core.supervisor import Supervisor
 from ..errors import (
-    ChildUnreachable,
     ChildBroke,
+    ChildUnreachable,
     InvalidRequest,
     LlamaRouterError,
     ModelNotFound,
@@ -431,14 +431,14 @@ class Api:
             # The child's own words for why its last load failed ("No such file", "invalid
             # magic characters"), which the generic exit lines above do not say.
             cause = explain_failure(proc.log_tail(self.config.limits.log_lines))
+            if cause is None and proc.sick_exit:
+                cause = proc.failure  # its live requests said it, not its output
             if cause is not None:
                 status["cause"] = cause
             status["log_tail"] = proc.log_tail(20)
         if proc.stop_reason and proc.api_status == "unloaded":
             status["stop_reason"] = proc.stop_reason
         item: dict[str, Any] = {
-            if cause is None and proc.sick_exit:
-                cause = proc.failure  # its live requests said it, not its output
             "id": spec.name,
             "aliases": list(spec.aliases),
             "tags": list(spec.tags),
@@ -697,19 +697,19 @@ class Api:
                         await asyncio.sleep(self.config.fake_timing_secs)
                     resp = await self.proxy.forward(request, proc, body, timing)
                     code = resp.status
+                    # Health from live traffic (reqhealth.py): the child's answer counts.
+                    proc.note_request(port, status_fault(code))
                     return resp
                 except UpstreamError as exc:
+                    if isinstance(exc, ChildUnreachable | ChildBroke):
+                        proc.note_request(port, exc.message)
                     # Nothing reached our client yet. Typically the child died and its exit
                     # is not processed yet (a request right after a crash, on a dead pooled
                     # connection). Send it once more when the child that may have seen it
                     # is gone, or when it never reached the child at all.
                     if retried:
-                    # Health from live traffic (reqhealth.py): the child's answer counts.
-                    proc.note_request(port, status_fault(code))
                         raise
                     retried, failed = True, exc
-                    if isinstance(exc, ChildUnreachable | ChildBroke):
-                        proc.note_request(port, exc.message)
                 finally:
                     lease.release()
                 if proc.stop_reason is not None and not proc.crashed:
