@@ -37,6 +37,7 @@ from .probes import Probe
 from .reqhealth import RequestHealth
 from .sleep import sleeping_from_log
 from .states import SLOT_STATES, State, api_status, check_transition
+from .watch import FileIdentity, file_identity
 
 if TYPE_CHECKING:
     from .kvcache import KvCache
@@ -182,6 +183,9 @@ class ModelProcess:
         self.load_started_at: float | None = None
         self.ready_at: float | None = None
         self.ever_ready = False  # this life reached READY (STOPPING shows "loaded" only then)
+        # The model file as the last child was spawned on it: a reload that finds it
+        # changed gives a failed model another try at once (Supervisor.reload).
+        self.spawned_file: FileIdentity | None = None
         # The last unasked exit was a kill because live requests kept failing (reqhealth.py).
         self.sick_exit = False
         # Buffer sizes the child reported while loading, by (device, kind).
@@ -277,6 +281,15 @@ class ModelProcess:
         """The longest a stop can take: SIGTERM, stop-timeout, SIGKILL, reap, drain."""
         t = self._config.timeouts
         return self.stop_timeout + t.reap + t.drain + t.spawn
+
+    def file_repaired(self) -> bool:
+        """FAILED, and its model file is not the one its last child was spawned on (size,
+        mtime or inode changed): the hold-off was about a file that is gone."""
+        path = self.spec.model_path
+        return (
+            self.state == State.FAILED and path is not None and self.spawned_file is not None
+            and file_identity(path) != self.spawned_file
+        )
 
     def log_tail(self, n: int) -> list[str]:
         return self.logs.tail(n)
@@ -617,6 +630,7 @@ class ModelProcess:
                 return
             port = self._launcher.free_port("127.0.0.1")
             self.argv = list(self._build_argv(self.spec, port))
+            self.spawned_file = file_identity(self.spec.model_path)
             self.measured = {}
             self.load_started_at = self._last_progress = time.monotonic()
             self._note(f"[llamarouter] starting: {' '.join(self.argv)}")

@@ -673,7 +673,11 @@ class Supervisor:
         for name, proc in list(self.models.items()):
             new = specs.get(name)
             if new is not None and new == proc.spec:
-                continue
+                if not (proc.expected_state == State.FAILED and proc.file_repaired()):
+                    continue
+                # Same definition, but the file that failed was replaced or rewritten:
+                # a fresh process, so no hold-off and a fresh failure budget.
+                log.info("[%s] its model file changed since it failed: it may load again", name)
             del self.models[name]
             state = proc.expected_state
             if state == State.READY and self._serving.get(proc, 0) > 0:

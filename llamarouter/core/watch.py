@@ -1,6 +1,6 @@
 """Watch --models-dir and the preset file; apply changes as a reload does.
 
-What changed is decided by comparing snapshots (name, size, mtime of the GGUF files and
+What changed is decided by comparing snapshots (name, size, mtime, inode of the GGUF files and
 directories discovery looks at, and of the preset file), so the same rules hold whatever
 wakes us: inotify through `watchfiles` when it is installed, else a poll every
 `Timeouts.watch_poll` seconds. A change is applied once the sources have been quiet for
@@ -22,20 +22,31 @@ from ..errors import LlamaRouterError
 
 log = logging.getLogger("llamarouter.core.watch")
 
-Snapshot = frozenset[tuple[str, int, int]]
+Snapshot = frozenset[tuple[str, int, int, int]]
+FileIdentity = tuple[int, int, int]
+
+
+def file_identity(path: str | None) -> FileIdentity | None:
+    """Size, mtime and inode of `path` (following links), None when it cannot be read: a
+    file replaced or rewritten in place shows up as a different identity."""
+    if path is None:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def snapshot(models_dir: Path | None, preset: Path | None) -> Snapshot:
     """What discovery would see: entries of the models dir and of its subdirectories (one
     level, as discovery scans), and the preset file."""
-    out: set[tuple[str, int, int]] = set()
+    out: set[tuple[str, int, int, int]] = set()
 
     def add(path: str) -> None:
-        try:
-            st = os.stat(path)
-        except OSError:
-            return
-        out.add((path, st.st_size, st.st_mtime_ns))
+        found = file_identity(path)
+        if found is not None:
+            out.add((path, *found))
 
     if models_dir is not None:
         for entry in _scandir(str(models_dir)):
