@@ -304,21 +304,33 @@ def kill_leftover(pid: int, create_time: float) -> int:
     itself and every member of its process group (a child is its group's leader).
 
     Pids get reused, so a process counts only if it belongs to that group and was started
-    no earlier than the recorded child. Returns how many processes were killed.
+    no earlier than the recorded child. A zombie is already dead: it is not counted, and
+    it is reaped when it is ours (the router runs as PID 1 in a container, or as a
+    subreaper, and adopted it). Returns how many processes were killed.
     """
     killed = 0
-    for proc in psutil.process_iter(["pid", "create_time"]):
+    for proc in psutil.process_iter(["pid", "create_time", "status"]):
         try:
             if os.getpgid(proc.pid) != pid:
                 continue
             started = proc.info["create_time"]
             if started is None or started < create_time - 0.01:
                 continue
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                _reap_if_ours(proc.pid)
+                continue
             proc.kill()
             killed += 1
         except (psutil.Error, OSError):
             continue
     return killed
+
+
+def _reap_if_ours(pid: int) -> None:
+    # Only a parent can reap; for anyone else's zombie this fails at once and its own
+    # parent (or init) collects it.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
 
 
 def process_create_time(pid: int) -> float | None:
