@@ -100,6 +100,8 @@ SETTINGS: tuple[Setting, ...] = (
             "largest request body accepted (413 above)"),
     Setting("--load-timeout", "LLAMAROUTER_LOAD_TIMEOUT", "timeouts.load_stall", "float",
             "fail a load that shows no progress (no output, no answer) for this many seconds"),
+    Setting("--download-timeout", "LLAMAROUTER_DOWNLOAD_TIMEOUT", "timeouts.download_stall", "float",
+            "cancel a model download (POST /models) that shows no progress for this many seconds"),
     Setting("--health-interval", "LLAMAROUTER_HEALTH_INTERVAL", "timeouts.health_interval", "float",
             "seconds between liveness probes of a loaded model"),
     Setting("--health-timeout", "LLAMAROUTER_HEALTH_TIMEOUT", "timeouts.health_timeout", "float",

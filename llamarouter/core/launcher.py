@@ -266,6 +266,26 @@ class OsLauncher:
             raise
         return _AsyncioChild(proc, output)
 
+    async def spawn_commanded(self, argv: Sequence[str], env: Mapping[str, str]) -> asyncio.subprocess.Process:
+        """A child that speaks llama-server's router-child protocol: commands to it on
+        stdin (its end of stdin is how it knows the router is gone), its reports on stdout,
+        its log on stderr. Same process group and parent-death rules as `spawn`."""
+        parent = os.getpid()
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=dict(env),
+            preexec_fn=lambda: self._preexec(parent),
+            limit=_LINE_LIMIT,
+        )
+
+    def kill_group(self, pid: int) -> None:
+        """SIGKILL a child started by `spawn_commanded` and its group."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
     def _signal_group(self, child: Child, sig: int) -> None:
         if child.returncode is not None:
             return

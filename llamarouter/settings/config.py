@@ -98,6 +98,12 @@ class Timeouts:
     # At startup, `llama-server ARGS --version` validates the command line and names the
     # build; a binary that does not answer within this many seconds is a startup error.
     version_probe: float = 30.0
+    # Downloads (POST /models): a download child that reports no progress and writes no
+    # log line for `download_stall` seconds is cancelled and fails; POST /models waits up
+    # to `download_start` seconds for the download to begin (or to fail, answered with
+    # the child's reason) before answering that it runs.
+    download_stall: float = 120.0
+    download_start: float = 30.0
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp import web
 
+from ..core.downloads import Downloads
 from ..core.failure import explain_failure
 from ..core.process import ModelProcess
 from ..core.reqhealth import status_fault
@@ -40,6 +41,7 @@ from ..errors import (
 )
 from ..settings.childargs import ChildArgs
 from ..settings.config import RouterConfig
+from . import api_models
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .proxy import Proxy
 
@@ -167,6 +169,7 @@ class Api:
     proxy: Proxy
     session: aiohttp.ClientSession
     kv_cache: KvCache | None = None
+    downloads: Downloads | None = None
 
     def __init__(self, config: RouterConfig, child_args: ChildArgs, metrics: RouterMetrics) -> None:
         self.config = config
@@ -385,6 +388,9 @@ class Api:
         for proc in self.sup.visible():
             head, tail = self._item_json(proc)
             items.append(head + created + tail)
+        if self.downloads is not None:
+            now = int(time.time())
+            items += [json.dumps(api_models.download_item(d, now)).encode() for d in self.downloads.running.values()]
         return web.Response(
             body=b'{"data":[' + b",".join(items) + b'],"object":"list"}',
             content_type="application/json",
@@ -528,6 +534,8 @@ class Api:
         name = _model_field(await _json_body(request, self.config.limits.max_body_bytes, allow_empty=False))
         if name == "*":
             return self._unload_all()
+        if self.downloads is not None and await self.downloads.cancel(name, "unloaded"):
+            return _json({"success": True})  # upstream: unloading a download cancels it
         self.sup.unload(name)
         return _json({"success": True})
 
@@ -599,13 +607,11 @@ class Api:
         return _json(openapi_spec())
 
     async def download(self, request: web.Request) -> web.Response:
-        raise LlamaRouterError(
-            "downloading models is not supported by llamarouter; "
-            "put GGUF files in --models-dir or the cache"
-        )
+        body = await _json_body(request, self.config.limits.max_body_bytes, allow_empty=False)
+        return _json(await api_models.download(self.downloads, body))
 
     async def delete(self, request: web.Request) -> web.Response:
-        raise LlamaRouterError("removing cached models is not supported by llamarouter")
+        return _json(await api_models.delete(self.sup, self.downloads, request.query.get("model", "")))
 
     async def sse(self, request: web.Request) -> web.StreamResponse:
         if self.sup.closing:

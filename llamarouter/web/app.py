@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 
+from ..core.downloads import Downloads
 from ..core.kvcache import KvCache
 from ..core.launcher import Launcher, OsLauncher
 from ..core.memory import MemoryManager
@@ -313,6 +314,10 @@ def build_app(
                 app[SUPERVISOR] = sup
                 api.bind(sup, proxy, session)
                 api.kv_cache = kv
+                downloads = api.downloads = Downloads(
+                    config, OsLauncher(config.limits.child_nice), sup.events.publish, sup.reload,
+                    lambda name: sup.find(name) is not None,
+                )
                 watcher: Watcher | None = None
                 try:
                     await sup.start()
@@ -326,6 +331,7 @@ def build_app(
                 finally:
                     if watcher is not None:
                         await watcher.stop(config.timeouts.watch_poll)
+                    await downloads.close()  # before the children: a cancelled one cleans up
                     await sup.shutdown()
             finally:
                 await session.close()

@@ -1349,12 +1349,27 @@ def _early_signal(signum: int, frame: object) -> None:
     _early_signals.append(signum)
 
 
+def fake_download() -> int:
+    """llama-server's download mode (POST /models through a router) with no hub to reach:
+    the downloader's words for it on stderr, then the result llama.cpp reports when it
+    found nothing (finished), and the wait for the router's exit command."""
+    sys.stderr.write("get_repo_commit: error: HTTPLIB failed: fake llama-server has no hub\n")
+    sys.stderr.flush()
+    report = {"state": "downloading", "payload": {"result": "download_finished"}}
+    sys.stdout.write("cmd_child_to_router:state:" + json.dumps(report) + "\n")
+    sys.stdout.flush()
+    sys.stdin.readline()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--version" in argv:
         # As llama-server: the version on stderr, exit 0, nothing loaded.
         sys.stderr.write(f"version: {FAKE_VERSION}\nbuilt with python for fake-llama-server\n")
         return 0
+    if os.environ.get("LLAMA_SERVER_ROUTER_PORT") and os.environ.get("LLAMA_SERVER_CHILD_MODE") == "download":
+        return fake_download()
     try:
         opts, cli_knobs = parse_args(argv)
         knobs = load_knobs(opts, cli_knobs)

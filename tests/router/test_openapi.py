@@ -65,6 +65,8 @@ async def test_live_answers_validate_against_the_spec(tmp_path: Path, start_rout
         ("GET", "/slots", {}),
         ("POST", "/models", {"json": {}}),
         ("DELETE", "/models", {}),
+        ("DELETE", "/models?model=alpha", {}),  # not from the cache: 500
+        ("POST", "/models", {"json": {"model": "not-a-repo"}}),
         ("POST", "/models/load", {"json": {"model": "nope"}}),
         ("POST", "/models/load", {"data": b"x" * 4096}),
         ("POST", "/models/unload", {"json": {"model": "alpha"}}),
