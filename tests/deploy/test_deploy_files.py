@@ -79,7 +79,7 @@ def test_systemd_unit_settings() -> None:
 
 def test_unit_flags_are_accepted() -> None:
     # The unit's ExecStart flags are ones the CLI really parses (no typos to find at boot).
-    from llamarouter.cli import build_config  # noqa: PLC0415
+    from llamarouter.cli import build_config
 
     config, _, _ = build_config(
         ["--models-dir", "/var/lib/llamarouter/models", "--state-dir", "/var/lib/llamarouter",

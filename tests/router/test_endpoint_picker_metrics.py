@@ -10,11 +10,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from llamarouter.core.states import State
 from llamarouter.web.metrics import ADAPTERS_INFO, adapter_lists
-from tests.conftest import Router, StartRouter
+from tests.conftest import ROOT, Router, StartRouter
 from tests.fakes.helpers import wait_for
 from tests.router.test_scheduling import make_models, open_stream
 
@@ -135,3 +136,25 @@ async def test_child_deferred_and_kv_from_children(tmp_path: Path, start_router:
         assert m.active == {"a"}
         second.cancel()
         await asyncio.gather(second, return_exceptions=True)
+
+
+async def test_shipped_picker_config_names_exported_series(tmp_path: Path, start_router: StartRouter) -> None:
+    # deploy/kubernetes/inference-pool's picker configuration reads these names: each one
+    # is a family a running router exports, the LoRA one with the protocol's labels.
+    config_text = (ROOT / "deploy/kubernetes/inference-pool/endpoint-picker.yaml").read_text()
+    (cm,) = [d for d in yaml.safe_load_all(config_text) if d and d["kind"] == "ConfigMap"]
+    (picker,) = [yaml.safe_load(text) for text in cm["data"].values()]
+    (extractor,) = [p for p in picker["plugins"] if p["type"] == "core-metrics-extractor"]
+    params = extractor["parameters"]
+    (engine,) = [e for e in params["engineConfigs"] if e["name"] == params["defaultEngine"]]
+    specs = {k: v for k, v in engine.items() if k.endswith("Spec") and v}
+    assert set(specs) == {"queuedRequestsSpec", "runningRequestsSpec", "kvUsageSpec", "loraSpec"}
+
+    r = await start_router("--models-dir", str(make_models(tmp_path, "a")))
+    status, text = await r.get("/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    for spec in specs.values():
+        assert spec in families and families[spec].type == "gauge", spec
+    (info,) = families[specs["loraSpec"]].samples
+    assert set(info.labels) == {"running_lora_adapters", "waiting_lora_adapters", "max_lora"}
