@@ -28,6 +28,8 @@ import click
 from aiohttp import web
 
 from . import __version__
+from .core.downloads import fetch_remote_preset
+from .core.launcher import OsLauncher
 from .core.memory import parse_bytes
 from .core.supervisor import Supervisor
 from .errors import BinaryNotFound, CommandLineRejected, ConfigError, ListenFailed, LlamaRouterError
@@ -41,8 +43,10 @@ from .settings.flags import (
     FlagTable,
     Opt,
     env_items,
+    env_names,
     first_invalid_argument,
     first_invalid_index,
+    is_truthy,
     key,
     lacks_value,
     split_argv,
@@ -512,6 +516,28 @@ def _ui_dir(given: object, static_path: str | None, no_ui: bool) -> Path | None:
     return built if (built / "index.html").is_file() else None
 
 
+def _remote_preset(config: RouterConfig) -> Path | None:
+    """`-hf REPO` whose repo holds a `preset.ini`: that file, fetched by the binary (see
+    downloads.fetch_remote_preset); None for a model repo, `-m`, router mode or --offline."""
+    single = config.single_model
+    repo = dict(single.options).get(_K_HF) if single is not None else None
+    if not repo or any(k == "--offline" and is_truthy(v) for k, v in config.child_options):
+        return None
+    environ = dict(config.child_env)
+    probe_config = dataclasses.replace(config, cache_dir=cache_dir_from_env(environ))
+    return asyncio.run(fetch_remote_preset(probe_config, OsLauncher(config.limits.child_nice), repo))
+
+
+def _with_preset(args: Sequence[str], environ: Mapping[str, str], preset: Path) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment without -hf, plus `--models-preset PRESET`."""
+    cli_table, _ = flag_tables()
+    hf = cli_table.by_key(_K_HF)
+    assert hf is not None
+    rest = split_argv(list(args), cli_table).without({_K_HF}).to_argv()
+    env = {k: v for k, v in environ.items() if k not in env_names(hf)}
+    return [*rest, "--models-preset", str(preset)], env
+
+
 def _csv(value: object) -> tuple[str, ...]:
     return tuple(v.strip() for v in str(value or "").split(",") if v.strip())
 
@@ -883,6 +909,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         build = check_with_server(args, environ)
         config, discovery, table = build_config(args, environ)
+        preset = _remote_preset(config)
+        if preset is not None:
+            # llama-server -hf on a preset repo runs as a router with the preset's models.
+            args, environ = _with_preset(args, environ, preset)
+            config, discovery, table = build_config(args, environ)
         config = dataclasses.replace(config, build_info=build.build_info)
         log.info("llama-server: %s, version %s", config.server_bin, build.version)
         if config.cors.origins == "*" and not config.api_keys:

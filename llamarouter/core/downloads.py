@@ -464,3 +464,67 @@ def remove_cached(cache_dir: Path, name: str) -> bool:
         with contextlib.suppress(OSError):
             os.unlink(blob)
     return True
+
+
+# --------------------------------------------------------------------------- remote presets
+def preset_path(cache_dir: Path, repo: str) -> Path | None:
+    """The cached `preset.ini` of a repo at its current ref, if it is there."""
+    folder = repo_dir(cache_dir, repo)
+    try:
+        commit = (folder / "refs" / "main").read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    path = folder / "snapshots" / commit / "preset.ini"
+    return path if re.fullmatch(r"[0-9a-fA-F]{40}", commit) and path.is_file() else None
+
+
+class _PresetProbe(Downloads):
+    """A download of `-hf REPO` that stops as soon as it is clearly a model repo (its
+    first file is not `preset.ini`): llama-server downloads only the preset of a preset
+    repo (download.cpp, common_download_get_hf_plan), so the binary decides, as it does
+    when it is started with `-hf`."""
+
+    is_preset: bool | None = None
+
+    def _on_report(self, dl: Download, text: str) -> str | None:
+        result = super()._on_report(dl, text)
+        for url in dl.progress:
+            if url.endswith("/preset.ini"):
+                self.is_preset = True
+            elif self.is_preset is None:
+                self.is_preset = False
+                dl.cancelled = "not a preset repo"
+                dl.cancel_event.set()
+        return result
+
+    def _listed(self, dl: Download) -> bool:
+        return self.cache_dir is not None and preset_path(self.cache_dir, dl.repo) is not None
+
+
+async def fetch_remote_preset(config: RouterConfig, spawner: Spawner, repo: str) -> Path | None:
+    """`-hf REPO` at startup: the repo's `preset.ini`, fetched into the cache by a
+    llama-server download child, if the repo is a preset repo; None for a model repo (its
+    files are left to the model's own child) or when the hub cannot say (the model's
+    child then reports the error itself, as before)."""
+    if config.cache_dir is None or not valid_repo(split_repo_tag(repo)[0]):
+        return None
+
+    async def nothing() -> None:
+        return None
+
+    probe = _PresetProbe(config, spawner, lambda e, m, d: None, nothing, lambda name: False)
+    try:
+        dl = await probe.start(repo)
+    except LlamaRouterError as exc:
+        log.info("-hf %s: not a preset repo (%s)", repo, exc.message)
+        return None
+    if dl.task is not None:
+        await asyncio.wait([dl.task], timeout=config.timeouts.download_stall)
+    if not dl.task or not dl.task.done():
+        await probe.close()
+        return None
+    # Not seen downloading (already cached, same ETag): the cache says.
+    path = preset_path(config.cache_dir, split_repo_tag(repo)[0]) if probe.is_preset is not False else None
+    if path is not None:
+        log.info("-hf %s holds a preset: router mode with %s", repo, path)
+    return path

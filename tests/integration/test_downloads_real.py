@@ -278,3 +278,44 @@ async def test_download_and_delete_side_by_side(
     status, body = await pair.ours.post("/models", {"model": "test-org/nothing:F16"})
     assert status == 400 and "Repository not found" in body["error"]["message"], body
     assert os.environ.get("MODEL_ENDPOINT") is None  # the hub reached both only through env=
+
+
+PRESET_REPO = "test-org/preset-repo"
+
+
+async def test_remote_preset_side_by_side(
+    start_pair: StartPair, hub: FakeHub, gguf_f16: bytes, tiny_models: TinyModels,
+) -> None:
+    """`-hf REPO` where the repo holds a preset.ini: both routers start in router mode
+    with the preset's models, and a model of it (itself on the hub) loads and serves."""
+    hub.add(REPO, {FILE: gguf_f16})
+    preset = (
+        f"[tiny-preset]\nhf-repo = {NAME}\nctx-size = 512\n\n"
+        f"[alpha-local]\nmodel = {tiny_models.alpha}\nctx-size = 512\n"
+    )
+    hub.add(PRESET_REPO, {"preset.ini": preset.encode(), "README.md": b"presets\n"})
+    pair = await start_pair("-hf", PRESET_REPO, "-np", "1", env={"MODEL_ENDPOINT": hub.url})
+    for who, router in pair.both():
+        ids = set(await router.models())
+        assert {"tiny-preset", "alpha-local"} <= ids, (who, ids)
+        status, body = await router.post("/models/load", {"model": "tiny-preset"})
+        assert (status, body) == (200, {"success": True}), who
+        await router.wait_status("tiny-preset", "loaded", timeout=40)
+        status, reply = await router.chat("tiny-preset", max_tokens=2)
+        assert status == 200, (who, reply)
+
+
+async def test_hf_model_repo_stays_single_model(
+    start_router: StartRouter, llama_server_bin: Path, hub: FakeHub, gguf_f16: bytes, tmp_path: Path,
+) -> None:
+    """`-hf REPO:QUANT` of a model repo: single-model mode as before (the preset check
+    stops as soon as the binary starts on a model file), and the model serves."""
+    hub.add(REPO, {FILE: gguf_f16})
+    router = await start_router(
+        "-hf", NAME, *BASE_ARGS, server_bin=llama_server_bin, env={"MODEL_ENDPOINT": hub.url},
+    )
+    status, reply = await router.chat(NAME, max_tokens=2)
+    assert status == 200, reply
+    status, props = await router.get("/props")
+    assert status == 200 and props.get("role") != "router", props
+    assert partial_files(cache_of(tmp_path)) == []
