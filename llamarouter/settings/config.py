@@ -104,6 +104,9 @@ class Timeouts:
     # the child's reason) before answering that it runs.
     download_stall: float = 120.0
     download_start: float = 30.0
+    # Resumable streams: a lookup or stop forwarded to the child that owns a conversation
+    # may take this long (upstream's router allows 0.25 s; a busy CI host needs more).
+    stream_lookup: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,9 @@ class Limits:
     # Connections to a child are limited to its HTTP worker threads minus this many, left
     # for the router's own health probes and metrics scrapes.
     child_http_reserve: int = 1
+    # Resumable streams: conversation ids (X-Conversation-Id) remembered with the model
+    # that served them; the oldest are forgotten past this many.
+    stream_conversations: int = 10000
     # Per-subscriber queue of /models/sse events; a slower client is dropped, not buffered.
     sse_queue: int = 1000
     # Default idle TTL for every model (seconds, None = never); the preset key `ttl` overrides.

@@ -11,10 +11,12 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import math
 import re
 import time
 import weakref
+from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,16 +39,19 @@ from ..errors import (
     NotFound,
     PayloadTooLarge,
     ShuttingDown,
+    Unavailable,
     UpstreamError,
 )
 from ..settings.childargs import ChildArgs
 from ..settings.config import RouterConfig
-from . import api_models
+from . import api_models, streams
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .proxy import Proxy
 
 if TYPE_CHECKING:
     from ..core.kvcache import KvCache
+
+log = logging.getLogger("llamarouter.api")
 
 # Routes upstream proxies by the body's "model" (server.cpp, router branch).
 PROXIED_POST = (
@@ -178,6 +183,8 @@ class Api:
         self._item_cache: weakref.WeakKeyDictionary[
             ModelProcess, tuple[tuple[object, ...], tuple[bytes, bytes]]
         ] = weakref.WeakKeyDictionary()
+        self.conversations = streams.Conversations(config.limits.stream_conversations)
+        self._detached_tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
     def bind(self, supervisor: Supervisor, proxy: Proxy, session: aiohttp.ClientSession) -> None:
         self.sup = supervisor
@@ -218,9 +225,7 @@ class Api:
         r.add_get("/props", self.props)
         r.add_post("/models", self.download)
         r.add_delete("/models", self.delete)
-        # Resumable streams: upstream's router maps X-Conversation-Id to the owning child. We
-        # keep no such map, so we answer as upstream does when its map is empty; the UI then
-        # simply does not offer to resume.
+        # Resumable streams: X-Conversation-Id of a routed POST -> its model (streams.py).
         r.add_post("/v1/streams/lookup", self.streams_lookup)
         r.add_get("/v1/stream", self.stream_get)
         r.add_delete("/v1/stream", self.stream_delete)
@@ -584,19 +589,48 @@ class Api:
             body.update(memory.report(procs))
         return _json(body)
 
-    async def streams_lookup(self, request: web.Request) -> web.Response:
-        await _json_body(request, self.config.limits.max_body_bytes)
-        return _json([])
+    def _stream_owner(self, conv_id: str) -> ModelProcess | None:
+        name = self.conversations.lookup(conv_id)
+        return self.sup.find(name) if name else None
 
-    async def stream_get(self, request: web.Request) -> web.Response:
-        if not request.query.get("conv_id"):
+    async def streams_lookup(self, request: web.Request) -> web.Response:
+        """Each id the router has seen goes to the child that served it; a body that is
+        not JSON is an empty answer, as upstream's router gives."""
+        ids = streams.requested_ids(await _read_body(request, self.config.limits.max_body_bytes))
+        owners: dict[int, list[str]] = {}
+        for conv_id in ids or ():
+            proc = self._stream_owner(conv_id)
+            if proc is not None and proc.state == State.READY and proc.port is not None:
+                owners.setdefault(proc.port, []).append(conv_id)
+        found = await streams.lookup_children(self.session, owners, self.config.timeouts.stream_lookup) if owners else []
+        return _json(found)
+
+    async def stream_get(self, request: web.Request) -> web.StreamResponse:
+        conv_id = request.query.get("conv_id", "")
+        if not conv_id:
             raise InvalidRequest("Missing conversation id in path")
-        raise NotFound("Stream not found or expired")
+        proc = self._stream_owner(conv_id)
+        if proc is None or proc.state != State.READY:
+            if streams.loading(proc):
+                raise Unavailable("Stream owner model is loading, retry later")
+            # upstream builds "Stream not found or expired"; its HTTP layer rewrites every 404 body
+            raise NotFound("File Not Found")
+        request = self._for_child(request)
+        lease = await self.sup.acquire(proc, False)
+        try:
+            return await self.proxy.forward(request, lease.proc, None)
+        finally:
+            lease.release()
 
     async def stream_delete(self, request: web.Request) -> web.Response:
-        if not request.query.get("conv_id"):
+        conv_id = request.query.get("conv_id", "")
+        if not conv_id:
             raise InvalidRequest("Missing conversation id in path")
-        return web.Response(status=204)
+        proc = self._stream_owner(conv_id)
+        if proc is not None and proc.state == State.READY and proc.port is not None:
+            await streams.delete_on_child(self.session, proc.port, conv_id, self.config.timeouts.stream_lookup)
+        self.conversations.forget(conv_id)  # a request parked in a load wait is cancelled
+        return web.Response(status=204, content_type="application/json")
 
     async def history(self, request: web.Request) -> web.Response:
         """The dashboard's timeline: the last minutes of requests, memory and load events."""
@@ -668,7 +702,32 @@ class Api:
         request = self._for_child(request)  # before the body is read: a clone cannot be made after
         body = await _read_body(request, self.config.limits.max_body_bytes)
         name = _model_from_body(request, body) or self._default_name()
-        return await self._route(request, name, body)
+        # Resumable streams: remembered before the load wait, so that a stop during the
+        # load (DELETE /v1/stream) cancels this request, as upstream.
+        conv = request.headers.get(streams.HEADER, "")
+        ticket = self.conversations.remember(conv, name)
+        if ticket and not self._ready(name):
+            # It waits for a load: a client that goes away meanwhile (a page reload) must
+            # not take the request with it, or the child never starts the stream the client
+            # will come back to resume (upstream detaches it the same way).
+            return await self._detached(self._route(request, name, body, (conv, ticket)))
+        return await self._route(request, name, body, (conv, ticket))
+
+    def _ready(self, name: str) -> bool:
+        proc = self.sup.find(name)
+        return proc is not None and proc.state == State.READY
+
+    async def _detached(self, work: Coroutine[Any, Any, web.StreamResponse]) -> web.StreamResponse:
+        task = asyncio.create_task(work, name="stream request waiting for its model")
+        self._detached_tasks.add(task)
+        task.add_done_callback(self._detached_done)
+        return await asyncio.shield(task)
+
+    def _detached_done(self, task: asyncio.Task[web.StreamResponse]) -> None:
+        self._detached_tasks.discard(task)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            # Its client, if still there, got it through the shield; if gone, this is where it ends.
+            log.debug("stream request ended: %r", exc)
 
     async def proxy_get(self, request: web.Request) -> web.StreamResponse:
         return await self._route(self._for_child(request), _query_model(request) or self._default_name(), None)
@@ -681,7 +740,9 @@ class Api:
             return request
         return request.clone(rel_url=request.rel_url.with_path(request.path.removeprefix(prefix) or "/"))
 
-    async def _route(self, request: web.Request, name: str, body: bytes | None) -> web.StreamResponse:
+    async def _route(
+        self, request: web.Request, name: str, body: bytes | None, conv: tuple[str, int] = ("", 0)
+    ) -> web.StreamResponse:
         if not name:
             raise InvalidRequest("model name is missing from the request")
         proc = self.sup.resolve(name)
@@ -694,6 +755,9 @@ class Api:
             retried = False
             while True:
                 lease = await self.sup.acquire(proc, autoload)
+                if conv[1] and not self.conversations.alive(*conv):
+                    lease.release()
+                    raise InvalidRequest("request cancelled by a stop while the model was loading")
                 # The grant may be on a newer process of the same name (a reload replaced
                 # the definition while the request waited): serve from the one granted.
                 proc = lease.proc
