@@ -1,9 +1,9 @@
 # llamarouter: set up, run, test.
 #   make demo   - venv with what running needs + llama-server build + generated models,
 #                 then run the router on ./models
-#   make test   - the same venv plus the test toolchain, chromium (apt-get, as root), then
-#                 both test tiers (fake server and real llama-server), the web UI tests and
-#                 the docs examples
+#   make test   - the same venv plus the test toolchain, chromium and buildah (apt-get, as
+#                 root), then both test tiers (fake server and real llama-server), the web UI
+#                 tests, the container image tests and the docs examples
 # Reruns are quiet: each install step leaves a stamp file in the venv and runs again only
 # when pyproject.toml changed since.
 PYTHON ?= python3
@@ -55,6 +55,17 @@ tools: venv-test
 		echo "note: curl is missing (apt-get install curl); the docs examples skip without it"; \
 	fi
 
+# The container tier (tests/container) builds deploy/docker/Dockerfile.cpu without a Docker
+# daemon: buildah (chroot isolation, as root) on a Debian base made with debootstrap.
+.PHONY: container-tools
+container-tools:
+	@if command -v buildah >/dev/null 2>&1 && command -v debootstrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends buildah debootstrap; \
+	else \
+		echo "note: buildah/debootstrap are missing (apt-get install buildah debootstrap, as root); the container tests skip outside CI"; \
+	fi
+
 models: venv
 	@$(PY) -m llamarouter.devtools make-demo $(MODELS)
 
@@ -80,7 +91,7 @@ browser:
 		exit 1; \
 	fi
 
-test: server webui browser tools
+test: server webui browser tools container-tools
 	LLAMAROUTER_CHROMIUM=$(CHROMIUM) $(PY) -m pytest
 
 # Types and lint (configured in pyproject.toml): mypy --strict on the package, ruff on

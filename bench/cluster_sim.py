@@ -25,7 +25,8 @@ Nothing runs for real: each router is a discrete-event model of llamarouter's sc
   the queue rule on `llamarouter_total_queued_requests` (min-max normalised, 1 when all are
   equal) and the KV-cache rule 1 - `llamarouter_kv_cache_usage_ratio` (busy slots of the
   fullest child stand in for its cache use), weighted as in
-  deploy/kubernetes/inference-pool/endpoint-picker.yaml; the highest total wins, ties at random.
+  deploy/kubernetes/inference-pool/endpoint-picker.yaml (--weights); the highest total
+  wins, ties at random.
 
 Reports a Markdown table (and --json): per policy the loads, evictions, time to first
 byte (mean, p50, p95, p99) and the largest router queue.
@@ -44,8 +45,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-#: Scorer weights of the example picker configuration (affinity, queue, KV cache).
-WEIGHTS = (3.0, 2.0, 1.0)
+#: Scorer weights of the example picker configuration (affinity, queue, KV cache). Affinity
+#: outweighs the other two together, so a full router without the model never ties with
+#: the one that has it loaded (`--weights 3,2,1` shows what such ties cost).
+WEIGHTS = (5.0, 2.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -251,7 +254,9 @@ def read_trace(path: Path) -> list[Request]:
     return sorted(out, key=lambda r: r.t)
 
 
-def load_times(rng: random.Random, names: Sequence[str], lo: float, hi: float) -> dict[str, float]:
+def load_times(seed: int, names: Sequence[str], lo: float, hi: float) -> dict[str, float]:
+    """Per model, from its own generator: the same for a generated trace and its replay."""
+    rng = random.Random(f"load-{seed}")
     return {name: round(rng.uniform(lo, hi), 3) for name in sorted(set(names))}
 
 
@@ -262,10 +267,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def simulate(trace: Sequence[Request], policy: str, routers: int, models_max: int,
-             parallel: int, load_s: dict[str, float], first_token_s: float, seed: int
-             ) -> dict[str, object]:
+             parallel: int, load_s: dict[str, float], first_token_s: float, seed: int,
+             weights: tuple[float, float, float] = WEIGHTS) -> dict[str, object]:
     rng = random.Random(seed)
-    pick = random_policy(rng) if policy == "random" else picker_policy(rng)
+    pick = random_policy(rng) if policy == "random" else picker_policy(rng, weights)
     cluster = Cluster(routers, models_max, parallel, load_s, first_token_s, pick)
     cluster.run(trace)
     ttfb = list(cluster.ttfb.values())
@@ -303,12 +308,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--parallel", type=int, default=4, help="requests a child serves at once (-np)")
     p.add_argument("--models", type=int, default=8)
     p.add_argument("--requests", type=int, default=3000)
-    p.add_argument("--rate", type=float, default=1.5, help="requests per second, Poisson")
+    p.add_argument("--rate", type=float, default=1.0, help="requests per second, Poisson")
     p.add_argument("--zipf", type=float, default=1.0, help="model popularity skew")
     p.add_argument("--service-mean", type=float, default=3.0, help="seconds a request is served")
     p.add_argument("--load-min", type=float, default=5.0, help="seconds, the fastest model load")
     p.add_argument("--load-max", type=float, default=15.0, help="seconds, the slowest model load")
     p.add_argument("--first-token", type=float, default=0.1, help="seconds from slot to first byte")
+    p.add_argument("--weights", default=",".join(f"{w:g}" for w in WEIGHTS),
+                   help="the picker's affinity,queue,kv-cache scorer weights")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--trace", type=Path, help="replay this JSONL trace instead of generating one")
     p.add_argument("--write-trace", type=Path, help="write the trace used to this file")
@@ -320,6 +327,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not 0 < args.load_min <= args.load_max or args.rate <= 0 or args.service_mean <= 0:
         p.error("--rate, --service-mean and 0 < --load-min <= --load-max must be positive")
 
+    try:
+        w_aff, w_queue, w_kv = (float(w) for w in args.weights.split(","))
+    except ValueError:
+        p.error(f"--weights takes three numbers, affinity,queue,kv-cache: {args.weights!r}")
+    if min(w_aff, w_queue, w_kv) < 0:
+        p.error("--weights must not be negative")
+
     rng = random.Random(args.seed)
     if args.trace:
         trace = read_trace(args.trace)
@@ -330,10 +344,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.write_trace:
         args.write_trace.write_text("".join(
             json.dumps({"t": r.t, "model": r.model, "service_s": r.service_s}) + "\n" for r in trace))
-    load_s = load_times(rng, [r.model for r in trace], args.load_min, args.load_max)
+    load_s = load_times(args.seed, [r.model for r in trace], args.load_min, args.load_max)
     results = [
         simulate(trace, policy, args.routers, args.models_max, args.parallel, load_s,
-                 args.first_token, args.seed)
+                 args.first_token, args.seed, (w_aff, w_queue, w_kv))
         for policy in ("random", "picker")
     ]
     if args.json:
