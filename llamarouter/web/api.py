@@ -30,6 +30,7 @@ from ..core.reqhealth import status_fault
 from ..core.sleep import sleeping_from_log
 from ..core.states import State
 from ..core.supervisor import Supervisor
+from ..core.toolserver import ToolServer, ui_mcp_proxy
 from ..errors import (
     ChildBroke,
     ChildUnreachable,
@@ -45,6 +46,7 @@ from ..errors import (
 from ..settings.childargs import ChildArgs
 from ..settings.config import RouterConfig
 from . import api_models, streams
+from . import tools as tools_relay
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .proxy import Proxy
 
@@ -175,6 +177,7 @@ class Api:
     session: aiohttp.ClientSession
     kv_cache: KvCache | None = None
     downloads: Downloads | None = None
+    tools: ToolServer | None = None
 
     def __init__(self, config: RouterConfig, child_args: ChildArgs, metrics: RouterMetrics) -> None:
         self.config = config
@@ -341,9 +344,11 @@ class Api:
             raise web.HTTPNotFound()
         return web.FileResponse(target)
 
-    async def feature_disabled(self, request: web.Request) -> web.Response:
-        # What llama-server answers on /cors-proxy and /tools when they are off; the router
-        # does not provide them itself (docs/api.md, Differences from llama-server).
+    async def feature_disabled(self, request: web.Request) -> web.StreamResponse:
+        # With --tools, MCP servers or --ui-mcp-proxy the tools server answers (it says 403
+        # itself for what it was not given); otherwise what llama-server answers without them.
+        if self.tools is not None:
+            return await tools_relay.relay(self._for_child(request), self.tools, self.session, self.config.timeouts.proxy)
         return _json({"error": {"message": "this feature is disabled", "type": "feature_disabled"}}, 403)
 
     async def router_metrics(self, request: web.Request) -> web.StreamResponse:
@@ -525,8 +530,7 @@ class Api:
                 "default_generation_settings": {"params": None, "n_ctx": 0},
                 "ui_settings": json.loads(self.config.ui_settings),
                 "build_info": self.config.build_info,
-                # The router serves no MCP CORS proxy itself (see DISABLED_FEATURES).
-                "cors_proxy_enabled": False,
+                "cors_proxy_enabled": ui_mcp_proxy(self.config.child_options),
             }
         )
 

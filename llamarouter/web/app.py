@@ -28,6 +28,7 @@ from ..core.process import ModelProcess
 from ..core.statedir import StateDir
 from ..core.states import State
 from ..core.supervisor import Supervisor
+from ..core.toolserver import ToolServer
 from ..core.watch import Watcher
 from ..errors import ConfigError, LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
 from ..settings.childargs import ChildArgs, keeps_cache
@@ -319,7 +320,14 @@ def build_app(
                     lambda name: sup.find(name) is not None,
                 )
                 watcher: Watcher | None = None
+                tools = ToolServer(config, OsLauncher(config.limits.child_nice), session)
                 try:
+                    if tools.enabled and config.single_model is None:
+                        try:
+                            await tools.start()
+                        except (RuntimeError, OSError, TimeoutError) as exc:
+                            raise LlamaRouterError(f"tools setup failed: {exc}") from None
+                        api.tools = tools
                     await sup.start()
                     if config.watch and config.single_model is None:
                         watcher = Watcher(
@@ -332,6 +340,7 @@ def build_app(
                     if watcher is not None:
                         await watcher.stop(config.timeouts.watch_poll)
                     await downloads.close()  # before the children: a cancelled one cleans up
+                    await tools.close()
                     await sup.shutdown()
             finally:
                 await session.close()
