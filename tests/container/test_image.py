@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +93,7 @@ class Container:
             return err.code, json.loads(err.read() or b"{}")
 
 
-def wait_until(predicate: object, timeout: float, what: str, c: Container) -> object:
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, c: Container) -> object:
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
@@ -101,7 +101,7 @@ def wait_until(predicate: object, timeout: float, what: str, c: Container) -> ob
             raise AssertionError(f"the container exited ({c.proc.returncode}) while waiting for {what}:\n"
                                  f"{c.output()[-4000:]}")
         try:
-            result = predicate()  # type: ignore[operator]
+            result = predicate()
         except OSError as exc:  # not listening yet (URLError is an OSError)
             last = exc
         else:
@@ -150,6 +150,7 @@ def container(image: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
     c = Container(name, proc, port, log)
     try:
+        wait_until(lambda: c.request("/livez", key=None)[0] == 200, STARTUP_S, "/livez", c)
         yield c
     finally:
         if proc.poll() is None:
@@ -171,10 +172,7 @@ def test_image_config(image: str) -> None:
 
 
 def test_probes_as_the_image_user(container: Container) -> None:
-    def live() -> bool:
-        return container.request("/livez", key=None)[0] == 200
-
-    wait_until(live, STARTUP_S, "/livez", container)
+    assert container.request("/livez", key=None)[0] == 200
     assert container.request("/readyz", key=None)[0] == 200
     assert container.request("/models", key=None)[0] == 401  # the key from the environment
     tini = container.process("tini")
