@@ -182,19 +182,20 @@ class Cluster:
             self._admit(r)
 
     def _admit(self, r: int) -> None:
-        """Requests waiting for a model slot, in arrival order, while slots can be had."""
+        """Requests waiting for a model slot, in arrival order: those whose model is now
+        loaded or loading join it; the others get slots while slots can be had."""
         router = self.routers[r]
-        while router.slot_queue:
-            i, req = router.slot_queue[0]
+        waiting, router.slot_queue = router.slot_queue, deque()
+        room = True
+        for i, req in waiting:
             if req.model in router.loaded or req.model in router.loading:
-                router.slot_queue.popleft()
                 self._dispatch(r, i, req)
-            elif self._make_room(router):
-                router.slot_queue.popleft()
+            elif room and self._make_room(router):
                 self._load(r, req.model)
                 router.deferred.setdefault(req.model, deque()).append((i, req))
             else:
-                return
+                room = False
+                router.slot_queue.append((i, req))
 
 
 # ------------------------------------------------------------------- policies
