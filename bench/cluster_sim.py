@@ -14,7 +14,9 @@ Nothing runs for real: each router is a discrete-event model of llamarouter's sc
   loaded model goes to its child, which serves --parallel requests at once and defers the
   rest (llama-server's slots). A request for a model that is not loaded starts its load
   when a slot is free; otherwise the least recently used idle model is evicted for it;
-  with every loaded model busy it waits in the router for one to become idle.
+  with every loaded model busy it waits in the router for one to become idle (in arrival
+  order, as upstream's router; llamarouter's own contention rules, draining a busy model
+  after a bound and serving the most-waited model first, are left out).
 - A model's load takes its load time (drawn per model between --load-min and --load-max,
   the same on every router); time to first byte is the wait for load and slot plus
   --first-token.
