@@ -199,6 +199,11 @@
 
   function statusDetail(item) {
     const s = item.status || {};
+    if (s.value === "downloading" && s.progress) {
+      // POST /models: bytes so far, of all the files under way.
+      const p = s.progress;
+      return p.total ? `${fmtBytes(p.done)} of ${fmtBytes(p.total)}` : "starting";
+    }
     if (s.failed) return `failed, exit ${s.exit_code}` + (s.error ? `: ${s.error}` : "");
     if (s.error) return s.error;
     if (s.state && !["stopped", "ready", "starting"].includes(s.state)) return s.state;
