@@ -136,7 +136,7 @@ SETTINGS: tuple[Setting, ...] = (
             "also closes idle keep-alive connections; 0 = never)"),
     Setting("--admin-api-key", "LLAMAROUTER_ADMIN_API_KEY", "router.admin_api_key", "str",
             "key(s), comma-separated, required for /models/load, /models/unload, "
-            "/models?reload=1 and /models/logs (also accepted everywhere else)"),
+            "POST and DELETE /models, /models?reload=1 and /models/logs (also accepted everywhere else)"),
     Setting("--keep-cache", "LLAMAROUTER_KEEP_CACHE", "limits.keep_cache", "bool",
             "save each model's slot caches before it is stopped and restore them when it "
             "loads again (preset key `keep-cache` overrides)", "--no-keep-cache"),

@@ -131,6 +131,8 @@ def _is_admin_request(request: web.Request) -> bool:
     path, method = request.path, request.method
     if method == "POST" and path in ("/models/load", "/models/unload", "/models/pin"):
         return True
+    if method in ("POST", "DELETE") and path == "/models":
+        return True  # downloads and removals write to the cache
     if method == "GET" and path == "/models/logs":
         return True
     return method == "GET" and path in ("/models", "/v1/models") and bool(request.query.get("reload", ""))

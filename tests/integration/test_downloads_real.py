@@ -145,6 +145,11 @@ async def test_download_then_serve_then_delete(
         assert await delete(router, NAME) == (200, {"success": True})
         await sse.wait("model_remove", NAME, 10)
     assert NAME not in await router.models()
+
+    async def stopped() -> bool:  # its child was stopped (alpha was evicted for it earlier)
+        return router.children() == []
+
+    await wait_for(stopped, 20, message="the removed model's child to stop")
     folder = cache_of(tmp_path) / "models--test-org--tiny-model"
     assert not list((folder / "snapshots").rglob("*.gguf"))
     assert not list((folder / "blobs").iterdir())
