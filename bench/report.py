@@ -113,6 +113,12 @@ def rows(r: dict[str, Any]) -> list[tuple[str, Any, Any, Any, str, str]]:
                 mib(_get(r, "rss_load", "llamarouter")), "MiB", "lower"))
     out.append(("router RSS idle with 1,000 models (MiB)", None, mib(_get(r, "rss_idle_1000", "upstream")),
                 mib(_get(r, "rss_idle_1000", "llamarouter")), "MiB", "lower"))
+    for case, what in (("none", "no model loaded"), ("loaded", "one model loaded")):
+        out.append((f"router CPU at rest, {what} (s per 10 s, router process only)", None,
+                    _get(r, "idle", "upstream", case, "cpu_s_per_10s"),
+                    _get(r, "idle", "llamarouter", case, "cpu_s_per_10s"), "s", "lower"))
+        out.append((f"router RSS at rest, {what} (MiB)", None, _get(r, "idle", "upstream", case, "rss_mib"),
+                    _get(r, "idle", "llamarouter", case, "rss_mib"), "MiB", "lower"))
     lat("`GET /models`, 1,000 files, p50 (ms)", "models_1000", "p50_ms")
     lat("`GET /models`, 1,000 files, p99 (ms)", "models_1000", "p99_ms")
     return out
@@ -186,7 +192,25 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, str, bool | None]]:
     lim = _get(r, "small", "upstream", "cpu_us_per_req")
     add("relay: router CPU per small request < upstream's", f"< {_num(lim, '{:.0f}')} µs", lim,
         _get(r, "small", "llamarouter", "cpu_us_per_req"), lim, "{:.0f} µs")
+    for case, what in (("none", "no model"), ("loaded", "one model loaded")):
+        add(f"router CPU at rest, {what}, <= 0.05 s per 10 s", "<= 0.050 s", 0.05,
+            _get(r, "idle", "llamarouter", case, "cpu_s_per_10s"),
+            _get(r, "idle", "upstream", case, "cpu_s_per_10s"), "{:.3f} s")
+        add(f"router RSS at rest, {what}, <= 40 MiB", "<= 40 MiB", 40.0,
+            _get(r, "idle", "llamarouter", case, "rss_mib"), _get(r, "idle", "upstream", case, "rss_mib"),
+            "{:.1f} MiB")
     return out
+
+
+def _ticks(r: dict[str, Any]) -> str:
+    """How many 10 ms clock ticks each CPU-per-request figure rests on."""
+    parts = []
+    for phase in ("small", "chat"):
+        got = [f"{k} {_get(r, phase, k, 'cpu_ticks')}" for k in ("llamarouter", "upstream")
+               if _get(r, phase, k, "cpu_ticks") is not None]
+        if got:
+            parts.append(f"{phase}: " + ", ".join(got))
+    return "; ".join(parts) if parts else "not recorded in this run"
 
 
 def targets_table(r: dict[str, Any]) -> str:
@@ -274,6 +298,15 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         f"- `GET /models`: routers restarted on a directory of {plan['many_files']} GGUF files (hard links),",
         f"  {plan['models_rounds']} rounds x {plan['models_per_round']} sequential requests; body size:",
         "  " + ", ".join(f"{k} {v.get('bytes')} bytes" for k, v in sizes.items()) + ".",
+        "- CPU per request: the router's (or direct server's) utime + stime from /proc over all",
+        "  rounds of the phase, divided by the requests. The kernel counts CPU in 10 ms ticks; the",
+        f"  figures rest on this many ticks: {_ticks(r)}. Whatever the process burns at rest",
+        "  during those rounds counts too (see the next item).",
+        f"- at rest: each router started alone on the models dir, {plan.get('idle_rounds', 1)} window(s) of",
+        f"  {plan.get('idle_window', 10.0):g} s per case, 3 s after `/health` answered (and, with one model, after",
+        "  `POST /models/load` and `GET /models` showing `loaded`); utime + stime of the router process",
+        "  from /proc/PID/stat, per 10 s (a 10 s window can only say 0.00 or 0.01 s), and VmRSS at",
+        "  the end (`bench/idle.py`; `.venv/bin/python -m bench.idle` runs it alone).",
         "- 2-core machines are noisy: the client, the router and llama-server share the CPUs.",
         "  Compare the columns of one run rather than runs on different days.",
         "",

@@ -33,6 +33,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from . import idle as idle_bench
 from . import report
 from .procs import ProcessRegistry, Server, free_port, machine_info, rss_bytes
 
@@ -70,11 +71,17 @@ class Plan:
     scale_rounds: int = 3  # per target
     scale_per_model: int = 16  # streams per model: 4 models -> 64 streams
     idle_conns: int = 1000
+    # At rest: CPU over `idle_rounds` windows of `idle_window` s per router and case
+    # (no model, one loaded); /proc counts CPU in 10 ms ticks, so a window says 0.00 or
+    # 0.01 s and the rounds are summed.
+    idle_window: float = 10.0
+    idle_rounds: int = 2
 
 
 QUICK = Plan(
     small_rounds=4, small_per_round=100, chat_rounds=3, chat_per_round=20, stream_rounds=2, stream_rounds_16=4,
     cold_rounds=3, swap_rounds=4, models_rounds=3, models_per_round=10, warmup=10, scale_rounds=2,
+    idle_rounds=1,
 )
 
 
@@ -338,6 +345,8 @@ class Bench:
                 # llama-server itself), over all rounds: /proc counts in 10 ms ticks, too
                 # coarse for one round
                 "cpu_us_per_req": sum(cpu[k]) / max(1, len(cpu[k]) * per_round) * 1e6,
+                # how many clock ticks that figure rests on (more is steadier)
+                "cpu_ticks": round(sum(cpu[k]) * idle_bench.TICK),
                 "n": len(v),
             }
             for k, v in samples.items()
@@ -647,6 +656,18 @@ class Bench:
                 await t.session.close()
                 self.results["notes"] += self.reg.stop(t.server)
 
+    # --------------------------------------------------------------- at rest
+    async def idle(self) -> None:
+        """Each router alone (nothing else of the run is running), with no model and with
+        one loaded, measured by bench/idle.py."""
+        def argv_for(key: str) -> Callable[[int], list[str]]:
+            return lambda port: self.router_argv(key, self.models_dir, port)
+
+        targets = {k: argv_for(k) for k in ROUTERS}
+        self.results["idle"] = await idle_bench.measure_all(
+            self.reg, targets, self.work, "alpha", self.plan.idle_window, self.plan.idle_rounds,
+        )
+
     # --------------------------------------------------------------- all
     async def phase(self, title: str, fn: Callable[[], Awaitable[None]]) -> None:
         self.log(f"phase: {title}")
@@ -679,6 +700,7 @@ class Bench:
             await self.phase(title, fn)
         self.results["rss_load"] = {k: max(self.targets[k].rss_load, default=None) for k in ROUTERS}
         await self.stop_main()
+        await self.phase("idle: router CPU and RSS at rest", self.idle)
         for title, fn in scale_phases:
             await self.phase(title, fn)
         await self.phase(f"GET /models with {p.many_files} files", self.many_models)

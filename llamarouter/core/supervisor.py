@@ -420,7 +420,7 @@ class Supervisor:
         next_tick = time.monotonic() + tick
         while True:
             now = time.monotonic()
-            wake = next_tick
+            soonest = None
             # The whole pass, not only plan and apply: a loop that died of a bug would
             # leave every later request waiting for a grant that never comes.
             try:
@@ -428,21 +428,34 @@ class Supervisor:
                 snap = self._snapshot(now)
                 self._apply(scheduler.plan(snap))
                 soonest = scheduler.next_wakeup(snap)
-                if soonest is not None:
-                    wake = min(wake, soonest)
             except Exception:  # a bug of ours: log it, keep the loop (and the router) alive
                 log.exception("scheduling pass failed")
             self.counters.passes += 1
+            wake = soonest
             if now >= next_tick:
                 next_tick = now + tick
                 try:
                     self._record()
                 except Exception:
                     log.exception("recording the children in the state dir failed")
+            if self._settling():
+                wake = next_tick if soonest is None else min(next_tick, soonest)
+            # At rest (nothing waits, nothing loads or stops) no timer is set: only an
+            # event wakes the loop, so an idle router costs no CPU.
+            timeout = None if wake is None else max(0.0, wake - time.monotonic()) + 0.001
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(max(0.0, wake - time.monotonic()) + 0.001):
+                async with asyncio.timeout(timeout):
                     await self._kick.wait()
             self._kick.clear()
+
+    def _settling(self) -> bool:
+        """Whether the housekeeping tick is still needed: requests wait (what they wait
+        for, such as memory a sleeping child gave back, may change without an event), or
+        a child is loading, stopping or backing off (the state-dir record of a child
+        spawned mid-load)."""
+        return bool(self._waiters) or any(
+            p.state in (State.STARTING, State.STOPPING, State.BACKOFF) for p in self.all_processes()
+        )
 
     def _stop_drained(self) -> None:
         for proc in list(self._draining):

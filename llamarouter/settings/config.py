@@ -42,7 +42,9 @@ class Timeouts:
     # Restart backoff after an unexpected exit: initial delay, doubled per failure, capped.
     backoff_initial: float = 0.5
     backoff_max: float = 30.0
-    # Housekeeping period: idle TTL checks, restarting pinned models, state-dir records.
+    # Housekeeping period while requests wait or a child loads, stops or backs off (the
+    # state-dir record of a child spawned mid-load; what waiters wait for may change
+    # without an event). At rest there is no tick: TTLs and deadlines have their own timers.
     tick: float = 1.0
     # Before a load, how long to wait for device memory freed by evicted children to show up
     # as free (VRAM is released late), and how often to look.
