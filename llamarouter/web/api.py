@@ -634,7 +634,7 @@ class Api:
         if proc is not None and proc.state == State.READY and proc.port is not None:
             await streams.delete_on_child(self.session, proc.port, conv_id, self.config.timeouts.stream_lookup)
         self.conversations.forget(conv_id)  # a request parked in a load wait is cancelled
-        return web.Response(status=204, content_type="application/json")
+        return web.Response(status=204)
 
     async def history(self, request: web.Request) -> web.Response:
         """The dashboard's timeline: the last minutes of requests, memory and load events."""
