@@ -400,7 +400,10 @@ class Api:
             items.append(head + created + tail)
         if self.downloads is not None:
             now = int(time.time())
-            items += [json.dumps(api_models.download_item(d, now)).encode() for d in self.downloads.running.values()]
+            items += [
+                json.dumps(api_models.download_item(d, now), separators=(",", ":")).encode()
+                for d in self.downloads.running.values()
+            ]
         return web.Response(
             body=b'{"data":[' + b",".join(items) + b'],"object":"list"}',
             content_type="application/json",
