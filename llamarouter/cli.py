@@ -81,6 +81,13 @@ SETTINGS: tuple[Setting, ...] = (
             "requests that may wait for a model before 503 + Retry-After (default: no limit)"),
     Setting("--max-wait", "LLAMAROUTER_MAX_WAIT", "limits.max_wait", "optfloat",
             "seconds a request may wait for its model before 503 + Retry-After (default: no limit)"),
+    Setting("--drain-after", "LLAMAROUTER_DRAIN_AFTER", "limits.drain_after", "optfloat",
+            "seconds a request may wait for a slot before the model that must give way is "
+            "drained: its new requests queue, its requests in flight finish, then it is swapped "
+            "out (default 0.5; none = never, upstream's order)"),
+    Setting("--evict-cost", "LLAMAROUTER_EVICT_COST", "limits.evict_cost", "float",
+            "seconds of recency each second of a model's load time is worth when choosing "
+            "whom to evict, so slow-loading models stay (default 0: least recently used)"),
     Setting("--ttl", "LLAMAROUTER_TTL", "limits.ttl", "optfloat",
             "unload a model idle this many seconds (preset key `ttl` overrides; default: never)"),
     Setting("--restart-max", "LLAMAROUTER_RESTART_MAX", "limits.restart_max", "int",
@@ -263,6 +270,8 @@ def find_server_bin(cli_value: str | None, environ: Mapping[str, str]) -> str:
 
 
 def _number(text: str, kind: str, where: str) -> object:
+    if kind in ("optfloat", "optint") and text.strip().lower() == "none":
+        return None  # an explicit "no limit" where the default has one (--drain-after)
     try:
         if kind == "int" or kind == "optint":
             return int(text)

@@ -6,6 +6,23 @@ free `--models-max` slot or evicts the least recently used idle model; a busy mo
 evicted. On top: a memory budget counted in bytes, pinned models kept loaded, idle TTL,
 deadlines, and a fast refusal for a failed model during its hold-off.
 
+Under contention (`drain_after` set, the default), three rules of our own, none of which a
+client can tell from upstream's except by waiting less:
+
+- a bound on waiting: once a request has waited `drain_after` seconds for a slot, the
+  model that must give way is *drained*: new requests for it queue behind the swap, its
+  in-flight requests finish, then it is evicted. Only a model that has been loaded for
+  `drain_after` (its turn) is drained; the victim is the one that frees its slot soonest
+  (fewest requests in flight), then the one that has held its slot longest;
+- swap less, serve more: among models waiting for a slot, one with a request past the
+  bound goes first (oldest first); otherwise the one with the most waiting requests, so
+  one load serves as many as possible (AABB instead of ABAB);
+- a model that goes idle while others wait for room is evicted at that instant (the
+  supervisor runs a pass when a release leaves a model idle), as upstream does.
+
+With `evict_cost` > 0 an idle model's reload cost (measured load seconds, or its size
+before it has loaded once) counts as that many seconds of recency per second of reload.
+
 The supervisor builds a `Snapshot`, calls `plan()`, and applies the actions in order with
 no await in between (llama-swap's pure scheduler behind an effects seam).
 """
@@ -46,6 +63,9 @@ class ModelView:
     failed_at: float | None = None  # when it became FAILED
     listed: bool = True  # False: replaced or removed by a reload, still stopping
     load_generation: int = 0  # a new number on every start: tells a waiter its load was aborted
+    draining: bool = False  # giving way: new requests queue, evicted once idle
+    ready_at: float = 0.0  # monotonic: when its current life became READY (its turn so far)
+    reload_seconds: float = 0.0  # what loading it again costs (measured, or from its size)
 
 
 @dataclass(frozen=True)
@@ -58,6 +78,7 @@ class WaiterView:
     # The load generation the waiter saw when the model was loading for it; a stop in
     # between means its load was aborted.
     saw_generation: int | None = None
+    since: float = 0.0  # monotonic: when it joined the queue
 
 
 @dataclass(frozen=True)
@@ -69,6 +90,8 @@ class Snapshot:
     budget: int | None = None  # bytes; None = count models only
     failed_holdoff: float = 30.0
     closing: bool = False
+    drain_after: float | None = None  # None: a busy model is never drained, FIFO across models
+    evict_cost: float = 0.0  # seconds of recency per second of reload (0 = plain LRU)
 
 
 @dataclass(frozen=True)
@@ -102,7 +125,15 @@ class Start:
 @dataclass(frozen=True)
 class Evict:
     model: str
-    reason: str  # "evicted" | "ttl"
+    reason: str  # "evicted" | "ttl" | "drained"
+
+
+@dataclass(frozen=True)
+class Drain:
+    """Stop granting `model`'s new requests (they queue behind the swap); it is evicted
+    once its in-flight requests have finished."""
+
+    model: str
 
 
 @dataclass(frozen=True)
@@ -114,9 +145,8 @@ class Track:
     generation: int | None
 
 
-Action = Grant | Resolve | Refuse | Start | Evict | Track
+Action = Grant | Resolve | Refuse | Start | Evict | Drain | Track
 
-_RUNNING = frozenset({State.STARTING, State.READY, State.BACKOFF})
 _HOLDS = frozenset({State.STARTING, State.READY, State.STOPPING, State.BACKOFF})
 
 
@@ -149,6 +179,8 @@ class _Plan:
     # Slots/bytes the queue still needs after what fits now (for eviction).
     need_slots: int = 0
     need_bytes: int = 0
+    # Models that could not start for lack of room, with their waiters (oldest first).
+    blocked: dict[str, list[WaiterView]] = field(default_factory=dict)
 
 
 def plan(snap: Snapshot) -> list[Action]:
@@ -165,7 +197,7 @@ def plan(snap: Snapshot) -> list[Action]:
         stopping_bytes=sum(m.bytes for m in holding if m.state == State.STOPPING),
     )
     pinned_bytes = sum(m.bytes for m in models.values() if m.pinned)
-    blocked = False  # FIFO: once the head cannot start, later models do not jump ahead
+    blocked = False  # once the first in line cannot start, later models do not jump ahead
 
     def want_start(m: ModelView) -> bool:
         """Start `m` now if it fits; else record what it needs. True when started."""
@@ -186,6 +218,8 @@ def plan(snap: Snapshot) -> list[Action]:
             p.wanted.add(pinned.name)
             want_start(pinned)
 
+    # Requests for models that must be started, grouped by model in order of arrival.
+    starts: dict[str, list[WaiterView]] = {}
     for w in snap.waiters:
         found = models.get(w.model)
         if found is None:
@@ -193,15 +227,17 @@ def plan(snap: Snapshot) -> list[Action]:
             continue
         m = found
         state = p.state[m.name]
-        if w.deadline is not None and snap.now >= w.deadline and state != State.READY:
+        if w.deadline is not None and snap.now >= w.deadline and (state != State.READY or m.draining):
             p.actions.append(Refuse(w.id, w.model, Why.DEADLINE))
             continue
         if w.load:
             _plan_load(snap, p, room, w, m, state, pinned_bytes, want_start)
             continue
         if state == State.READY:
-            p.actions.append(Grant(w.id, m.name))
-            p.wanted.add(m.name)
+            if not m.draining:
+                p.actions.append(Grant(w.id, m.name))
+                p.wanted.add(m.name)
+            # else: it waits behind the swap and is served when its model is back
             continue
         if state in (State.STARTING, State.BACKOFF):
             if w.saw_generation is None:
@@ -235,12 +271,90 @@ def plan(snap: Snapshot) -> list[Action]:
         p.wanted.add(m.name)
         if state == State.STOPPING:
             continue  # its stop will trigger another pass
-        if want_start(m):
-            p.actions.append(Track(w.id, None))
+        starts.setdefault(m.name, []).append(w)
 
+    for name in _start_order(snap, starts):
+        if want_start(models[name]):
+            p.actions.extend(Track(w.id, None) for w in starts[name])
+        else:
+            p.blocked[name] = starts[name]
+
+    _plan_drained(p, models)
     _plan_evictions(snap, p, room, models)
+    _plan_drains(snap, p, room, models)
     _plan_ttl(snap, p, models)
     return p.actions
+
+
+def _start_order(snap: Snapshot, starts: dict[str, list[WaiterView]]) -> list[str]:
+    """Which waiting model gets a slot first. Without a drain bound: order of arrival
+    (upstream's FIFO). With one: a model with a request past the bound first, oldest
+    first; then the model with the most requests waiting, so one load serves most."""
+    if snap.drain_after is None:
+        return list(starts)
+    bound = snap.drain_after
+
+    def key(name: str) -> tuple[int, float, float]:
+        oldest = starts[name][0].since
+        if snap.now - oldest >= bound:
+            return (0, oldest, 0.0)
+        return (1, -float(len(starts[name])), oldest)
+
+    return sorted(starts, key=key)
+
+
+def _plan_drained(p: _Plan, models: dict[str, ModelView]) -> None:
+    """A draining model whose last request has ended leaves now; requests that queued
+    behind it are served when it is back."""
+    for m in models.values():
+        if m.draining and p.state.get(m.name) == State.READY and m.in_flight == 0 and not m.pinned:
+            p.actions.append(Evict(m.name, "drained"))
+            p.state[m.name] = State.STOPPING
+
+
+def _plan_drains(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, ModelView]) -> None:
+    """Drain as many busy models as the models waiting past the bound need."""
+    if snap.drain_after is None or not p.blocked:
+        return
+    overdue = [
+        name for name, ws in p.blocked.items() if snap.now - ws[0].since >= snap.drain_after
+    ]
+    if not overdue:
+        return
+    need_slots = len(overdue) if room.free_slots is not None else 0
+    need_bytes = sum(models[n].bytes for n in overdue) if room.free_bytes is not None else 0
+    # What is already on its way out counts: stopping, evicted or draining now.
+    for m in snap.models:
+        leaving = m.state == State.STOPPING or p.state.get(m.name) == State.STOPPING or (
+            m.draining and p.state.get(m.name) == State.READY
+        )
+        if leaving:
+            need_slots -= 1
+            need_bytes -= m.bytes
+    if room.free_slots is not None:
+        need_slots -= max(room.free_slots, 0)
+    if room.free_bytes is not None:
+        need_bytes -= max(room.free_bytes, 0)
+    if need_slots <= 0 and need_bytes <= 0:
+        return
+    victims = sorted(
+        (
+            m for m in models.values()
+            if p.state.get(m.name) == State.READY and not m.draining and not m.pinned
+            and m.name not in overdue
+            # Each model gets a turn of at least the bound: one drained as soon as it was
+            # loaded would serve only the requests that waited for it, and those arriving
+            # during its turn would queue for another swap.
+            and snap.now - m.ready_at >= snap.drain_after
+        ),
+        key=lambda m: (m.in_flight, m.ready_at + snap.evict_cost * m.reload_seconds, m.name),
+    )
+    for m in victims:
+        if need_slots <= 0 and need_bytes <= 0:
+            break
+        p.actions.append(Drain(m.name))
+        need_slots -= 1
+        need_bytes -= m.bytes
 
 
 def _fixed(m: ModelView, pinned_bytes: int) -> int:
@@ -296,16 +410,22 @@ def _evictable(m: ModelView, p: _Plan) -> bool:
 def _plan_evictions(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, ModelView]) -> None:
     if p.need_slots <= 0 and p.need_bytes <= 0:
         return
+    # Drained models evicted in this pass free their room too.
+    leaving = [
+        m for m in models.values() if m.state != State.STOPPING and p.state.get(m.name) == State.STOPPING
+    ]
     slot_deficit = 0
     if room.free_slots is not None:
-        slot_deficit = p.need_slots - max(room.free_slots, 0) - room.stopping_slots
+        slot_deficit = p.need_slots - max(room.free_slots, 0) - room.stopping_slots - len(leaving)
     bytes_deficit = 0
     if room.free_bytes is not None:
-        bytes_deficit = p.need_bytes - max(room.free_bytes, 0) - room.stopping_bytes
+        bytes_deficit = (
+            p.need_bytes - max(room.free_bytes, 0) - room.stopping_bytes - sum(m.bytes for m in leaving)
+        )
     candidates = [
         Candidate(
             name=m.name,
-            last_used=m.last_used,
+            last_used=m.last_used + snap.evict_cost * m.reload_seconds,
             ready=p.state.get(m.name) == State.READY,
             busy=m.in_flight > 0,
             pinned=m.pinned,
@@ -334,15 +454,31 @@ def _plan_ttl(snap: Snapshot, p: _Plan, models: dict[str, ModelView]) -> None:
 
 
 def next_wakeup(snap: Snapshot) -> float | None:
-    """The earliest time a plan could change without any event: a deadline, a TTL expiry
-    or a failed model's hold-off ending while requests wait for it."""
+    """The earliest time a plan could change without any event: a deadline, a TTL expiry,
+    a failed model's hold-off ending while requests wait for it, or a waiting request
+    reaching the drain bound. Only times still to come: one already past changes nothing
+    until an event does, and waking for it would spin."""
     times: list[float] = [w.deadline for w in snap.waiters if w.deadline is not None]
     waiting = {w.model for w in snap.waiters}
+    states = {m.name: m.state for m in snap.models if m.listed}
     for m in snap.models:
         if m.ttl is not None and m.state == State.READY and not m.pinned:
             times.append(m.idle_since + m.ttl)
         if m.state == State.FAILED and m.failed_at is not None and m.name in waiting:
             times.append(m.failed_at + snap.failed_holdoff)
+    if snap.drain_after is not None:
+        blocked = [
+            w.since + snap.drain_after
+            for w in snap.waiters
+            if not w.load and states.get(w.model) in (State.STOPPED, State.FAILED)
+        ]
+        times += blocked
+        if blocked:  # a loaded model's turn ends: it may be drained for them then
+            times += [
+                m.ready_at + snap.drain_after for m in snap.models
+                if m.listed and m.state == State.READY and not m.pinned and not m.draining
+            ]
+    times = [t for t in times if t > snap.now]
     return min(times) if times else None
 
 

@@ -16,9 +16,11 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..errors import (
     BudgetExceeded,
@@ -130,12 +132,23 @@ class _Waiter:
     load: bool
     autoload: bool
     deadline: float | None
+    since: float = 0.0  # monotonic: when it joined the queue
     saw_generation: int | None = None
+
+
+class SchedulingWatch(Protocol):
+    """Sees what the scheduler does beyond state changes (metrics, the dashboard); its
+    methods never await and must not raise."""
+
+    def waited(self, model: str, seconds: float) -> None: ...
+
+    def drained(self, model: str) -> None: ...
 
 
 @dataclass
 class _Counters:
     evictions: int = 0
+    drains: int = 0  # busy models asked to give way to a request past the drain bound
     passes: int = 0  # scheduling passes run (what a test waits on to know one has run)
 
 
@@ -152,8 +165,10 @@ class Supervisor:
         options_for: OptionsFor | None = None,
         memory: MemoryManager | None = None,
         kv_cache: KvCache | None = None,
+        watch: SchedulingWatch | None = None,
     ) -> None:
         self.config = config
+        self._watch = watch
         self._kv_cache = kv_cache
         self._observer = observer  # metrics: sees every transition, must not raise
         self._discover = discover
@@ -174,6 +189,12 @@ class Supervisor:
         self._retired: set[ModelProcess] = set()  # replaced or removed by a reload, stopping
         # Retired while serving: they finish the requests they have, then stop.
         self._draining: set[ModelProcess] = set()
+        # Giving way to requests past the drain bound: new requests queue, the model is
+        # evicted once idle. When each drain began (monotonic).
+        self._drains: dict[ModelProcess, float] = {}
+        # Seconds the last load of each model took (for --evict-cost).
+        self._load_seconds: dict[str, float] = {}
+        self._file_sizes: dict[str, int] = {}
         # Leases held on each process. Counted per process, not per name: a reload can
         # retire a busy model and list the same name again while the old child serves.
         self._serving: dict[ModelProcess, int] = {}
@@ -297,6 +318,10 @@ class Supervisor:
     def queued_for(self, proc: ModelProcess) -> int:
         return sum(1 for w in self._waiters if w.model == proc.name and not w.load)
 
+    def draining(self, proc: ModelProcess) -> bool:
+        """Giving way to requests past --drain-after: its own new requests queue."""
+        return proc in self._drains
+
     @property
     def waiting(self) -> int:
         return sum(1 for w in self._waiters if not w.load)
@@ -331,8 +356,14 @@ class Supervisor:
         """
         if self.closing:
             raise ShuttingDown("server is shutting down")
-        if proc.expected_state == State.READY and self.models.get(proc.name) is proc:
+        if (
+            proc.expected_state == State.READY
+            and proc not in self._drains
+            and self.models.get(proc.name) is proc
+        ):
             # The scheduler's grant rule for a READY model, applied inline (no queue).
+            if self._watch is not None:
+                self._watch.waited(proc.name, 0.0)
             return self._grant(proc)
         result = await self._admit(proc, load=False, autoload=autoload)
         assert result is not None
@@ -368,7 +399,9 @@ class Supervisor:
         deadline = None
         if limits.max_wait is not None and not load:
             deadline = time.monotonic() + limits.max_wait
-        waiter = _Waiter(next(self._ids), proc.name, loop.create_future(), load, autoload, deadline)
+        waiter = _Waiter(
+            next(self._ids), proc.name, loop.create_future(), load, autoload, deadline, time.monotonic(),
+        )
         self._waiters.append(waiter)
         self._kick.set()
         try:
@@ -406,6 +439,12 @@ class Supervisor:
             self._serving[proc] = left
         else:
             self._serving.pop(proc, None)
+        if left <= 0 and self._waiters and not self.closing:
+            # Decide now, before another request can make the model busy again: an idle
+            # model that others wait for is evicted at this instant (upstream's rule too),
+            # a drained one leaves. Waiting for the loop's next pass let a trickle of
+            # requests keep one model loaded while the queue waited.
+            self._pass(now)
         if left <= 0 or proc in self._draining:
             # An idle model matters to queued requests (it may be evicted for them), to
             # TTL, and to a reload waiting for it to finish its requests.
@@ -420,18 +459,7 @@ class Supervisor:
         next_tick = time.monotonic() + tick
         while True:
             now = time.monotonic()
-            soonest = None
-            # The whole pass, not only plan and apply: a loop that died of a bug would
-            # leave every later request waiting for a grant that never comes.
-            try:
-                self._stop_drained()
-                snap = self._snapshot(now)
-                self._apply(scheduler.plan(snap))
-                soonest = scheduler.next_wakeup(snap)
-            except Exception:  # a bug of ours: log it, keep the loop (and the router) alive
-                log.exception("scheduling pass failed")
-            self.counters.passes += 1
-            wake = soonest
+            wake = soonest = self._pass(now)
             if now >= next_tick:
                 next_tick = now + tick
                 try:
@@ -456,6 +484,22 @@ class Supervisor:
         return bool(self._waiters) or any(
             p.state in (State.STARTING, State.STOPPING, State.BACKOFF) for p in self.all_processes()
         )
+
+    def _pass(self, now: float) -> float | None:
+        """One scheduling pass: plan from a snapshot and apply it, with no await between.
+        Returns when the next one is due without an event (None: only on an event)."""
+        soonest = None
+        # The whole pass, not only plan and apply: a loop that died of a bug would
+        # leave every later request waiting for a grant that never comes.
+        try:
+            self._stop_drained()
+            snap = self._snapshot(now)
+            self._apply(scheduler.plan(snap))
+            soonest = scheduler.next_wakeup(snap)
+        except Exception:  # a bug of ours: log it, keep the loop (and the router) alive
+            log.exception("scheduling pass failed")
+        self.counters.passes += 1
+        return soonest
 
     def _stop_drained(self) -> None:
         for proc in list(self._draining):
@@ -483,12 +527,16 @@ class Supervisor:
                     failed_at=proc.state_changed_at if proc.state == State.FAILED else None,
                     listed=self.models.get(proc.name) is proc,
                     load_generation=starts,
+                    draining=proc in self._drains,
+                    ready_at=proc.ready_at or 0.0,
+                    reload_seconds=self._reload_seconds(proc),
                 )
             )
         waiters = [
             scheduler.WaiterView(
                 id=w.id, model=self.aliases.get(w.model, w.model), load=w.load,
                 autoload=w.autoload, deadline=w.deadline, saw_generation=w.saw_generation,
+                since=w.since,
             )
             for w in self._waiters
             if not w.fut.done()
@@ -501,7 +549,26 @@ class Supervisor:
             budget=memory.budget if memory is not None else None,
             failed_holdoff=self.config.limits.failed_holdoff,
             closing=self.closing,
+            drain_after=self.config.limits.drain_after,
+            evict_cost=self.config.limits.evict_cost,
         )
+
+    def _reload_seconds(self, proc: ModelProcess) -> float:
+        """What loading `proc` again would cost: its last measured load, or before it has
+        loaded once its size read at a nominal 1 GiB/s (only --evict-cost reads it)."""
+        if not self.config.limits.evict_cost:
+            return 0.0
+        measured = self._load_seconds.get(proc.name)
+        if measured is not None:
+            return measured
+        size = self._file_sizes.get(proc.spec.model_path or "")
+        if size is None and proc.spec.model_path:
+            try:
+                size = os.stat(proc.spec.model_path).st_size  # once per path: a local stat
+            except OSError:
+                size = 0
+            self._file_sizes[proc.spec.model_path] = size
+        return (size or 0) / _NOMINAL_LOAD_BYTES_PER_S
 
     def _apply(self, actions: list[scheduler.Action]) -> None:
         by_id = {w.id: w for w in self._waiters}
@@ -510,10 +577,24 @@ class Supervisor:
                 proc = self.models[action.model]
                 self._note_start(proc)
                 proc.start()
+            elif isinstance(action, scheduler.Drain):
+                proc = self.models[action.model]
+                self._drains[proc] = time.monotonic()
+                self.counters.drains += 1
+                log.info(
+                    "[%s] draining: a request has waited %gs (--drain-after) for a slot; new "
+                    "requests queue behind the swap, %d in flight finish first",
+                    proc.name, self.config.limits.drain_after or 0.0, self._serving.get(proc, 0),
+                )
+                if self._watch is not None:
+                    self._watch.drained(proc.name)
             elif isinstance(action, scheduler.Evict):
                 proc = self.models[action.model]
                 if action.reason == "ttl":
                     log.info("[%s] idle past its ttl (%gs): unloading", proc.name, proc.ttl or 0)
+                elif action.reason == "drained":
+                    log.info("[%s] drained: unloading it for the waiting requests", proc.name)
+                    self.counters.evictions += 1
                 else:
                     log.info("[%s] evicting the idle least recently used model", proc.name)
                     self.counters.evictions += 1
@@ -531,6 +612,8 @@ class Supervisor:
                 if waiter is None or waiter.fut.done():
                     continue
                 if isinstance(action, scheduler.Grant):
+                    if self._watch is not None:
+                        self._watch.waited(waiter.model, time.monotonic() - waiter.since)
                     waiter.fut.set_result(self._grant(self.models[action.model]))
                 elif isinstance(action, scheduler.Resolve):
                     waiter.fut.set_result(None)
@@ -622,8 +705,12 @@ class Supervisor:
             self._observer(proc, old, new)
         if new in (State.READY, State.STOPPED, State.FAILED, State.SHUTDOWN):
             self._record()
+        if new != State.READY:
+            self._drains.pop(proc, None)
         if new == State.READY:
             self._been_ready.add(proc.name)
+            if proc.load_started_at is not None and proc.ready_at is not None:
+                self._load_seconds[proc.name] = proc.ready_at - proc.load_started_at
         elif new == State.FAILED and proc.name not in self._been_ready and not self.failed_before_ready.is_set():
             self.first_failure = f"model name={proc.name}: {proc.failure or 'failed'}"
             self.failed_before_ready.set()
@@ -762,6 +849,10 @@ class Supervisor:
         if self._state_dir is not None:
             with contextlib.suppress(OSError):
                 self._state_dir.record(())
+
+
+# Before a model has loaded once, --evict-cost guesses its load time from its size.
+_NOMINAL_LOAD_BYTES_PER_S = 1024**3
 
 
 def _mib(n: int) -> str:

@@ -118,6 +118,16 @@ class Limits:
     # Admission queue bounds; None keeps upstream's behaviour (wait forever).
     max_queue: int | None = None
     max_wait: float | None = None
+    # Contention: a request that has waited this long for a slot drains the model that
+    # must give way (new requests for it queue, its requests in flight finish, then it is
+    # evicted). None: never drain a busy model and start waiting models in order of
+    # arrival (upstream's rules exactly). The default is from the scheduling benchmark:
+    # at 0.5 s a request behind streaming clients is served in about 1 s on this kind of
+    # machine, and thrash throughput is as high as with longer bounds (docs/design.md).
+    drain_after: float | None = 0.5
+    # Cost-aware eviction: each second a model takes to load counts as this many seconds
+    # of recency when choosing whom to evict (0 = plain least recently used, upstream).
+    evict_cost: float = 0.0
     # Crash loop: after `restart_max` unexpected exits within `restart_window` seconds the
     # model becomes FAILED and requests get a fast 503.
     restart_max: int = 3

@@ -416,7 +416,7 @@ class Api:
         1,000 models would otherwise rebuild and re-encode 1,000 items on every call."""
         key = (
             proc.spec, proc.state, proc.api_status, proc.port, proc.in_flight,
-            self.sup.queued_for(proc), proc.restarts, self.sup.usage(proc.name).last_used_wall,
+            self.sup.queued_for(proc), self.sup.draining(proc), proc.restarts, self.sup.usage(proc.name).last_used_wall,
             proc.crashed, proc.exit_code, proc.failure, proc.stop_reason,
             self.sup.estimate_of(proc), proc.measured_bytes, proc.device_bytes, id(proc.loaded_info),
             self._status_value(proc), self._saved_caches(proc.name), self.sup.pinned(proc),
@@ -473,6 +473,7 @@ class Api:
             "can_remove": spec.source == "cache",
             "in_flight": proc.in_flight,
             "queued": self.sup.queued_for(proc),
+            "draining": self.sup.draining(proc),
             "restarts": proc.restarts,
             "pinned": self.sup.pinned(proc),
         }

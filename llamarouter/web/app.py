@@ -312,7 +312,7 @@ def build_app(
                 sup = Supervisor(
                     config, discover, launcher or OsLauncher(config.limits.child_nice), HttpProbe(session),
                     build_argv, state_dir, observer=on_state,
-                    options_for=child_args.merged, memory=memory, kv_cache=kv,
+                    options_for=child_args.merged, memory=memory, kv_cache=kv, watch=metrics,
                 )
                 app[SUPERVISOR] = sup
                 api.bind(sup, proxy, session)

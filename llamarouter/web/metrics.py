@@ -40,6 +40,8 @@ CHILD_KV_USAGE = "llamacpp:kv_cache_usage_ratio"
 # Latencies of LLM requests run from milliseconds (tokenize) to many minutes (long
 # generations); loads from under a second to minutes for large models on slow disks.
 _REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+# Waiting for a slot: none at all for most requests, up to a swap or several under contention.
+_WAIT_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 _LOAD_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 
 # Transitions that mean the child ended without being asked to (see process.py `_run`).
@@ -125,6 +127,18 @@ class RouterMetrics:
             "(--request-failures).",
             ("model",), registry=r,
         )
+        self.queue_wait = Histogram(
+            "llamarouter_queue_wait_seconds",
+            "Time a request waited for its model to be granted (0 when it was loaded and free "
+            "to take it; queueing, swaps and loads included otherwise).",
+            ("model",), buckets=_WAIT_BUCKETS, registry=r,
+        )
+        self.drains = Counter(
+            "llamarouter_model_drains",
+            "Busy models drained to give way to a request past --drain-after.",
+            ("model",), registry=r,
+        )
+        self._wait_children: dict[str, Histogram] = {}
         self._request_children: dict[tuple[str, str, int], Counter] = {}
         self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
         self._state = _SupervisorCollector()
@@ -152,6 +166,18 @@ class RouterMetrics:
         if self.history is not None:
             ttft = timing.headers_at - timing.start if timing.headers_at else None
             self.history.request(model, code < 400, ttft, timing.tokens or None)
+
+    # ----------------------------------------------------------------- scheduling (SchedulingWatch)
+    def waited(self, model: str, seconds: float) -> None:
+        hist = self._wait_children.get(model)
+        if hist is None:
+            hist = self._wait_children[model] = self.queue_wait.labels(model)
+        hist.observe(seconds)
+
+    def drained(self, model: str) -> None:
+        self.drains.labels(model).inc()
+        if self.history is not None:
+            self.history.mark(model, "drain")
 
     # ----------------------------------------------------------------- lifecycle events
     def on_state(self, proc: ModelProcess, old: State, new: State) -> None:

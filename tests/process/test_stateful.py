@@ -8,7 +8,10 @@ end of every run, shutdown. After every step it checks the invariants the core p
 - a model serving a request is never evicted (checked at the moment of each eviction);
 - no model stays in a transitional state past its bound;
 - the event loop is never blocked for more than 100 ms;
-- every waiter is answered, and shutdown completes with no child left.
+- every waiter is answered, and shutdown completes with no child left;
+- fairness: after every scheduling pass, no request has waited past the drain bound for a
+  model that cannot start while a drainable model (loaded, not pinned, not already giving
+  way) stays put: something is on its way out for it, or it was started.
 
 Derandomized (a fixed seed), so CI runs the same examples each time and a failure replays.
 LLAMAROUTER_STATEFUL_EXAMPLES raises the number of runs for a longer local search.
@@ -55,6 +58,13 @@ class CheckedSupervisor(Supervisor):
     violations: list[str]
     held: collections.Counter[ModelProcess]
 
+    last_snapshot: scheduler.Snapshot | None = None
+
+    def _snapshot(self, now: float) -> scheduler.Snapshot:
+        snap = super()._snapshot(now)
+        self.last_snapshot = snap
+        return snap
+
     def _apply(self, actions: list[scheduler.Action]) -> None:
         for action in actions:
             if not isinstance(action, scheduler.Evict):
@@ -63,6 +73,35 @@ class CheckedSupervisor(Supervisor):
             if proc is not None and self.held[proc] > 0:
                 self.violations.append(f"evicted busy {proc.name} ({action.reason})")
         super()._apply(actions)
+        if self.last_snapshot is not None:
+            self._check_fairness(self.last_snapshot, actions)
+
+    def _check_fairness(self, snap: scheduler.Snapshot, actions: list[scheduler.Action]) -> None:
+        bound = snap.drain_after
+        if bound is None or snap.closing:
+            return
+        views = {m.name: m for m in snap.models if m.listed}
+        overdue = [
+            w for w in snap.waiters
+            if not w.load and w.model in views and views[w.model].state == State.STOPPED
+            and snap.now - w.since >= bound
+        ]
+        if not overdue:
+            return
+        started = {a.model for a in actions if isinstance(a, scheduler.Start)}
+        leaving = {a.model for a in actions if isinstance(a, (scheduler.Evict, scheduler.Drain))}
+        on_the_way = started or leaving or any(
+            m.state == State.STOPPING or m.draining for m in snap.models
+        )
+        drainable = [
+            m.name for m in views.values()
+            if m.state == State.READY and not m.pinned and not m.draining
+        ]
+        if not on_the_way and drainable:
+            self.violations.append(
+                f"waiters for {sorted({w.model for w in overdue})} past the bound while "
+                f"{drainable} stay loaded"
+            )
 
 
 class CoreMachine(RuleBasedStateMachine):
@@ -72,7 +111,8 @@ class CoreMachine(RuleBasedStateMachine):
         self.launcher = FakeLauncher()
         self.specs: dict[str, ModelSpec] = {n: spec(n) for n in NAMES[:3]}
         self.sup: CheckedSupervisor = make_supervisor(  # type: ignore[assignment]
-            self.specs, fast_config(MODELS_MAX), self.launcher, CheckedSupervisor
+            # A drain bound of the order of the requests' hold times, so drains happen.
+            self.specs, fast_config(MODELS_MAX, drain_after=0.02), self.launcher, CheckedSupervisor
         )
         self.sup.violations = []
         self.sup.held = collections.Counter()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llamarouter.core.scheduler import (
+    Drain,
     Evict,
     Grant,
     ModelView,
@@ -194,3 +195,141 @@ def test_next_wakeup_is_the_earliest_deadline_ttl_or_holdoff() -> None:
     s = snap(models, [w(1, "f", deadline=120.0)], failed_holdoff=30.0)
     assert next_wakeup(s) == 105.0
     assert next_wakeup(snap([m("a", R)], [])) is None
+
+
+# ----------------------------------------------------------------------------- contention
+# The drain bound, grouping by model and cost-aware victims (Snapshot.drain_after, evict_cost).
+
+def test_a_busy_model_keeps_its_slot_until_a_request_has_waited_the_bound() -> None:
+    models = [m("a", R, in_flight=2), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=99.8)], models_max=1, drain_after=0.5))
+    assert acts == []
+
+
+def test_a_request_past_the_bound_drains_the_model_that_must_give_way() -> None:
+    models = [m("a", R, in_flight=2), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=99.4)], models_max=1, drain_after=0.5))
+    assert acts == [Drain("a")]
+
+
+def test_without_a_bound_a_busy_model_is_never_drained() -> None:
+    models = [m("a", R, in_flight=2), m("b")]
+    assert plan(snap(models, [w(1, "b", since=0.0)], models_max=1)) == []
+
+
+def test_a_drained_model_leaves_once_its_last_request_ends() -> None:
+    models = [m("a", R, draining=True), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=99.0)], models_max=1, drain_after=0.5))
+    assert acts == [Evict("a", "drained")]
+
+
+def test_a_drained_model_is_not_drained_twice_nor_another_one_with_it() -> None:
+    models = [m("a", R, in_flight=1, draining=True), m("c", R, in_flight=1), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=90.0)], models_max=2, drain_after=0.5))
+    assert acts == []
+
+
+def test_requests_for_a_draining_model_queue_behind_the_swap() -> None:
+    models = [m("a", R, in_flight=1, draining=True), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=90.0), w(2, "a", since=99.9)], models_max=1, drain_after=0.5))
+    assert kinds(acts, Grant) == []
+    # ...and they still count: a drained model whose requests wait is evicted all the same.
+    models = [m("a", R, draining=True), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=90.0), w(2, "a", since=99.9)], models_max=1, drain_after=0.5))
+    assert acts == [Evict("a", "drained")]
+
+
+def test_a_drained_model_comes_back_after_the_waiting_model_in_order() -> None:
+    # b waited longest and gets the freed slot; a's requests (queued behind its drain) wait.
+    models = [m("a", S), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=90.0), w(2, "a", since=99.9)], models_max=1, drain_after=0.5))
+    assert acts == [Start("b"), Track(1, None)]
+
+
+def test_a_requests_deadline_still_applies_behind_a_drain() -> None:
+    models = [m("a", R, in_flight=1, draining=True)]
+    acts = plan(snap(models, [w(1, "a", deadline=99.0, since=98.0)], models_max=1, drain_after=0.5))
+    assert acts == [Refuse(1, "a", Why.DEADLINE)]
+
+
+def test_the_victim_is_the_one_that_frees_its_slot_soonest_then_the_longest_held() -> None:
+    models = [m("a", R, in_flight=3, ready_at=1.0), m("b", R, in_flight=1, ready_at=50.0),
+              m("c", R, in_flight=1, ready_at=10.0), m("d")]
+    acts = plan(snap(models, [w(1, "d", since=90.0)], models_max=3, drain_after=0.5))
+    assert acts == [Drain("c")]
+
+
+def test_as_many_drains_as_models_past_the_bound_need() -> None:
+    models = [m("a", R, in_flight=1, ready_at=1.0), m("b", R, in_flight=1, ready_at=2.0), m("c"), m("d")]
+    waiters = [w(1, "c", since=90.0), w(2, "d", since=99.9)]  # only c is past the bound
+    assert plan(snap(models, waiters, models_max=2, drain_after=0.5)) == [Drain("a")]
+    waiters = [w(1, "c", since=90.0), w(2, "d", since=91.0)]
+    assert plan(snap(models, waiters, models_max=2, drain_after=0.5)) == [Drain("a"), Drain("b")]
+
+
+def test_pinned_models_are_never_drained() -> None:
+    models = [m("a", R, in_flight=1, pinned=True), m("b")]
+    assert plan(snap(models, [w(1, "b", since=0.0)], models_max=1, drain_after=0.5)) == []
+
+
+def test_an_idle_model_is_evicted_at_once_without_waiting_for_the_bound() -> None:
+    models = [m("a", R, last_used=5.0), m("b")]
+    acts = plan(snap(models, [w(1, "b", since=99.99)], models_max=1, drain_after=0.5))
+    assert acts == [Evict("a", "evicted")]
+
+
+def test_with_a_bound_the_model_with_most_waiting_requests_loads_first() -> None:
+    models = [m("a"), m("b"), m("c")]
+    waiters = [w(1, "a", since=99.8), w(2, "b", since=99.85), w(3, "b", since=99.9), w(4, "c", since=99.9)]
+    acts = plan(snap(models, waiters, models_max=1, drain_after=0.5))
+    assert acts == [Start("b"), Track(2, None), Track(3, None)]
+
+
+def test_a_request_past_the_bound_loads_before_larger_groups() -> None:
+    models = [m("a"), m("b")]
+    waiters = [w(1, "a", since=99.0), w(2, "b", since=99.85), w(3, "b", since=99.9)]
+    acts = plan(snap(models, waiters, models_max=1, drain_after=0.5))
+    assert acts == [Start("a"), Track(1, None)]
+
+
+def test_without_a_bound_waiting_models_start_in_order_of_arrival() -> None:
+    models = [m("a"), m("b")]
+    waiters = [w(1, "a", since=99.8), w(2, "b", since=99.85), w(3, "b", since=99.9)]
+    assert plan(snap(models, waiters, models_max=1)) == [Start("a"), Track(1, None)]
+
+
+def test_evict_cost_keeps_a_slow_loading_model_over_a_fast_one() -> None:
+    models = [m("big", R, last_used=10.0, reload_seconds=60.0), m("small", R, last_used=20.0, reload_seconds=2.0),
+              m("c")]
+    assert plan(snap(models, [w(1, "c")], models_max=2)) == [Evict("big", "evicted")]
+    assert plan(snap(models, [w(1, "c")], models_max=2, evict_cost=1.0)) == [Evict("small", "evicted")]
+
+
+def test_evict_cost_weighs_drain_victims_too() -> None:
+    models = [m("big", R, in_flight=1, ready_at=10.0, reload_seconds=60.0),
+              m("small", R, in_flight=1, ready_at=20.0, reload_seconds=2.0), m("c")]
+    assert plan(snap(models, [w(1, "c", since=0.0)], models_max=2, drain_after=0.5)) == [Drain("big")]
+    acts = plan(snap(models, [w(1, "c", since=0.0)], models_max=2, drain_after=0.5, evict_cost=1.0))
+    assert acts == [Drain("small")]
+
+
+def test_next_wakeup_is_when_the_oldest_blocked_request_reaches_the_bound() -> None:
+    models = [m("a", R, in_flight=1), m("b")]
+    s = snap(models, [w(1, "b", since=99.8), w(2, "b", since=99.9)], models_max=1, drain_after=0.5)
+    assert next_wakeup(s) == 99.8 + 0.5
+
+
+def test_next_wakeup_never_returns_a_time_already_past() -> None:
+    # A busy model past its TTL, a request past the bound with nothing to drain: waking
+    # for either changes nothing until an event does; a past time would spin the loop.
+    models = [m("a", R, in_flight=1, pinned=False, ttl=1.0, idle_since=10.0), m("b")]
+    s = snap(models, [w(1, "b", since=0.0)], models_max=1, drain_after=0.5)
+    assert next_wakeup(s) is None
+
+
+def test_a_model_is_drained_only_after_a_turn_of_the_bound() -> None:
+    # b loaded 0.2 s ago: its turn is not over, even though c has waited long.
+    models = [m("b", R, in_flight=1, ready_at=99.8), m("c")]
+    s = snap(models, [w(1, "c", since=90.0)], models_max=1, drain_after=0.5)
+    assert plan(s) == []
+    assert next_wakeup(s) == 99.8 + 0.5

@@ -526,7 +526,9 @@
     svg.append(svgEl("text", { class: "tick", x: L, y: H - 4 }, `-${Math.round(hist.span / 60)} min`));
     svg.append(svgEl("text", { class: "tick", x: W - R, y: H - 4, "text-anchor": "end" }, "now"));
     for (const m of hist.marks) {
-      const kind = m.kind === "load" || m.kind === "loaded" ? "load" : m.kind === "crash" ? "crash" : "evict";
+      const kind = m.kind === "load" || m.kind === "loaded" ? "load"
+        : m.kind === "crash" ? "crash"
+        : m.kind === "drain" || m.kind === "drained" ? "swap" : "evict";
       if (m.kind === "loaded") continue; // one mark per load: where it started
       const line = svgEl("line", { class: `m-${kind}`, x1: x(m.t), x2: x(m.t), y1: T, y2: H - B });
       line.append(svgEl("title", {}, `${m.model}: ${m.kind}`));

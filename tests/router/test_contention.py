@@ -1,0 +1,141 @@
+"""Swapping under contention with fake children: the drain bound (a busy model gives way
+to a request that has waited past --drain-after), requests queued behind a drain, and what
+GET /models and /metrics show of it."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import aiohttp
+
+from tests.conftest import Router, StartRouter
+from tests.fakes.helpers import wait_for, write_fake_model
+
+# Every client loop below is bounded by this many requests and by per-step deadlines.
+MAX_REQUESTS_PER_CLIENT = 60
+
+
+def make_models(tmp_path: Path, names: str, **knobs: object) -> Path:
+    d = tmp_path / "models"
+    for name in names.split():
+        write_fake_model(d / f"{name}.gguf", **knobs)
+    return d
+
+
+async def keep_busy(r: Router, model: str, stop: asyncio.Event) -> list[tuple[int, bool]]:
+    """Streams to `model` that overlap: the next is sent when the current one's first event
+    arrives, so the model is never idle while this runs (unless the router holds the next
+    one back). Until `stop` or the bound; each stream's status and whether it ended with
+    [DONE] (not cut)."""
+    body = {"model": model, "stream": True, "max_tokens": 60, "messages": [{"role": "user", "content": "x"}]}
+    results: list[tuple[int, bool]] = []
+
+    async def one(s: aiohttp.ClientSession, started: asyncio.Event) -> None:
+        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
+            done = False
+            async for line in resp.content:
+                started.set()
+                if line.startswith(b"data: [DONE]"):
+                    done = True
+            started.set()
+            results.append((resp.status, done))
+
+    async with aiohttp.ClientSession() as s:
+        tasks: list[asyncio.Task[None]] = []
+        for _ in range(MAX_REQUESTS_PER_CLIENT):
+            if stop.is_set():
+                break
+            started = asyncio.Event()
+            tasks.append(asyncio.create_task(one(s, started)))
+            await asyncio.wait_for(started.wait(), 30)
+            # At most two at a time: wait for the one before this to end.
+            if len(tasks) > 1:
+                await asyncio.wait_for(tasks[-2], 30)
+        await asyncio.wait_for(asyncio.gather(*tasks), 30)
+    return results
+
+
+async def starve(r: Router) -> tuple[int, bool, list[tuple[int, bool]]]:
+    """A kept busy by overlapping streams; one request for B. B's status, whether it was
+    answered while A's clients were still going, and every A result."""
+    assert (await r.chat("a", max_tokens=1))[0] == 200
+    stop = asyncio.Event()
+    busy = asyncio.create_task(keep_busy(r, "a", stop))
+    await wait_for(lambda: _in_flight(r, "a"), timeout=10, message="a busy")
+    status, _ = await r.chat("b", max_tokens=1)
+    served_while_busy = not busy.done()
+    stop.set()
+    results = await asyncio.wait_for(busy, 60)
+    return status, served_while_busy, results
+
+
+async def _in_flight(r: Router, name: str) -> bool:
+    return (await r.models())[name]["in_flight"] > 0
+
+
+async def test_a_request_past_the_bound_is_served_while_others_keep_the_slot_busy(
+    tmp_path: Path, start_router: StartRouter,
+) -> None:
+    d = make_models(tmp_path, "a b", tokens=60, tps=400)
+    r = await start_router("--models-dir", str(d), "--models-max", "1", "--drain-after", "0.2")
+    status, served_while_busy, results = await starve(r)
+    assert status == 200
+    assert served_while_busy, "b waited until a's clients stopped"
+    # A's requests queued behind the swap were served after it, none lost or cut.
+    assert results and all(s == 200 and done for s, done in results), results
+    assert "draining: a request has waited" in r.log()
+    assert "[a] drained: unloading it for the waiting requests" in r.log()
+    _, metrics = await r.get("/metrics")
+    assert 'llamarouter_model_drains_total{model="a"}' in metrics
+    assert 'llamarouter_queue_wait_seconds_count{model="b"} 1.0' in metrics
+
+
+async def test_without_a_bound_the_busy_model_keeps_its_slot(
+    tmp_path: Path, start_router: StartRouter,
+) -> None:
+    # Upstream's rule (--drain-after none): B is served only once A has an idle instant,
+    # which overlapping streams never leave it; so B waits until they stop.
+    d = make_models(tmp_path, "a b", tokens=60, tps=400)
+    r = await start_router("--models-dir", str(d), "--models-max", "1", "--drain-after", "none")
+    status, served_while_busy, results = await starve(r)
+    assert status == 200
+    assert not served_while_busy, r.log()[-4000:]
+    assert all(s == 200 and done for s, done in results)
+
+
+async def test_models_listing_shows_the_drain_and_what_queues_behind_it(
+    tmp_path: Path, start_router: StartRouter,
+) -> None:
+    # One long stream keeps a busy; b's request passes the bound and drains a; a second
+    # request for a then queues behind the swap instead of joining the stream.
+    d = make_models(tmp_path, "a b", tokens=100000, tps=20)
+    r = await start_router("--models-dir", str(d), "--models-max", "1", "--drain-after", "0.1")
+    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+            b_task = asyncio.create_task(r.chat("b", max_tokens=1))
+
+            async def drained() -> bool:
+                return bool((await r.models())["a"]["draining"])
+
+            await wait_for(drained, timeout=10, message="a draining")
+            a_task = asyncio.create_task(r.chat("a", max_tokens=1))
+
+            async def queued_behind() -> bool:
+                return (await r.models())["a"]["queued"] == 1
+
+            await wait_for(queued_behind, timeout=10, message="a's request queued")
+            listing = await r.models()
+            assert listing["a"]["in_flight"] == 1 and listing["a"]["status"]["value"] == "loaded"
+        # The stream ends (client closed): a leaves, b loads, then a comes back for its request.
+        assert (await asyncio.wait_for(b_task, 30))[0] == 200
+        assert (await asyncio.wait_for(a_task, 30))[0] == 200
+    listing = await r.models()
+    assert listing["a"]["draining"] is False and listing["a"]["queued"] == 0
+    status, hist = await r.get("/dashboard/history")
+    assert status == 200
+    kinds = {(m["model"], m["kind"]) for m in hist["marks"]}
+    assert ("a", "drain") in kinds and ("a", "drained") in kinds
