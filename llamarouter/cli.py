@@ -24,7 +24,6 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
 from aiohttp import web
 
 from . import __version__
@@ -883,6 +882,12 @@ llamarouter options:
 """
 
 
+def _echo(text: str, err: bool = False) -> None:
+    # click stays off the serving path (it costs the router about 1 MiB of memory for
+    # these few lines); `llamarouter dev` imports it.
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "dev":
@@ -891,11 +896,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         dev.main(args=args[1:], prog_name="llamarouter dev")
         return
     if any(a in ("-h", "--help", "--usage") for a in args):
-        click.echo(HELP + "\n".join(f"  {s.flag:<20} {s.help} (env {s.env})" for s in SETTINGS))
-        click.echo("\ndeveloper tools: llamarouter dev --help   docs: docs/ in the source tree")
+        _echo(HELP + "\n".join(f"  {s.flag:<20} {s.help} (env {s.env})" for s in SETTINGS))
+        _echo("\ndeveloper tools: llamarouter dev --help   docs: docs/ in the source tree")
         sys.exit(0)
     if "--version" in args:
-        click.echo(f"llamarouter {__version__}")
+        _echo(f"llamarouter {__version__}")
         sys.exit(0)
     environ = dict(os.environ)
     _setup_logging(environ)
@@ -908,12 +913,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             if at > 0:
                 check_with_server(args[:at], environ)
         except CommandLineRejected as exc:
-            click.echo(exc.message, err=True)
+            _echo(exc.message, err=True)
             sys.exit(exc.exit_code)
         except LlamaRouterError:
             pass  # no binary to ask: the unknown token is the error to report
         # llama-server's own words and exit code for a flag it does not know.
-        click.echo(f"error: invalid argument: {first_invalid_argument(args, cli_table, _EXTRA_KEYS)}", err=True)
+        _echo(f"error: invalid argument: {first_invalid_argument(args, cli_table, _EXTRA_KEYS)}", err=True)
         sys.exit(1)
     try:
         build = check_with_server(args, environ)
@@ -936,16 +941,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             log.info("single-model mode: %s", config.single_model.name)
         code = _run(serve(config, discovery, table, Notifier(environ)), config.timeouts.force_exit)
     except CommandLineRejected as exc:
-        click.echo(exc.message, err=True)
+        _echo(exc.message, err=True)
         sys.exit(exc.exit_code)
     except ConfigError as exc:
-        click.echo(f"llamarouter: error: {exc.message}", err=True)
+        _echo(f"llamarouter: error: {exc.message}", err=True)
         sys.exit(2)
     except LlamaRouterError as exc:
-        click.echo(f"llamarouter: error: {exc.message}", err=True)
+        _echo(f"llamarouter: error: {exc.message}", err=True)
         sys.exit(1)
     except OSError as exc:
-        click.echo(f"llamarouter: error: {exc}", err=True)
+        _echo(f"llamarouter: error: {exc}", err=True)
         sys.exit(1)
     _exit(code, config.timeouts.force_exit)
 

@@ -13,12 +13,12 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import filelock
-
 from ..errors import ConfigError
 from .launcher import kill_leftover, process_create_time
 
 if TYPE_CHECKING:
+    import filelock
+
     from .process import ModelProcess
 
 log = logging.getLogger("llamarouter.core.statedir")
@@ -27,13 +27,17 @@ log = logging.getLogger("llamarouter.core.statedir")
 class StateDir:
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = filelock.FileLock(str(path / "llamarouter.lock"), timeout=0)
+        import filelock  # only with --state-dir: it costs the router about 2 MiB of memory
+
+        self._lock: filelock.BaseFileLock = filelock.FileLock(str(path / "llamarouter.lock"), timeout=0)
         self._children = path / "children.json"
         self._last: list[dict[str, object]] | None = None
 
     def acquire(self) -> None:
         """Take the instance lock, then stop what a previous instance left behind."""
         self.path.mkdir(parents=True, exist_ok=True)
+        import filelock
+
         try:
             self._lock.acquire()
         except filelock.Timeout:
