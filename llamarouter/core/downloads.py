@@ -204,7 +204,7 @@ class Downloads:
 
     def _end_bound(self) -> float:
         t = self.config.timeouts
-        return t.stop + t.reap + t.drain
+        return t.download_exit + t.reap + t.drain
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         if task.cancelled():
@@ -310,9 +310,10 @@ class Downloads:
             # cancelled by the same command and removes its temporary file), then make sure.
             await _ask_exit(proc)
             try:
-                await asyncio.wait_for(proc.wait(), t.stop)
+                await asyncio.wait_for(proc.wait(), t.download_exit)
             except TimeoutError:
-                log.warning("[download %s] child did not exit within %.1fs; killing", dl.name, t.stop)
+                # Typically blocked on a stalled transfer, where it cannot see the command.
+                log.warning("[download %s] child did not exit within %.1fs; killing", dl.name, t.download_exit)
                 self._spawner.kill_group(proc.pid)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(proc.wait(), t.reap)

@@ -106,6 +106,9 @@ class Timeouts:
     # the child's reason) before answering that it runs.
     download_stall: float = 120.0
     download_start: float = 30.0
+    # A download child asked to exit (done, cancelled, stalled) gets this long before it is
+    # killed; its partial files are removed by the router either way.
+    download_exit: float = 2.0
     # Resumable streams: a lookup or stop forwarded to the child that owns a conversation
     # may take this long (upstream's router allows 0.25 s; a busy CI host needs more).
     stream_lookup: float = 2.0
