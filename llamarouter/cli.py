@@ -27,7 +27,7 @@ from pathlib import Path
 from aiohttp import web
 
 from . import __version__
-from .core.downloads import fetch_remote_preset
+from .core.downloads import fetch_remote_preset, preset_path
 from .core.launcher import OsLauncher
 from .core.memory import parse_bytes
 from .core.supervisor import Supervisor
@@ -526,13 +526,16 @@ def _ui_dir(given: object, static_path: str | None, no_ui: bool) -> Path | None:
 
 def _remote_preset(config: RouterConfig) -> Path | None:
     """`-hf REPO` whose repo holds a `preset.ini`: that file, fetched by the binary (see
-    downloads.fetch_remote_preset); None for a model repo, `-m`, router mode or --offline."""
+    downloads.fetch_remote_preset), or with --offline the cached one; None for a model
+    repo, `-m` or router mode."""
     single = config.single_model
     repo = dict(single.options).get(_K_HF) if single is not None else None
-    if not repo or any(k == "--offline" and is_truthy(v) for k, v in config.child_options):
+    if not repo:
         return None
-    environ = dict(config.child_env)
-    probe_config = dataclasses.replace(config, cache_dir=cache_dir_from_env(environ))
+    cache_dir = cache_dir_from_env(dict(config.child_env))
+    if any(k == "--offline" and is_truthy(v) for k, v in config.child_options):
+        return preset_path(cache_dir, repo.partition(":")[0]) if cache_dir is not None else None
+    probe_config = dataclasses.replace(config, cache_dir=cache_dir)
     return asyncio.run(fetch_remote_preset(probe_config, OsLauncher(config.limits.child_nice), repo))
 
 

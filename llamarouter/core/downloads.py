@@ -148,9 +148,6 @@ class Downloads:
             raise InvalidRequest(f"invalid model name '{name}': expected owner/repo or owner/repo:QUANT")
         if self.cache_dir is None:
             raise LlamaRouterError("downloading models needs a cache directory (LLAMA_CACHE or HOME)")
-        if any(k == "--offline" and v == "true" for k, v in self.config.child_options):
-            # llama.cpp's downloader would look in the cache only and "succeed" with nothing.
-            raise InvalidRequest("downloading models is not possible with --offline")
         if self._exists(name):
             raise InvalidRequest(f"model '{name}' already exists")
         if name in self.running:

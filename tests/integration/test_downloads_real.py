@@ -289,7 +289,8 @@ PRESET_REPO = "test-org/preset-repo"
 
 
 async def test_remote_preset_side_by_side(
-    start_pair: StartPair, hub: FakeHub, gguf_f16: bytes, tiny_models: TinyModels,
+    start_pair: StartPair, start_router: StartRouter, llama_server_bin: Path, hub: FakeHub, gguf_f16: bytes,
+    tiny_models: TinyModels,
 ) -> None:
     """`-hf REPO` where the repo holds a preset.ini: both routers start in router mode
     with the preset's models, and a model of it (itself on the hub) loads and serves."""
@@ -308,6 +309,11 @@ async def test_remote_preset_side_by_side(
         await router.wait_status("tiny-preset", "loaded", timeout=40)
         status, reply = await router.chat("tiny-preset", max_tokens=2)
         assert status == 200, (who, reply)
+    # --offline with the hub gone: the cached preset still makes a router, as llama-server does.
+    await hub.stop()
+    offline = await start_router("-hf", PRESET_REPO, "-np", "1", "--offline", server_bin=llama_server_bin,
+                                 env={"MODEL_ENDPOINT": hub.url})
+    assert {"tiny-preset", "alpha-local"} <= set(await offline.models())
 
 
 async def test_hf_model_repo_stays_single_model(

@@ -4,7 +4,6 @@ child, the cache clean-up after a failure, and upstream's removal rules."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 import sys
 import textwrap
@@ -126,14 +125,6 @@ async def test_close_cancels_every_download(tmp_path: Path) -> None:
     assert events[-1] == ("download_failed", "o/r:F16", {"error": "cancelled (router shutdown)"})
     with pytest.raises(Exception, match="shutting down"):
         await downloads.start("o/other:F16")
-
-
-async def test_offline_refuses_downloads(tmp_path: Path) -> None:
-    downloads, events = make(tmp_path, "progress")
-    downloads.config = dataclasses.replace(downloads.config, child_options=(("--offline", "true"),))
-    with pytest.raises(InvalidRequest, match="not possible with --offline"):
-        await downloads.start("o/r:F16")
-    assert events == []
 
 
 @pytest.mark.parametrize("name", ["", "noslash", "a/b/c", "o/r:F 16", "../x:F16"])
