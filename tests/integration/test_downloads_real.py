@@ -24,7 +24,7 @@ import pytest
 from llamarouter.devtools.tinymodel import write_model
 from tests.conftest import Router, StartRouter
 from tests.fakes.fake_hub import FakeHub
-from tests.fakes.helpers import wait_for
+from tests.fakes.helpers import free_port, wait_for
 from tests.integration.conftest import StartPair, TinyModels
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -192,6 +192,17 @@ async def test_failed_downloads_leave_nothing(
     for bad in ({"model": ""}, {"model": 5}, {}, {"model": "no-slash"}):
         status, body = await router.post("/models", bad)
         assert status == 400, (bad, body)
+
+
+async def test_unreachable_hub_is_a_clear_error(
+    start_router: StartRouter, llama_server_bin: Path, tmp_path: Path,
+) -> None:
+    router = await start_router(*BASE_ARGS, server_bin=llama_server_bin,
+                                env={"MODEL_ENDPOINT": f"http://127.0.0.1:{free_port()}"})
+    status, body = await router.post("/models", {"model": NAME})
+    assert status == 400, body
+    assert "HTTPLIB failed" in body["error"]["message"], body
+    assert list(cache_of(tmp_path).iterdir()) == []
 
 
 async def test_download_cut_by_stall_and_by_sigterm(
