@@ -222,6 +222,33 @@ def targets_table(r: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def scheduling_section(r: dict[str, Any]) -> list[str]:
+    """The scheduling phase's table and method (bench/sched.py), when it ran."""
+    res = r.get("scheduling")
+    if not res:
+        return []
+    from .sched import table as sched_table
+
+    plan = res.get("plan", {})
+    return [
+        "## Scheduling under contention",
+        "",
+        "Six copies of one tiny model under six names, the same llama-server flags for both",
+        f"routers (`{' '.join(plan.get('flags', []))}`), each run on a freshly started router,",
+        "routers alternating run by run (medians over runs). Thrash: "
+        f"{plan.get('clients')} clients, {plan.get('requests')} short chats (`max_tokens` 8) per run,",
+        f"each to a random model, `--models-max 2`, {plan.get('thrash_runs')} runs per router and",
+        "scenario; skewed = 40/25/15/10/6/4 % of requests over the six models, compared with one",
+        "run of ours with `--models-max 6` (nothing swaps: the uncontended p50). Starvation:",
+        "`--models-max 1`, clients keep model A busy with streamed chats of 16-400 tokens while one",
+        f"chat for model B is sent 2 s in; {plan.get('starve_runs')} runs per router. llamarouter runs with its",
+        "defaults (`--drain-after 0.5`).",
+        "",
+        sched_table(res),
+        "",
+    ]
+
+
 def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
     m = meta["machine"]
     plan = meta["plan"]
@@ -264,6 +291,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "## Targets",
         "",
         targets_table(r),
+        *scheduling_section(r),
         "## Method",
         "",
         "- small request: `POST /tokenize` `{\"model\":\"alpha\",\"content\":\"hello world\"}` (the",
@@ -301,7 +329,9 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "- CPU per request: the router's (or direct server's) utime + stime from /proc over all",
         "  rounds of the phase, divided by the requests. The kernel counts CPU in 10 ms ticks; the",
         f"  figures rest on this many ticks: {_ticks(r)}. Whatever the process burns at rest",
-        "  during those rounds counts too (see the next item).",
+        "  during those rounds counts too (see the next item). The requests reuse one keep-alive",
+        "  connection: a client that opens a connection per request costs llamarouter more than",
+        "  upstream's router (benchmarks.md, Router CPU at rest and per request).",
         f"- at rest: each router started alone on the models dir, {plan.get('idle_rounds', 1)} window(s) of",
         f"  {plan.get('idle_window', 10.0):g} s per case, 3 s after `/health` answered (and, with one model, after",
         "  `POST /models/load` and `GET /models` showing `loaded`); utime + stime of the router process",

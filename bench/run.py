@@ -668,6 +668,14 @@ class Bench:
             self.reg, targets, self.work, "alpha", self.plan.idle_window, self.plan.idle_rounds,
         )
 
+    # --------------------------------------------------------------- scheduling
+    async def scheduling(self) -> None:
+        from . import sched
+
+        plan = sched.QUICK if self.args.quick else sched.SchedPlan()
+        runner = sched.Sched(self.bin, self.args.llamarouter, self.reg, self.work, plan, log=self.log)
+        self.results["scheduling"] = await runner.run()
+
     # --------------------------------------------------------------- all
     async def phase(self, title: str, fn: Callable[[], Awaitable[None]]) -> None:
         self.log(f"phase: {title}")
@@ -704,6 +712,7 @@ class Bench:
         for title, fn in scale_phases:
             await self.phase(title, fn)
         await self.phase(f"GET /models with {p.many_files} files", self.many_models)
+        await self.phase("scheduling under contention (6 models, few slots)", self.scheduling)
         self.results["duration_s"] = time.perf_counter() - t_start
         return self.results
 
