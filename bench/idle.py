@@ -6,10 +6,11 @@ counted), read after it has settled and again `window` seconds later. The kernel
 it in clock ticks (USER_HZ, 100 a second on Linux), so one window can only tell 0.00 s
 from 0.01 s; `rounds` windows are summed and reported per 10 s.
 
-With `--requests N` it also measures what a request costs the router process: N
-sequential `POST /tokenize` to a loaded model, once on one keep-alive connection (what
-`make bench` does) and once on a new connection per request (what a client without a
-session does), as CPU ticks over the whole phase divided by N.
+With `--requests N` it also measures what a request costs the router process: rounds of
+N sequential `POST /tokenize` to a loaded model, on one keep-alive connection (what
+`make bench` does) and on a new connection per request (what a client without a session
+does), every router in each round in rotating order; CPU ticks over all rounds divided
+by the requests. `--before REV` adds llamarouter as of that git revision.
 
     .venv/bin/python -m bench.idle                           # llamarouter and upstream's router
     .venv/bin/python -m bench.idle --requests 300            # and the CPU of a request
@@ -114,41 +115,60 @@ async def measure(
 
 
 async def request_cpu(
-    reg: ProcessRegistry, name: str, argv_for_port: Callable[[int], list[str]], work: Path,
-    model: str, requests: int,
+    reg: ProcessRegistry, targets: dict[str, Callable[[int], list[str]]], work: Path, model: str,
+    requests: int, rounds: int,
 ) -> dict[str, Any]:
     """Router CPU per `POST /tokenize`, on one keep-alive connection and on a new
-    connection each, over `requests` sequential requests (after 20 to warm up)."""
-    port = free_port()
-    server = reg.start(name, argv_for_port(port), port, work / f"{name}.log")
-    url = f"http://127.0.0.1:{port}"
+    connection each: every router started at once (each with `model` loaded), then
+    `rounds` rounds in rotating order of `requests` sequential requests per router and
+    mode, so that other work on the machine falls on all of them alike."""
     body = json.dumps({"model": model, "content": "hello world"}).encode()
     headers = {"Content-Type": "application/json"}
-    out: dict[str, Any] = {}
+    servers = {}
+    ticks: dict[str, dict[str, int]] = {}
     try:
-        async with aiohttp.ClientSession() as session:
-            async def healthy() -> bool:
-                async with session.get(url + "/health") as resp:
-                    return resp.status == 200
+        for name, argv in targets.items():
+            port = free_port()
+            servers[name] = (reg.start(f"req-{name}", argv(port), port, work / f"req-{name}.log"), port)
+            ticks[name] = {"keep_alive": 0, "new_connection": 0}
+        for name, (_, port) in servers.items():
+            async with aiohttp.ClientSession() as session:
+                url = f"http://127.0.0.1:{port}"
 
-            await _until(healthy, READY_TIMEOUT_S, f"{name} did not answer /health")
-        for mode, force_close in (("keep_alive", False), ("new_connection", True)):
-            connector = aiohttp.TCPConnector(limit=1, force_close=force_close)
-            async with aiohttp.ClientSession(connector=connector) as session:
-                for _ in range(20):  # loads the model, then warms up
+                async def answers(session: aiohttp.ClientSession = session, url: str = url) -> bool:
                     async with session.post(url + "/tokenize", data=body, headers=headers) as resp:
                         await resp.read()
-                c0 = cpu_ticks(server.pid)
-                for _ in range(requests):
-                    async with session.post(url + "/tokenize", data=body, headers=headers) as resp:
-                        await resp.read()
-                        if resp.status != 200:
-                            raise RuntimeError(f"{name}: /tokenize answered {resp.status}")
-                ticks = cpu_ticks(server.pid) - c0
-            out[mode] = {"cpu_us_per_req": ticks / TICK / requests * 1e6, "ticks": ticks}
-        return out
+                        return resp.status == 200
+
+                await _until(answers, READY_TIMEOUT_S, f"{name} did not serve /tokenize")
+        names = list(servers)
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                server, port = servers[name]
+                url = f"http://127.0.0.1:{port}/tokenize"
+                for mode, force_close in (("keep_alive", False), ("new_connection", True)):
+                    connector = aiohttp.TCPConnector(limit=1, force_close=force_close)
+                    async with aiohttp.ClientSession(connector=connector) as session:
+                        for _ in range(10):  # the connection open, caches warm
+                            async with session.post(url, data=body, headers=headers) as resp:
+                                await resp.read()
+                        c0 = cpu_ticks(server.pid)
+                        for _ in range(requests):
+                            async with session.post(url, data=body, headers=headers) as resp:
+                                await resp.read()
+                                if resp.status != 200:
+                                    raise RuntimeError(f"{name}: /tokenize answered {resp.status}")
+                        ticks[name][mode] += cpu_ticks(server.pid) - c0
+        return {
+            name: {
+                mode: {"cpu_us_per_req": t / TICK / (requests * rounds) * 1e6, "ticks": t}
+                for mode, t in per.items()
+            }
+            for name, per in ticks.items()
+        }
     finally:
-        reg.stop(server)
+        for server, _ in servers.values():
+            reg.stop(server)
 
 
 async def measure_all(
@@ -179,7 +199,10 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--no-upstream", action="store_true", help="measure llamarouter only")
     p.add_argument("--requests", type=int, default=0,
-                   help="also measure router CPU per request over this many sequential requests")
+                   help="also measure router CPU per request: this many sequential requests per round")
+    p.add_argument("--request-rounds", type=int, default=5)
+    p.add_argument("--before", metavar="REV",
+                   help="also measure llamarouter as of this git revision (exported to the work dir)")
     p.add_argument("--variant", action="append", default=[], metavar="ARGS",
                    help="also measure llamarouter with these extra arguments (e.g. --variant=--no-watch)")
     return p.parse_args(argv)
@@ -206,6 +229,16 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         targets: dict[str, Callable[[int], list[str]]] = {
             "llamarouter": lambda p: [*router, "--port", str(p)],
         }
+        if args.before:
+            from .relaycost import export_tree
+
+            tree = export_tree(args.before, work / "before")
+            # The console script, not `-m`: the current directory would come first on the
+            # module path and run the current code.
+            script = str(Path(sys.executable).parent / "llamarouter")
+            targets["llamarouter before"] = _with(
+                ["env", f"PYTHONPATH={tree}", script, "--server-bin", server_bin, *common], [],
+            )
         for extra in args.variant:
             targets[f"llamarouter {extra}"] = _with(router, extra.split())
         if not args.no_upstream:
@@ -216,10 +249,9 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         try:
             results = await measure_all(reg, targets, work, args.model, args.window, args.rounds)
             if args.requests:
-                for name, argv in targets.items():
-                    results[name]["per_request"] = await request_cpu(
-                        reg, f"req-{name}", argv, work, args.model, args.requests,
-                    )
+                per = await request_cpu(reg, targets, work, args.model, args.requests, args.request_rounds)
+                for name, figures in per.items():
+                    results[name]["per_request"] = figures
             return results
         finally:
             for problem in reg.cleanup():

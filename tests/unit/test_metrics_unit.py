@@ -36,20 +36,28 @@ def sample(m: RouterMetrics, name: str, **labels: str) -> float | None:
 
 def test_lifecycle_counting() -> None:
     m = RouterMetrics(1.0)
-    proc: Any = SimpleNamespace(name="a", ready_at=12.0, load_started_at=10.0, stop_reason=None)
+    proc: Any = SimpleNamespace(name="a", ready_at=12.0, load_started_at=10.0, stop_reason=None, sick_exit=False)
     m.on_state(proc, State.STOPPED, State.STARTING)
     m.on_state(proc, State.STARTING, State.READY)
     m.on_state(proc, State.READY, State.BACKOFF)  # crash
+    assert sample(m, "llamarouter_model_request_failure_kills_total", model="a") is None
+    proc.sick_exit = True  # killed because its live requests kept failing
+    m.on_state(proc, State.BACKOFF, State.STARTING)
+    m.on_state(proc, State.STARTING, State.READY)
+    m.on_state(proc, State.READY, State.BACKOFF)
+    assert sample(m, "llamarouter_model_request_failure_kills_total", model="a") == 1
+    proc.sick_exit = False
     m.on_state(proc, State.BACKOFF, State.STARTING)  # restart
     m.on_state(proc, State.STARTING, State.BACKOFF)  # failed load, also a crash
     proc.stop_reason = "ttl"
     m.on_state(proc, State.BACKOFF, State.STOPPING)
     m.on_state(proc, State.STOPPING, State.STOPPED)
-    assert sample(m, "llamarouter_model_loads_total", model="a", outcome="ok") == 1
+    assert sample(m, "llamarouter_model_loads_total", model="a", outcome="ok") == 2
     assert sample(m, "llamarouter_model_loads_total", model="a", outcome="failed") == 1
-    assert sample(m, "llamarouter_model_load_duration_seconds_sum", model="a") == 2.0
-    assert sample(m, "llamarouter_model_crashes_total", model="a") == 2
-    assert sample(m, "llamarouter_model_restarts_total", model="a") == 1
+    assert sample(m, "llamarouter_model_load_duration_seconds_sum", model="a") == 4.0
+    assert sample(m, "llamarouter_model_crashes_total", model="a") == 3
+    assert sample(m, "llamarouter_model_restarts_total", model="a") == 2
+    assert sample(m, "llamarouter_model_request_failure_kills_total", model="a") == 1
     assert sample(m, "llamarouter_model_evictions_total", model="a", reason="ttl") == 1
 
 
