@@ -9,9 +9,9 @@ from typing import Any
 from aiohttp.test_utils import make_mocked_request
 from prometheus_client import generate_latest
 
+from llamarouter.core.states import State
 from llamarouter.web.api import Api
 from llamarouter.web.metrics import RouterMetrics, parse_child_metrics
-from llamarouter.core.states import State
 
 CHILD = """# HELP llamacpp:kv_cache_usage_ratio KV-cache usage. 1 means 100 percent usage.
 # TYPE llamacpp:kv_cache_usage_ratio gauge
