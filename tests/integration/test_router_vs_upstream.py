@@ -27,7 +27,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 BASE_ARGS = ("-c", "512", "-np", "1")
 
 #: llamarouter's documented additions to a /models item, and to its `status`.
-OUR_EXTRA_ITEM_KEYS = {"in_flight", "queued", "restarts", "pinned", "last_used"}
+OUR_EXTRA_ITEM_KEYS = {"in_flight", "queued", "draining", "restarts", "pinned", "last_used"}
 OUR_EXTRA_STATUS_KEYS = {"state", "stop_reason", "error", "cause", "log_tail"}
 
 #: Per-completion values that differ from one request to the next.
