@@ -115,6 +115,13 @@ BENCH_ARGS ?=
 bench: server
 	$(PY) -m bench $(BENCH_ARGS)
 
+# make upstream-router-tests - llama.cpp's own tools/server/tests/unit/test_router.py
+#                    against llamarouter, offline, with a local hub stand-in (~100 s);
+#                    UPSTREAM=1 runs it against llama-server for reference
+.PHONY: upstream-router-tests
+upstream-router-tests: venv-test server
+	bin/upstream-router-tests
+
 # make reliability - schemathesis fuzzing (100 examples per operation) and the
 #                    thrash test (3000 requests) against fake children; prints a summary.
 #                    The default test run includes both with smaller numbers.

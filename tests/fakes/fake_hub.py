@@ -21,6 +21,7 @@ import hashlib
 import re
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import web
 
@@ -162,3 +163,42 @@ class FakeHub:
             return resp
         await resp.write_eof()
         return resp
+
+
+def add_upstream_router_repos(hub: FakeHub, files_dir: Path) -> None:
+    """The repos llama.cpp's own tools/server/tests/unit/test_router.py asks the hub for,
+    with generated tiny models (a `Q8_0` name over F32 content: the CPU build's repacking
+    of quantized weights is not what is tested here)."""
+    from llamarouter.devtools.tinymodel import write_model
+
+    def gguf(name: str, seed: int, ftype: str = "f32") -> bytes:
+        return write_model(files_dir / name, ftype=ftype, seed=seed)[0].read_bytes()
+
+    files_dir.mkdir(parents=True, exist_ok=True)
+    hub.add("ggml-org/test-model-stories260K", {"stories260K-F32.gguf": gguf("stories260K-F32.gguf", 1)})
+    hub.add("ggml-org/test-model-stories260K-infill",
+            {"stories260K-infill-F32.gguf": gguf("stories260K-infill-F32.gguf", 2)})
+    hub.add("ggml-org/tinygemma3-GGUF", {"tinygemma3-Q8_0.gguf": gguf("tinygemma3-Q8_0.gguf", 3)})
+    hub.add("ggml-org/test-model-router-download",
+            {"test-model-router-download-F16.gguf": gguf("test-model-router-download-F16.gguf", 4, "f16")})
+    preset = ("[tinygemma3-preset]\nhf-repo = ggml-org/tinygemma3-GGUF:Q8_0\n\n"
+              "[stories260K-test]\nhf-repo = ggml-org/test-model-stories260K:F32\n")
+    hub.add("ggml-org/test-preset-ci", {"preset.ini": preset.encode()})
+
+
+async def _serve_upstream_router_repos(files_dir: Path) -> None:
+    hub = await FakeHub().start()
+    add_upstream_router_repos(hub, files_dir)
+    print(hub.url, flush=True)  # the caller reads the address from the first line
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await hub.stop()
+
+
+if __name__ == "__main__":
+    # python -m tests.fakes.fake_hub DIR: serve the upstream router test repos until killed
+    # (bin/upstream-router-tests).
+    import sys
+
+    asyncio.run(_serve_upstream_router_repos(Path(sys.argv[1])))
