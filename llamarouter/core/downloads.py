@@ -36,6 +36,7 @@ from typing import Any, Protocol
 
 from ..errors import InvalidRequest, LlamaRouterError, ShuttingDown
 from ..settings.config import RouterConfig
+from ..settings.discovery import scan_cache
 
 log = logging.getLogger("llamarouter.downloads")
 
@@ -113,9 +114,9 @@ class Download:
 
 class Downloads:
     """The running downloads. `start` and `cancel` are the API's; the supervisor-facing
-    callbacks are given at construction: `exists(name)` (a listed model of that name),
-    `cached(name)` (after a rescan: the download put that model in the cache), `rescan()`
-    (the supervisor's reload) and `publish(event, model, data)` (`/models/sse`)."""
+    callbacks are given at construction: `exists(name)` (a listed model of that name; after
+    a finished download's rescan, whether it put that model in the cache), `rescan()` (the
+    supervisor's reload) and `publish(event, model, data)` (`/models/sse`)."""
 
     def __init__(
         self,
@@ -263,8 +264,6 @@ class Downloads:
         return self._cached_tags(dl.repo) > 0
 
     def _cached_tags(self, repo: str) -> int:
-        from ..settings.discovery import scan_cache
-
         assert self.cache_dir is not None
         return sum(1 for m in scan_cache(self.cache_dir) if m.name.partition(":")[0] == repo)
 
