@@ -14,6 +14,7 @@ by the requests. `--before REV` adds llamarouter as of that git revision.
 
     .venv/bin/python -m bench.idle                           # llamarouter and upstream's router
     .venv/bin/python -m bench.idle --requests 300            # and the CPU of a request
+    .venv/bin/python -m bench.idle --bytecode                # llamarouter's bytecode cached first
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import aiohttp
 from .procs import ProcessRegistry, free_port
 
 TICK = os.sysconf("SC_CLK_TCK")
+_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
 
 
@@ -205,6 +207,10 @@ def _args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="also measure llamarouter as of this git revision (exported to the work dir)")
     p.add_argument("--variant", action="append", default=[], metavar="ARGS",
                    help="also measure llamarouter with these extra arguments (e.g. --variant=--no-watch)")
+    p.add_argument("--bytecode", action="store_true",
+                   help="compile llamarouter's modules first, as an installed package has them: "
+                        "with PYTHONDONTWRITEBYTECODE set and no cached bytecode, every start "
+                        "compiles them from source, which leaves more memory resident")
     return p.parse_args(argv)
 
 
@@ -229,16 +235,23 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         targets: dict[str, Callable[[int], list[str]]] = {
             "llamarouter": lambda p: [*router, "--port", str(p)],
         }
+        trees = [_ROOT]  # whose llamarouter runs
         if args.before:
             from .relaycost import export_tree
 
             tree = export_tree(args.before, work / "before")
+            trees.append(tree)
             # The console script, not `-m`: the current directory would come first on the
             # module path and run the current code.
             script = str(Path(sys.executable).parent / "llamarouter")
             targets["llamarouter before"] = _with(
                 ["env", f"PYTHONPATH={tree}", script, "--server-bin", server_bin, *common], [],
             )
+        if args.bytecode:
+            import compileall
+
+            for root in trees:
+                compileall.compile_dir(str(root / "llamarouter"), quiet=1)
         for extra in args.variant:
             targets[f"llamarouter {extra}"] = _with(router, extra.split())
         if not args.no_upstream:

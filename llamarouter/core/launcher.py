@@ -16,8 +16,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Protocol, cast
 
-import psutil
-
 # Lines longer than this are cut rather than breaking the reader (llama-server prints
 # whole prompts at high verbosity).
 _LINE_LIMIT = 1 << 20
@@ -313,6 +311,8 @@ class OsLauncher:
             return int(s.getsockname()[1])
 
     def rss_bytes(self, child: Child) -> int | None:
+        import psutil  # only the dashboard's memory view asks: not loaded at rest (about 1 MiB)
+
         try:
             return int(psutil.Process(child.pid).memory_info().rss)
         except (psutil.Error, OSError):
@@ -328,6 +328,8 @@ def kill_leftover(pid: int, create_time: float) -> int:
     it is reaped when it is ours (the router runs as PID 1 in a container, or as a
     subreaper, and adopted it). Returns how many processes were killed.
     """
+    import psutil  # only with --state-dir, once at startup
+
     killed = 0
     for proc in psutil.process_iter(["pid", "create_time", "status"]):
         try:
@@ -354,6 +356,8 @@ def _reap_if_ours(pid: int) -> None:
 
 
 def process_create_time(pid: int) -> float | None:
+    import psutil  # only with --state-dir
+
     try:
         return float(psutil.Process(pid).create_time())
     except psutil.Error:

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-import psutil
-
 from ..errors import ConfigError
 from ..settings.config import ModelSpec, Timeouts
 from .gguf_info import Estimate, FactsCache, RunSettings, estimate
@@ -118,6 +116,8 @@ class DeviceProbe:
         """Each GPU's memory, or system RAM without NVML; empty while NVML does not answer."""
         nv = self._nvml
         if nv is None:
+            import psutil  # only with --memory-budget: off the router's resting memory otherwise
+
             vm = psutil.virtual_memory()
             return [Device("cpu", int(vm.total), int(vm.available))]
 
