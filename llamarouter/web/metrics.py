@@ -8,24 +8,34 @@ Cost model: the request path pays one counter increment and two histogram observ
 can be read off the supervisor (state, in flight, queued, loaded count) is computed only
 when /metrics is scraped, by a custom collector. Children's own /metrics are fetched at
 scrape time too, in parallel with a short timeout, never on the request path.
+
+prometheus_client is imported at the first scrape, not before: it and what it imports
+(its HTTP and WSGI servers among them) are about 1 MiB of the router's resident memory,
+which a router nobody scrapes never needs. Until then the counters and histograms below
+keep their values in plain dicts (what prometheus_client's would hold, without its locks:
+the router updates them from its one event-loop thread); a scrape turns them into
+prometheus_client's metric families, so the text exposed is what its own Counter and
+Histogram would expose, `_created` series included.
 """
 
 from __future__ import annotations
 
 import asyncio
+import bisect
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aiohttp
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from ..core.states import State
 from .history import History
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.metrics_core import Metric
+
     from ..core.kvcache import KvCache
     from ..core.process import ModelProcess
     from ..core.supervisor import Supervisor
@@ -79,75 +89,209 @@ class RequestTiming:
         self.tokens = 0  # generated tokens, as the child reported them (see predicted_tokens)
 
 
+class _CounterChild:
+    __slots__ = ("created", "value")
+
+    def __init__(self) -> None:
+        self.value = 0.0
+        self.created = time.time()
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class _HistogramChild:
+    __slots__ = ("bounds", "counts", "created", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0.0] * len(bounds)
+        self.sum = 0.0
+        self.created = time.time()
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose upper bound is >= value (le), as prometheus_client counts.
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1.0
+        self.sum += value
+
+
+_C = TypeVar("_C", "_CounterChild", "_HistogramChild")
+
+
+class _Labelled(Generic[_C]):
+    """A labelled counter or histogram: one child per label values, made on first use."""
+
+    kind = ""
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...], registry: list[_Labelled[Any]]) -> None:
+        self.name = name
+        self.doc = doc
+        self.labelnames = labelnames
+        self.children: dict[tuple[str, ...], _C] = {}
+        registry.append(self)
+
+    def _child(self) -> _C:
+        raise NotImplementedError
+
+    def labels(self, *values: str) -> _C:
+        child = self.children.get(values)
+        if child is None:
+            if len(values) != len(self.labelnames):
+                raise ValueError(f"{self.name}: {len(self.labelnames)} label values expected")
+            child = self.children[values] = self._child()
+        return child
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child: _C) -> None:
+        raise NotImplementedError
+
+    def family(self, with_created: bool) -> Metric:
+        """The samples prometheus_client's own Counter or Histogram would give, in its order."""
+        from prometheus_client.metrics_core import Metric
+
+        metric = Metric(self.name, self.doc, self.kind)
+        for values, child in self.children.items():
+            labels = dict(zip(self.labelnames, values, strict=True))
+            self._samples(metric, labels, child)
+            if with_created:
+                metric.add_sample(self.name + "_created", labels, child.created)
+        return metric
+
+
+class _Counter(_Labelled[_CounterChild]):
+    kind = "counter"
+
+    def _child(self) -> _CounterChild:
+        return _CounterChild()
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child: _CounterChild) -> None:
+        metric.add_sample(self.name + "_total", labels, child.value)
+
+
+class _Histogram(_Labelled[_HistogramChild]):
+    kind = "histogram"
+
+    def __init__(self, name: str, doc: str, labelnames: tuple[str, ...], buckets: tuple[float, ...],
+                 registry: list[_Labelled[Any]]) -> None:
+        super().__init__(name, doc, labelnames, registry)
+        self.bounds = (*buckets, float("inf"))
+
+    def _child(self) -> _HistogramChild:
+        return _HistogramChild(self.bounds)
+
+    def _samples(self, metric: Metric, labels: dict[str, str], child: _HistogramChild) -> None:
+        from prometheus_client.utils import floatToGoString
+
+        acc = 0.0
+        for bound, count in zip(self.bounds, child.counts, strict=True):
+            acc += count
+            metric.add_sample(self.name + "_bucket", {**labels, "le": floatToGoString(bound)}, acc)  # type: ignore[no-untyped-call]  # the library leaves this helper untyped
+        metric.add_sample(self.name + "_count", labels, acc)
+        metric.add_sample(self.name + "_sum", labels, child.sum)
+
+
+class _OwnCollector:
+    def __init__(self, metrics: list[_Labelled[Any]]) -> None:
+        self._metrics = metrics
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        from prometheus_client import metrics
+
+        with_created = metrics._use_created  # PROMETHEUS_DISABLE_CREATED_SERIES, as for its own
+        for m in self._metrics:
+            yield m.family(with_created)
+
+
 class RouterMetrics:
     def __init__(self, scrape_timeout: float, history: History | None = None) -> None:
         self.history = history
-        self.registry = CollectorRegistry(auto_describe=True)
+        self._registry: CollectorRegistry | None = None
+        self._own: list[_Labelled[Any]] = []
         self._scrape_timeout = scrape_timeout
-        r = self.registry
-        self.requests = Counter(
+        r = self._own
+
+        self.requests = _Counter(
             "llamarouter_requests", "Proxied requests by model, route path and HTTP status.",
             ("model", "endpoint", "code"), registry=r,
         )
-        self.ttfb = Histogram(
+        self.ttfb = _Histogram(
             "llamarouter_time_to_first_byte_seconds",
             "Time from a request's arrival to the child's response headers (queue and load included).",
             ("model",), buckets=_REQUEST_BUCKETS, registry=r,
         )
-        self.duration = Histogram(
+        self.duration = _Histogram(
             "llamarouter_request_duration_seconds",
             "Time from a request's arrival to the end of its response (whole stream).",
             ("model",), buckets=_REQUEST_BUCKETS, registry=r,
         )
-        self.load_duration = Histogram(
+        self.load_duration = _Histogram(
             "llamarouter_model_load_duration_seconds",
             "Time from spawning a child to its first successful /health.",
             ("model",), buckets=_LOAD_BUCKETS, registry=r,
         )
-        self.loads = Counter(
+        self.loads = _Counter(
             "llamarouter_model_loads", "Load attempts by outcome (ok, failed).",
             ("model", "outcome"), registry=r,
         )
-        self.evictions = Counter(
+        self.evictions = _Counter(
             "llamarouter_model_evictions",
             "Children asked to stop, by reason (evicted, ttl, unloaded, reload, shutdown).",
             ("model", "reason"), registry=r,
         )
-        self.restarts = Counter(
+        self.restarts = _Counter(
             "llamarouter_model_restarts", "Automatic restarts after a crash.", ("model",), registry=r,
         )
-        self.crashes = Counter(
+        self.crashes = _Counter(
             "llamarouter_model_crashes",
             "Children that exited or were killed without being asked to stop.",
             ("model",), registry=r,
         )
-        self.request_kills = Counter(
+        self.request_kills = _Counter(
             "llamarouter_model_request_failure_kills",
             "Children killed and replaced because live requests kept failing by their doing "
             "(--request-failures).",
             ("model",), registry=r,
         )
-        self.queue_wait = Histogram(
+        self.queue_wait = _Histogram(
             "llamarouter_queue_wait_seconds",
             "Time a request waited for its model to be granted (0 when it was loaded and free "
             "to take it; queueing, swaps and loads included otherwise).",
             ("model",), buckets=_WAIT_BUCKETS, registry=r,
         )
-        self.drains = Counter(
+        self.drains = _Counter(
             "llamarouter_model_drains",
             "Busy models drained to give way to a request past --drain-after.",
             ("model",), registry=r,
         )
-        self._wait_children: dict[str, Histogram] = {}
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
-        self._latency_children: dict[str, tuple[Histogram, Histogram]] = {}
+        self._wait_children: dict[str, _HistogramChild] = {}
+        self._request_children: dict[tuple[str, str, int], _CounterChild] = {}
+        self._latency_children: dict[str, tuple[_HistogramChild, _HistogramChild]] = {}
         self._state = _SupervisorCollector()
-        r.register(self._state)
-        r.register(_EndpointPickerCollector(self._state))
+        self._collectors: list[_EndpointPickerCollector | _KvCacheCollector] = [_EndpointPickerCollector(self._state)]
 
     def add_kv_cache(self, kv: KvCache) -> None:
         """Saved slot caches (keep-cache), read off `kv` at scrape time."""
-        self.registry.register(_KvCacheCollector(kv))
+        collector = _KvCacheCollector(kv)
+        self._collectors.append(collector)
+        if self._registry is not None:
+            self._registry.register(collector)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """The prometheus_client registry, made (and the library imported) on first use:
+        the counters and histograms first, then the gauges read off the supervisor."""
+        if self._registry is None:
+            from prometheus_client import CollectorRegistry
+
+            registry = CollectorRegistry(auto_describe=True)
+            registry.register(_OwnCollector(self._own))
+            registry.register(self._state)
+            for collector in self._collectors:
+                registry.register(collector)
+            self._registry = registry
+        return self._registry
 
     # ----------------------------------------------------------------- hot path
     def observe_request(self, model: str, endpoint: str, code: int, timing: RequestTiming) -> None:
@@ -232,6 +376,8 @@ class RouterMetrics:
         )
         self._state.snapshot = _Snapshot(sup, procs, dict(children))
         try:
+            from prometheus_client import generate_latest
+
             return generate_latest(self.registry)
         finally:
             self._state.snapshot = None
@@ -285,7 +431,7 @@ class _Snapshot:
         self.children = children
 
 
-class _SupervisorCollector(Collector):
+class _SupervisorCollector:
     """Gauges read off the supervisor at scrape time (zero cost between scrapes)."""
 
     def __init__(self) -> None:
@@ -295,6 +441,8 @@ class _SupervisorCollector(Collector):
         return []  # dynamic: registering must not call collect() before the app runs
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         snap = self.snapshot
         if snap is None:
             return
@@ -377,7 +525,7 @@ class _SupervisorCollector(Collector):
         )
 
 
-class _KvCacheCollector(Collector):
+class _KvCacheCollector:
     def __init__(self, kv: KvCache) -> None:
         self._kv = kv
 
@@ -385,6 +533,8 @@ class _KvCacheCollector(Collector):
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
         tokens = GaugeMetricFamily(
             "llamarouter_saved_cache_tokens",
             "Tokens of each slot cache saved by keep-cache, restored when the model loads.",
@@ -451,7 +601,7 @@ def adapter_lists(
     return sorted(running), sorted(waiting), capacity
 
 
-class _EndpointPickerCollector(Collector):
+class _EndpointPickerCollector:
     """Reads the same scrape-time snapshot as the per-model gauges."""
 
     def __init__(self, state: _SupervisorCollector) -> None:
@@ -461,6 +611,8 @@ class _EndpointPickerCollector(Collector):
         return []
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        from prometheus_client.core import GaugeMetricFamily
+
         snap = self._state.snapshot
         if snap is None:
             return

@@ -81,3 +81,57 @@ async def test_readyz_before_start_and_during_shutdown() -> None:
     sup.closing = True
     resp = await api.readyz(make_mocked_request("GET", "/readyz?model=a"))
     assert resp.status == 503 and b"shutting down" in resp.body  # type: ignore[operator]
+
+
+def test_series_are_those_of_prometheus_clients_own_counter_and_histogram() -> None:
+    """The router keeps its counters and histograms itself until the first scrape; what it
+    then exposes is byte for byte what prometheus_client's Counter and Histogram give for
+    the same observations (bucket edges, +Inf, _count, _sum, _created, label order)."""
+    import re
+
+    from prometheus_client import CollectorRegistry, Counter, Histogram
+
+    m = RouterMetrics(1.0)
+    ref = CollectorRegistry()
+    for ours in m._own:  # in registration order, as the router registers them
+        if ours.kind == "counter":
+            Counter(ours.name, ours.doc, ours.labelnames, registry=ref)
+        else:
+            Histogram(ours.name, ours.doc, ours.labelnames, buckets=ours.bounds, registry=ref)
+    theirs = {c._name: c for c in ref._collector_to_names}  # type: ignore[attr-defined]  # the registry has no public list of its collectors
+    # values on, between and beyond the bucket edges; several label sets
+    seen = [("a", "/v1/chat/completions", 200, 0.0), ("a", "/tokenize", 200, 0.01),
+            ("b", "/v1/chat/completions", 503, 0.0100001), ("a", "/tokenize", 200, 2.5),
+            ("b", "/v1/chat/completions", 503, 4000.0), ("c", "/x", 404, 1e-9)]
+    for model, endpoint, code, seconds in seen:
+        m.requests.labels(model, endpoint, str(code)).inc()
+        theirs["llamarouter_requests"].labels(model, endpoint, str(code)).inc()
+        for name in ("llamarouter_time_to_first_byte_seconds", "llamarouter_queue_wait_seconds",
+                     "llamarouter_model_load_duration_seconds"):
+            next(o for o in m._own if o.name == name).labels(model).observe(seconds)
+            theirs[name].labels(model).observe(seconds)
+    m.loads.labels("a", "ok").inc(2)
+    theirs["llamarouter_model_loads"].labels("a", "ok").inc(2)
+
+    def scrubbed(text: bytes) -> str:
+        return re.sub(r"(_created\{[^}]*\}) [0-9.e+]+", r"\1 T", text.decode())
+
+    from prometheus_client import generate_latest
+
+    expected = scrubbed(generate_latest(ref))
+    assert "llamarouter_queue_wait_seconds_bucket" in expected
+    assert scrubbed(generate_latest(m.registry)) == expected
+
+
+def test_prometheus_client_and_psutil_are_not_loaded_at_rest() -> None:
+    """About 2 MiB of the router's resident memory: imported on first use (a scrape, the
+    memory view, --memory-budget, --state-dir), never by starting the router."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, llamarouter.cli; "
+        "print(sorted(m for m in ('prometheus_client', 'psutil') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
