@@ -137,6 +137,14 @@ class Drain:
 
 
 @dataclass(frozen=True)
+class Undrain:
+    """The requests a drain was for are gone (served elsewhere, or their clients left):
+    `model` keeps its slot and takes requests again."""
+
+    model: str
+
+
+@dataclass(frozen=True)
 class Track:
     """Remember the load a waiter is waiting for: `generation`, or (None) the load that
     the Start just before this action begins."""
@@ -145,7 +153,7 @@ class Track:
     generation: int | None
 
 
-Action = Grant | Resolve | Refuse | Start | Evict | Drain | Track
+Action = Grant | Resolve | Refuse | Start | Evict | Drain | Undrain | Track
 
 _HOLDS = frozenset({State.STARTING, State.READY, State.STOPPING, State.BACKOFF})
 
@@ -220,6 +228,7 @@ def plan(snap: Snapshot) -> list[Action]:
 
     # Requests for models that must be started, grouped by model in order of arrival.
     starts: dict[str, list[WaiterView]] = {}
+    behind: list[WaiterView] = []  # requests for a draining model
     for w in snap.waiters:
         found = models.get(w.model)
         if found is None:
@@ -237,7 +246,8 @@ def plan(snap: Snapshot) -> list[Action]:
             if not m.draining:
                 p.actions.append(Grant(w.id, m.name))
                 p.wanted.add(m.name)
-            # else: it waits behind the swap and is served when its model is back
+            else:  # it waits behind the swap and is served when its model is back
+                behind.append(w)
             continue
         if state in (State.STARTING, State.BACKOFF):
             if w.saw_generation is None:
@@ -280,6 +290,11 @@ def plan(snap: Snapshot) -> list[Action]:
             p.blocked[name] = starts[name]
 
     _plan_drained(p, models)
+    undrained = {a.model for a in p.actions if isinstance(a, Undrain)}
+    for w in behind:  # their model takes requests again: in arrival order, as before
+        if w.model in undrained:
+            p.actions.append(Grant(w.id, w.model))
+            p.wanted.add(w.model)
     _plan_evictions(snap, p, room, models)
     _plan_drains(snap, p, room, models)
     _plan_ttl(snap, p, models)
@@ -305,9 +320,14 @@ def _start_order(snap: Snapshot, starts: dict[str, list[WaiterView]]) -> list[st
 
 def _plan_drained(p: _Plan, models: dict[str, ModelView]) -> None:
     """A draining model whose last request has ended leaves now; requests that queued
-    behind it are served when it is back."""
+    behind it are served when it is back. When nothing waits for room any more (the
+    requests it gave way to were served or went away), it takes requests again."""
     for m in models.values():
-        if m.draining and p.state.get(m.name) == State.READY and m.in_flight == 0 and not m.pinned:
+        if not m.draining or p.state.get(m.name) != State.READY:
+            continue
+        if not p.blocked:
+            p.actions.append(Undrain(m.name))
+        elif m.in_flight == 0 and not m.pinned:
             p.actions.append(Evict(m.name, "drained"))
             p.state[m.name] = State.STOPPING
 

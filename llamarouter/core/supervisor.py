@@ -588,6 +588,10 @@ class Supervisor:
                 )
                 if self._watch is not None:
                     self._watch.drained(proc.name)
+            elif isinstance(action, scheduler.Undrain):
+                proc = self.models[action.model]
+                if self._drains.pop(proc, None) is not None:
+                    log.info("[%s] no longer draining: nothing waits for its slot any more", proc.name)
             elif isinstance(action, scheduler.Evict):
                 proc = self.models[action.model]
                 if action.reason == "ttl":

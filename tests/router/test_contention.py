@@ -5,6 +5,7 @@ GET /models and /metrics show of it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from pathlib import Path
 
 import aiohttp
@@ -139,3 +140,36 @@ async def test_models_listing_shows_the_drain_and_what_queues_behind_it(
     assert status == 200
     kinds = {(m["model"], m["kind"]) for m in hist["marks"]}
     assert ("a", "drain") in kinds and ("a", "drained") in kinds
+
+
+async def test_a_drain_is_called_off_when_the_waiting_client_leaves(
+    tmp_path: Path, start_router: StartRouter,
+) -> None:
+    # upstream's test_router_queue_client_disconnect_keeps_model with a drain in between:
+    # b's request drains a, then b's client gives up; a must keep its slot.
+    d = make_models(tmp_path, "a b", tokens=100000, tps=20)
+    r = await start_router("--models-dir", str(d), "--models-max", "1", "--drain-after", "0.1", "-np", "2")
+    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as s, s.post(r.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")
+        b_task = asyncio.create_task(r.chat("b", max_tokens=1))
+
+        async def drained() -> bool:
+            return bool((await r.models())["a"]["draining"])
+
+        await wait_for(drained, timeout=10, message="a draining")
+        b_task.cancel()  # b's client goes away
+        with contextlib.suppress(asyncio.CancelledError):
+            await b_task
+
+        async def called_off() -> bool:
+            return not (await r.models())["a"]["draining"]
+
+        await wait_for(called_off, timeout=10, message="the drain called off")
+        # a takes requests again while its stream still runs.
+        assert (await r.chat("a", max_tokens=1))[0] == 200
+    listing = await r.models()
+    assert listing["a"]["status"]["value"] == "loaded"
+    assert listing["b"]["status"]["value"] == "unloaded"
+    assert "[a] no longer draining" in r.log()

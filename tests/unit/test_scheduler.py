@@ -12,6 +12,7 @@ from llamarouter.core.scheduler import (
     Snapshot,
     Start,
     Track,
+    Undrain,
     WaiterView,
     Why,
     next_wakeup,
@@ -247,8 +248,9 @@ def test_a_drained_model_comes_back_after_the_waiting_model_in_order() -> None:
 
 
 def test_a_requests_deadline_still_applies_behind_a_drain() -> None:
-    models = [m("a", R, in_flight=1, draining=True)]
-    acts = plan(snap(models, [w(1, "a", deadline=99.0, since=98.0)], models_max=1, drain_after=0.5))
+    models = [m("a", R, in_flight=1, draining=True), m("b")]
+    acts = plan(snap(models, [w(1, "a", deadline=99.0, since=98.0), w(2, "b", since=90.0)],
+                     models_max=1, drain_after=0.5))
     assert acts == [Refuse(1, "a", Why.DEADLINE)]
 
 
@@ -333,3 +335,14 @@ def test_a_model_is_drained_only_after_a_turn_of_the_bound() -> None:
     s = snap(models, [w(1, "c", since=90.0)], models_max=1, drain_after=0.5)
     assert plan(s) == []
     assert next_wakeup(s) == 99.8 + 0.5
+
+
+def test_a_drain_ends_when_nothing_waits_for_room_any_more() -> None:
+    # The request a drained to make room for went away (its client left): a keeps its slot,
+    # and the requests that queued behind the drain are served by it at once, in order.
+    models = [m("a", R, in_flight=1, draining=True), m("b")]
+    acts = plan(snap(models, [w(2, "a", since=99.9), w(3, "a", since=99.95)], models_max=1, drain_after=0.5))
+    assert acts == [Undrain("a"), Grant(2, "a"), Grant(3, "a")]
+    # Idle and drained, with nobody waiting for room: not evicted either.
+    acts = plan(snap([m("a", R, draining=True), m("b")], [], models_max=1, drain_after=0.5))
+    assert acts == [Undrain("a")]
