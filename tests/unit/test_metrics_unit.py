@@ -10,6 +10,7 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client import generate_latest
 
 from llamarouter.core.states import State
+from llamarouter.settings.config import RouterConfig
 from llamarouter.web.api import Api
 from llamarouter.web.metrics import RouterMetrics, parse_child_metrics
 
@@ -69,7 +70,7 @@ def test_registries_are_per_app() -> None:
 
 
 async def test_readyz_before_start_and_during_shutdown() -> None:
-    api = Api(SimpleNamespace(), SimpleNamespace(), RouterMetrics(1.0))  # type: ignore[arg-type]
+    api = Api(RouterConfig(), SimpleNamespace(), RouterMetrics(1.0))  # type: ignore[arg-type]
     request = make_mocked_request("GET", "/readyz")
     assert (await api.readyz(request)).status == 503  # not bound yet
     sup: Any = SimpleNamespace(started=False, closing=False)
