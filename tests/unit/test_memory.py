@@ -330,3 +330,14 @@ async def test_a_gpu_child_counts_its_vram_and_its_device_context_while_asleep(m
     # A load report larger than VRAM + CPU weights (CPU-heavy offload) still wins.
     proc.logs, proc.measured_bytes = [], 5 * 2**30
     assert m.footprint(proc) == 5 * 2**30
+
+
+def test_without_nvml_the_device_is_system_ram() -> None:
+    """The CPU path reads system memory through psutil, imported on this first use."""
+    probe = DeviceProbe()
+    probe._nvml = None
+    (ram,) = probe.devices()
+    with open("/proc/meminfo") as f:
+        total_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
+    assert ram.name == "cpu" and ram.total == total_kib * 1024
+    assert 0 < ram.free <= ram.total
