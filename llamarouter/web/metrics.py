@@ -199,7 +199,8 @@ class _OwnCollector:
     def collect(self) -> Iterator[Metric]:
         from prometheus_client import metrics
 
-        with_created = metrics._use_created  # PROMETHEUS_DISABLE_CREATED_SERIES, as for its own
+        # PROMETHEUS_DISABLE_CREATED_SERIES, read by the library at import, as for its own metrics
+        with_created = bool(getattr(metrics, "_use_created", True))
         for m in self._metrics:
             yield m.family(with_created)
 
