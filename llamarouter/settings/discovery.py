@@ -8,7 +8,6 @@ The router's own command-line flags are applied last, when a child's argv is bui
 
 from __future__ import annotations
 
-import configparser
 import logging
 import os
 import re
@@ -272,6 +271,8 @@ def canonical_tag(section: str) -> str:
 
 def parse_preset_file(path: Path, table: FlagTable) -> tuple[Preset | None, list[Preset]]:
     """(`[*]` global preset, model presets). Errors name the file, section and key."""
+    import configparser  # only with a preset: 0.3 MiB of resident memory otherwise
+
     parser = configparser.RawConfigParser(
         delimiters=("=",),
         comment_prefixes=("#", ";"),

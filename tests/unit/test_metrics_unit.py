@@ -126,13 +126,13 @@ def test_series_are_those_of_prometheus_clients_own_counter_and_histogram() -> N
 
 def test_prometheus_client_and_psutil_are_not_loaded_at_rest() -> None:
     """About 2 MiB of the router's resident memory: imported on first use (a scrape, the
-    memory view, --memory-budget, --state-dir), never by starting the router."""
+    memory view, --memory-budget, --state-dir, a preset file), never by starting the router."""
     import subprocess
     import sys
 
     code = (
         "import sys, llamarouter.cli; "
-        "print(sorted(m for m in ('prometheus_client', 'psutil') if m in sys.modules))"
+        "print(sorted(m for m in ('prometheus_client', 'psutil', 'configparser') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
