@@ -52,17 +52,23 @@ PHASE_DEADLINE_S = 600.0
 @dataclass
 class SchedPlan:
     clients: int = 48
-    requests: int = 1200  # per thrash run
+    requests: int = 3000  # per thrash run
     thrash_runs: int = 2  # per router and scenario
     starve_runs: int = 5  # per router
     starve_clients: int = 8
     starve_seconds: float = 10.0
     starve_b_at: float = 2.0
     chat_tokens: int = 8
-    flags: tuple[str, ...] = ("-c", "2048", "-np", "8")
+    # One compute thread per child. With llama-server's default (one per core), two
+    # children computing at once on a 2-core machine oversubscribe it, and the idle halves
+    # of their thread pools spin-wait at every barrier: the thrash then measures how often a
+    # router lets both compute at once (upstream's router, with a fixed pool of HTTP threads,
+    # lets fewer requests through at a time) at 40-150 ms of CPU per 8-token chat, instead of
+    # swapping. With one thread each both routers serve the same chats at 6-7 ms of CPU.
+    flags: tuple[str, ...] = ("-c", "2048", "-np", "8", "-t", "1")
 
 
-QUICK = SchedPlan(requests=300, thrash_runs=1, starve_runs=2, starve_seconds=6.0)
+QUICK = SchedPlan(requests=600, thrash_runs=1, starve_runs=2, starve_seconds=6.0)
 
 
 def pct(values: Sequence[float], p: float) -> float:
