@@ -234,7 +234,8 @@ def scheduling_section(r: dict[str, Any]) -> list[str]:
         "## Scheduling under contention",
         "",
         "Six copies of one tiny model under six names, the same llama-server flags for both",
-        f"routers (`{' '.join(plan.get('flags', []))}`), each run on a freshly started router,",
+        f"routers (`{' '.join(plan.get('flags', []))}`: one compute thread per child, as two children",
+        "with a thread per core spin-wait on 2 cores; see performance.md), each run on a freshly started router,",
         "routers alternating run by run (medians over runs). Thrash: "
         f"{plan.get('clients')} clients, {plan.get('requests')} short chats (`max_tokens` 8) per run,",
         f"each to a random model, `--models-max 2`, {plan.get('thrash_runs')} runs per router and",

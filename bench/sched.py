@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import resource
@@ -360,8 +361,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--router", choices=ROUTERS, action="append", default=None,
                     help="measure only this router (repeatable; default both)")
     ap.add_argument("--keep-work", action="store_true", help="keep the work dir (logs)")
+    ap.add_argument("--flags", default=None,
+                    help="llama-server flags for both routers' children (default: the plan's, with -t 1)")
     args = ap.parse_args(argv)
     plan = QUICK if args.quick else SchedPlan()
+    if args.flags is not None:
+        plan = dataclasses.replace(plan, flags=tuple(args.flags.split()))
     work = Path(tempfile.mkdtemp(prefix="llamarouter-sched-"))
     reg = ProcessRegistry(bench_env(work))
     sched = Sched(find_binary(), args.llamarouter, reg, work, plan, args.ours_arg,
