@@ -122,6 +122,38 @@ class Router:
         return alive
 
 
+async def overlapping_streams(
+    r: Router, body: dict[str, Any], stop: asyncio.Event, limit: int, step_timeout: float = 30.0,
+) -> list[tuple[int, bool]]:
+    """Streamed requests (`body`) that overlap: the next is sent when the current one's first
+    event arrives, so the model is never idle while this runs, unless the router holds the
+    next one back. Runs until `stop` or `limit` requests; each stream's status and whether it
+    ended with [DONE] (not cut)."""
+    results: list[tuple[int, bool]] = []
+
+    async def one(s: aiohttp.ClientSession, started: asyncio.Event) -> None:
+        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
+            done = False
+            async for line in resp.content:
+                started.set()
+                done = done or line.startswith(b"data: [DONE]")
+            started.set()
+            results.append((resp.status, done))
+
+    async with aiohttp.ClientSession() as s:
+        tasks: list[asyncio.Task[None]] = []
+        for _ in range(limit):
+            if stop.is_set():
+                break
+            started = asyncio.Event()
+            tasks.append(asyncio.create_task(one(s, started)))
+            await asyncio.wait_for(started.wait(), step_timeout)
+            if len(tasks) > 1:  # at most two at a time: the one before this ends first
+                await asyncio.wait_for(tasks[-2], step_timeout)
+        await asyncio.wait_for(asyncio.gather(*tasks), step_timeout * 2)
+    return results
+
+
 async def _body(resp: aiohttp.ClientResponse) -> Any:
     raw = await resp.read()
     try:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from llamarouter.devtools.tinymodel import write_model
-from tests.conftest import StartRouter
+from tests.conftest import StartRouter, overlapping_streams
 from tests.fakes.helpers import wait_for
 
 pytestmark = pytest.mark.integration
@@ -95,42 +95,18 @@ async def test_a_request_behind_streams_is_served_within_the_drain_bound(
     # --drain-after, m1 drains (its streams finish, none is cut), m2 loads and answers.
     r = await start_router("--models-dir", str(six_models), "--models-max", "1", *BASE,
                            "--drain-after", "0.3", server_bin=llama_server_bin)
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
-        assert (await r.chat("m1", max_tokens=1))[0] == 200
-        stop = asyncio.Event()
-        results: list[tuple[int, bool]] = []
+    assert (await r.chat("m1", max_tokens=1))[0] == 200
+    stop = asyncio.Event()
+    busy = asyncio.create_task(overlapping_streams(r, body("m1", 300, stream=True), stop, limit=40))
 
-        async def one(started: asyncio.Event) -> None:
-            async with s.post(r.url + "/v1/chat/completions", json=body("m1", 300, stream=True)) as resp:
-                done = False
-                async for line in resp.content:
-                    started.set()
-                    done = done or line.startswith(b"data: [DONE]")
-                started.set()
-                results.append((resp.status, done))
+    async def m1_busy() -> bool:
+        return bool((await r.models())["m1"]["in_flight"])
 
-        async def keep_busy() -> None:
-            tasks: list[asyncio.Task[None]] = []
-            for _ in range(40):  # bounded
-                if stop.is_set():
-                    break
-                started = asyncio.Event()
-                tasks.append(asyncio.create_task(one(started)))
-                await asyncio.wait_for(started.wait(), 30)
-                if len(tasks) > 1:
-                    await asyncio.wait_for(tasks[-2], 30)
-            await asyncio.wait_for(asyncio.gather(*tasks), 60)
-
-        busy = asyncio.create_task(keep_busy())
-
-        async def m1_busy() -> bool:
-            return bool((await r.models())["m1"]["in_flight"])
-
-        await wait_for(m1_busy, timeout=30)
-        status, _ = await r.chat("m2", max_tokens=1)
-        served_while_busy = not busy.done()
-        stop.set()
-        await asyncio.wait_for(busy, 90)
+    await wait_for(m1_busy, timeout=30)
+    status, _ = await r.chat("m2", max_tokens=1)
+    served_while_busy = not busy.done()
+    stop.set()
+    results = await asyncio.wait_for(busy, 90)
     assert status == 200
     assert served_while_busy, "m2 waited until m1's clients stopped"
     assert results and all(st == 200 and done for st, done in results), results

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Router, StartRouter
+from tests.conftest import Router, StartRouter, overlapping_streams
 from tests.fakes.helpers import wait_for, write_fake_model
 
 # Every client loop below is bounded by this many requests and by per-step deadlines.
@@ -24,37 +24,8 @@ def make_models(tmp_path: Path, names: str, **knobs: object) -> Path:
     return d
 
 
-async def keep_busy(r: Router, model: str, stop: asyncio.Event) -> list[tuple[int, bool]]:
-    """Streams to `model` that overlap: the next is sent when the current one's first event
-    arrives, so the model is never idle while this runs (unless the router holds the next
-    one back). Until `stop` or the bound; each stream's status and whether it ended with
-    [DONE] (not cut)."""
-    body = {"model": model, "stream": True, "max_tokens": 60, "messages": [{"role": "user", "content": "x"}]}
-    results: list[tuple[int, bool]] = []
-
-    async def one(s: aiohttp.ClientSession, started: asyncio.Event) -> None:
-        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
-            done = False
-            async for line in resp.content:
-                started.set()
-                if line.startswith(b"data: [DONE]"):
-                    done = True
-            started.set()
-            results.append((resp.status, done))
-
-    async with aiohttp.ClientSession() as s:
-        tasks: list[asyncio.Task[None]] = []
-        for _ in range(MAX_REQUESTS_PER_CLIENT):
-            if stop.is_set():
-                break
-            started = asyncio.Event()
-            tasks.append(asyncio.create_task(one(s, started)))
-            await asyncio.wait_for(started.wait(), 30)
-            # At most two at a time: wait for the one before this to end.
-            if len(tasks) > 1:
-                await asyncio.wait_for(tasks[-2], 30)
-        await asyncio.wait_for(asyncio.gather(*tasks), 30)
-    return results
+def stream_body(model: str) -> dict[str, object]:
+    return {"model": model, "stream": True, "max_tokens": 60, "messages": [{"role": "user", "content": "x"}]}
 
 
 async def starve(r: Router) -> tuple[int, bool, list[tuple[int, bool]]]:
@@ -62,7 +33,7 @@ async def starve(r: Router) -> tuple[int, bool, list[tuple[int, bool]]]:
     answered while A's clients were still going, and every A result."""
     assert (await r.chat("a", max_tokens=1))[0] == 200
     stop = asyncio.Event()
-    busy = asyncio.create_task(keep_busy(r, "a", stop))
+    busy = asyncio.create_task(overlapping_streams(r, stream_body("a"), stop, MAX_REQUESTS_PER_CLIENT))
     await wait_for(lambda: _in_flight(r, "a"), timeout=10, message="a busy")
     status, _ = await r.chat("b", max_tokens=1)
     served_while_busy = not busy.done()
