@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -40,6 +42,23 @@ async def starve(r: Router) -> tuple[int, bool, list[tuple[int, bool]]]:
     stop.set()
     results = await asyncio.wait_for(busy, 60)
     return status, served_while_busy, results
+
+
+@contextlib.asynccontextmanager
+async def a_drained_for_b(r: Router) -> AsyncIterator[asyncio.Task[tuple[int, Any]]]:
+    """One endless stream keeps `a` busy; a request for `b` passes the bound and drains `a`.
+    Yields b's request; the stream is closed when the block exits."""
+    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as s, s.post(r.url + "/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        await resp.content.readuntil(b"\n\n")
+        b_task = asyncio.create_task(r.chat("b", max_tokens=1))
+
+        async def drained() -> bool:
+            return bool((await r.models())["a"]["draining"])
+
+        await wait_for(drained, timeout=10, message="a draining")
+        yield b_task
 
 
 async def _in_flight(r: Router, name: str) -> bool:
@@ -83,28 +102,18 @@ async def test_models_listing_shows_the_drain_and_what_queues_behind_it(
     # request for a then queues behind the swap instead of joining the stream.
     d = make_models(tmp_path, "a b", tokens=100000, tps=20)
     r = await start_router("--models-dir", str(d), "--models-max", "1", "--drain-after", "0.1")
-    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
-            assert resp.status == 200
-            await resp.content.readuntil(b"\n\n")
-            b_task = asyncio.create_task(r.chat("b", max_tokens=1))
+    async with a_drained_for_b(r) as b_task:
+        a_task = asyncio.create_task(r.chat("a", max_tokens=1))
 
-            async def drained() -> bool:
-                return bool((await r.models())["a"]["draining"])
+        async def queued_behind() -> bool:
+            return (await r.models())["a"]["queued"] == 1
 
-            await wait_for(drained, timeout=10, message="a draining")
-            a_task = asyncio.create_task(r.chat("a", max_tokens=1))
-
-            async def queued_behind() -> bool:
-                return (await r.models())["a"]["queued"] == 1
-
-            await wait_for(queued_behind, timeout=10, message="a's request queued")
-            listing = await r.models()
-            assert listing["a"]["in_flight"] == 1 and listing["a"]["status"]["value"] == "loaded"
-        # The stream ends (client closed): a leaves, b loads, then a comes back for its request.
-        assert (await asyncio.wait_for(b_task, 30))[0] == 200
-        assert (await asyncio.wait_for(a_task, 30))[0] == 200
+        await wait_for(queued_behind, timeout=10, message="a's request queued")
+        listing = await r.models()
+        assert listing["a"]["in_flight"] == 1 and listing["a"]["status"]["value"] == "loaded"
+    # The stream ends (client closed): a leaves, b loads, then a comes back for its request.
+    assert (await asyncio.wait_for(b_task, 30))[0] == 200
+    assert (await asyncio.wait_for(a_task, 30))[0] == 200
     listing = await r.models()
     assert listing["a"]["draining"] is False and listing["a"]["queued"] == 0
     status, hist = await r.get("/dashboard/history")
@@ -120,16 +129,7 @@ async def test_a_drain_is_called_off_when_the_waiting_client_leaves(
     # b's request drains a, then b's client gives up; a must keep its slot.
     d = make_models(tmp_path, "a b", tokens=100000, tps=20)
     r = await start_router("--models-dir", str(d), "--models-max", "1", "--drain-after", "0.1", "-np", "2")
-    body = {"model": "a", "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    async with aiohttp.ClientSession() as s, s.post(r.url + "/v1/chat/completions", json=body) as resp:
-        assert resp.status == 200
-        await resp.content.readuntil(b"\n\n")
-        b_task = asyncio.create_task(r.chat("b", max_tokens=1))
-
-        async def drained() -> bool:
-            return bool((await r.models())["a"]["draining"])
-
-        await wait_for(drained, timeout=10, message="a draining")
+    async with a_drained_for_b(r) as b_task:
         b_task.cancel()  # b's client goes away
         with contextlib.suppress(asyncio.CancelledError):
             await b_task
