@@ -148,7 +148,6 @@ class SchedulingWatch(Protocol):
 @dataclass
 class _Counters:
     evictions: int = 0
-    drains: int = 0  # busy models asked to give way to a request past the drain bound
     passes: int = 0  # scheduling passes run (what a test waits on to know one has run)
 
 
@@ -190,8 +189,8 @@ class Supervisor:
         # Retired while serving: they finish the requests they have, then stop.
         self._draining: set[ModelProcess] = set()
         # Giving way to requests past the drain bound: new requests queue, the model is
-        # evicted once idle. When each drain began (monotonic).
-        self._drains: dict[ModelProcess, float] = {}
+        # evicted once idle.
+        self._drains: set[ModelProcess] = set()
         # Seconds the last load of each model took (for --evict-cost).
         self._load_seconds: dict[str, float] = {}
         self._file_sizes: dict[str, int] = {}
@@ -561,14 +560,17 @@ class Supervisor:
         measured = self._load_seconds.get(proc.name)
         if measured is not None:
             return measured
-        size = self._file_sizes.get(proc.spec.model_path or "")
-        if size is None and proc.spec.model_path:
+        path = proc.spec.model_path
+        if not path:
+            return 0.0
+        size = self._file_sizes.get(path)
+        if size is None:
             try:
-                size = os.stat(proc.spec.model_path).st_size  # once per path: a local stat
+                size = os.stat(path).st_size  # once per path: a local stat
             except OSError:
                 size = 0
-            self._file_sizes[proc.spec.model_path] = size
-        return (size or 0) / _NOMINAL_LOAD_BYTES_PER_S
+            self._file_sizes[path] = size
+        return size / _NOMINAL_LOAD_BYTES_PER_S
 
     def _apply(self, actions: list[scheduler.Action]) -> None:
         by_id = {w.id: w for w in self._waiters}
@@ -579,8 +581,7 @@ class Supervisor:
                 proc.start()
             elif isinstance(action, scheduler.Drain):
                 proc = self.models[action.model]
-                self._drains[proc] = time.monotonic()
-                self.counters.drains += 1
+                self._drains.add(proc)
                 log.info(
                     "[%s] draining: a request has waited %gs (--drain-after) for a slot; new "
                     "requests queue behind the swap, %d in flight finish first",
@@ -590,7 +591,8 @@ class Supervisor:
                     self._watch.drained(proc.name)
             elif isinstance(action, scheduler.Undrain):
                 proc = self.models[action.model]
-                if self._drains.pop(proc, None) is not None:
+                if proc in self._drains:
+                    self._drains.discard(proc)
                     log.info("[%s] no longer draining: nothing waits for its slot any more", proc.name)
             elif isinstance(action, scheduler.Evict):
                 proc = self.models[action.model]
@@ -710,7 +712,7 @@ class Supervisor:
         if new in (State.READY, State.STOPPED, State.FAILED, State.SHUTDOWN):
             self._record()
         if new != State.READY:
-            self._drains.pop(proc, None)
+            self._drains.discard(proc)
         if new == State.READY:
             self._been_ready.add(proc.name)
             if proc.load_started_at is not None and proc.ready_at is not None:
