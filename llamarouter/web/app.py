@@ -337,6 +337,12 @@ def build_app(
                             config.timeouts.watch_debounce, config.timeouts.watch_poll,
                         )
                         watcher.start()
+                        # Serve only once the watcher has its first snapshot: a change made
+                        # between then and now would be in that snapshot and never applied.
+                        try:
+                            await asyncio.wait_for(watcher.watching.wait(), config.timeouts.watch_poll)
+                        except TimeoutError:
+                            log.warning("the model watcher took over %gs to start", config.timeouts.watch_poll)
                     yield
                 finally:
                     if watcher is not None:
