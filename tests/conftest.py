@@ -123,19 +123,24 @@ class Router:
 
 
 async def overlapping_streams(
-    r: Router, body: dict[str, Any], stop: asyncio.Event, limit: int, step_timeout: float = 30.0,
+    r: Router, body: dict[str, Any], stop: asyncio.Event, limit: int, lead: int,
+    step_timeout: float = 30.0,
 ) -> list[tuple[int, bool]]:
-    """Streamed requests (`body`) that overlap: the next is sent when the current one's first
-    event arrives, so the model is never idle while this runs, unless the router holds the
-    next one back. Runs until `stop` or `limit` requests; each stream's status and whether it
+    """Streamed requests (`body`) that overlap, two at a time: the next is sent once the one
+    before it has ended and the current one has sent `lead` events, so the current one still
+    has the rest of its stream to run while the next is admitted (make `lead` about half of
+    its events). The model is never idle while this runs, unless the router holds the next
+    one back. Runs until `stop` or `limit` requests; each stream's status and whether it
     ended with [DONE] (not cut)."""
     results: list[tuple[int, bool]] = []
 
     async def one(s: aiohttp.ClientSession, started: asyncio.Event) -> None:
         async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
-            done = False
+            done, events = False, 0
             async for line in resp.content:
-                started.set()
+                events += line.startswith(b"data: ")
+                if events >= lead:
+                    started.set()
                 done = done or line.startswith(b"data: [DONE]")
             started.set()
             results.append((resp.status, done))

@@ -97,7 +97,7 @@ async def test_a_request_behind_streams_is_served_within_the_drain_bound(
                            "--drain-after", "0.3", server_bin=llama_server_bin)
     assert (await r.chat("m1", max_tokens=1))[0] == 200
     stop = asyncio.Event()
-    busy = asyncio.create_task(overlapping_streams(r, body("m1", 300, stream=True), stop, limit=40))
+    busy = asyncio.create_task(overlapping_streams(r, body("m1", 300, stream=True), stop, limit=40, lead=100))
 
     async def m1_busy() -> bool:
         return bool((await r.models())["m1"]["in_flight"])

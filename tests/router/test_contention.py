@@ -35,7 +35,7 @@ async def starve(r: Router) -> tuple[int, bool, list[tuple[int, bool]]]:
     answered while A's clients were still going, and every A result."""
     assert (await r.chat("a", max_tokens=1))[0] == 200
     stop = asyncio.Event()
-    busy = asyncio.create_task(overlapping_streams(r, stream_body("a"), stop, MAX_REQUESTS_PER_CLIENT))
+    busy = asyncio.create_task(overlapping_streams(r, stream_body("a"), stop, MAX_REQUESTS_PER_CLIENT, lead=30))
     await wait_for(lambda: _in_flight(r, "a"), timeout=10, message="a busy")
     status, _ = await r.chat("b", max_tokens=1)
     served_while_busy = not busy.done()
