@@ -9,32 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
 import os
 import shutil
-import signal
-import socket
 import sys
-import threading
-import time
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-from aiohttp import web
 
 from . import __version__
 from .core.downloads import fetch_remote_preset, preset_path
 from .core.launcher import OsLauncher
 from .core.memory import parse_bytes
-from .core.supervisor import Supervisor
-from .errors import BinaryNotFound, CommandLineRejected, ConfigError, ListenFailed, LlamaRouterError
+from .errors import BinaryNotFound, CommandLineRejected, ConfigError, LlamaRouterError
 from .sdnotify import Notifier
-from .settings.childargs import ChildArgs
+from .server import exit_within, run, serve
 from .settings.config import CorsPolicy, Limits, ModelSpec, RouterConfig, Timeouts
 from .settings.discovery import EXTRA_PRESET_ONLY, Discovery, Sources, cache_dir_from_env
 from .settings.flags import (
@@ -54,7 +45,6 @@ from .settings.flags import (
 )
 from .settings.flagtable import OPTIONS
 from .settings.probe import ServerBuild, probe_server
-from .web.app import ACTIVE, SUPERVISOR, build_app
 
 log = logging.getLogger("llamarouter")
 
@@ -602,274 +592,6 @@ def log_models_found(config: RouterConfig, specs: Mapping[str, ModelSpec]) -> No
 
 
 # --------------------------------------------------------------------------- running
-def bind_listeners(config: RouterConfig) -> list[tuple[socket.socket, str]]:
-    """Bind every --host address (llama-server's comma-separated list; a path ending in
-    .sock is a UNIX socket) before anything else starts: an address that cannot be bound
-    is a startup error in every mode, with no child spawned and nothing to clean up."""
-    bound: list[tuple[socket.socket, str]] = []
-    port = config.port
-    try:
-        for host in config.hosts:
-            try:
-                bound.extend(_bind_one(host, port, config.reuse_port))
-            except OSError as exc:
-                raise ListenFailed(
-                    f"couldn't bind HTTP server socket, hostname: {host}, port: {port}: {exc.strerror or exc}"
-                ) from None
-    except BaseException:
-        for sock, _ in bound:
-            sock.close()
-        raise
-    return bound
-
-
-def _bind_one(host: str, port: int, reuse_port: bool) -> list[tuple[socket.socket, str]]:
-    if host.endswith(".sock"):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(host)
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        return [(sock, f"unix:{host}")]
-    out: list[tuple[socket.socket, str]] = []
-    try:
-        seen: set[tuple[object, ...]] = set()
-        for family, kind, proto, _, addr in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        ):
-            if (family, addr) in seen:
-                continue
-            seen.add((family, addr))
-            sock = socket.socket(family, kind, proto)
-            out.append((sock, f"http://[{addr[0]}]:{port}" if family == socket.AF_INET6 else f"http://{addr[0]}:{port}"))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port and hasattr(socket, "SO_REUSEPORT"):
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(1024)
-            sock.setblocking(False)
-    except OSError:
-        for sock, _ in out:
-            sock.close()
-        raise
-    return out
-
-
-class _Stop:
-    """Signals only flip state here (uvicorn's rule); the serve loop acts on it."""
-
-    def __init__(self, on_force: Callable[[], None]) -> None:
-        self.requested = asyncio.Event()
-        self._on_force = on_force
-        self.count = 0
-        self.exit_code = 0
-
-    def fail(self, exit_code: int) -> None:
-        """Shut down as for a signal, then exit with `exit_code`."""
-        if not self.requested.is_set():
-            self.exit_code = exit_code
-            self.requested.set()
-
-    def signal(self) -> None:
-        self.count += 1
-        if self.count == 1:
-            log.info("shutting down: finishing in-flight requests (signal again to force)")
-            self.requested.set()
-        else:
-            self._on_force()
-
-
-async def exit_if_the_model_cannot_load(sup: Supervisor, stop: _Stop) -> None:
-    """Single-model mode: a model that fails before it ever served ends the router with
-    exit code 1, as llama-server exits when it cannot load its model (a typo in `-m` then
-    makes systemd or Docker see a failed service, not a live one answering 503)."""
-    await sup.failed_before_ready.wait()
-    log.error("%s; exiting, as llama-server does when its model cannot load", sup.first_failure)
-    stop.fail(1)
-
-
-async def reload_on_signal(sup: Supervisor) -> None:
-    """SIGHUP: rescan every source. Never raises: nobody awaits this task, so a failure is
-    said here (the router keeps the models it had) or only at garbage collection."""
-    try:
-        await sup.reload()
-        log.info("SIGHUP: models reloaded")
-    except LlamaRouterError as exc:
-        log.error("SIGHUP: reload failed, keeping the current models: %s", exc.message)
-    except Exception as exc:
-        # A bug of ours, or a failure discovery does not expect: logged with its trace.
-        log.error(
-            "SIGHUP: reload failed, keeping the current models: %s: %s",
-            type(exc).__name__, exc, exc_info=True,
-        )
-
-
-async def serve(
-    config: RouterConfig, discovery: Discovery, table: FlagTable, notifier: Notifier | None = None
-) -> int:
-    """Run until SIGTERM/SIGINT. Shutdown: stop accepting, 503 for new work, in-flight
-    responses get `--shutdown-grace`, then the rest are cancelled, children stopped in
-    parallel (each bounded), the session closed and the lock released. A second signal
-    kills every child's process group and exits at once with code 1."""
-    notifier = notifier or Notifier({})
-    socks = bind_listeners(config)
-    app = build_app(config, discovery, ChildArgs(config, table))
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that goes away cancels its upstream request
-        # Our own drain below waits the grace; by the time aiohttp's shutdown runs, what is
-        # left is being cancelled and only needs this long to unwind.
-        shutdown_timeout=config.timeouts.shutdown_cancel,
-        access_log=None,
-        # aiohttp arms this timer at accept and partial header bytes do not reset it: a
-        # client that trickles its headers is dropped after --header-timeout.
-        keepalive_timeout=config.timeouts.header_read,
-    )
-    loop = asyncio.get_running_loop()
-
-    def force() -> None:
-        log.warning("forced exit: killing every child now")
-        sup = app.get(SUPERVISOR)
-        if sup is not None:
-            sup.kill_all()
-        # Whatever is still running (streams, loads, executor threads) must not hold the
-        # process: children are SIGKILLed above (and die with us via PDEATHSIG anyway).
-        logging.shutdown()
-        with contextlib.suppress(Exception):
-            sys.stdout.flush()
-            sys.stderr.flush()
-        os._exit(1)
-
-    stop = _Stop(force)
-
-    def on_hup() -> None:
-        sup = app.get(SUPERVISOR)
-        if sup is not None and not sup.closing:
-            task = loop.create_task(reload_on_signal(sup))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-    reloads: set[asyncio.Task[None]] = set()
-    watchdog: asyncio.Task[None] | None = None
-    unloadable: asyncio.Task[None] | None = None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.signal)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        try:
-            await runner.setup()
-            sites = [web.SockSite(runner, sock) for sock, _ in socks]
-            for site, (_, where) in zip(sites, socks, strict=True):
-                await site.start()
-                log.info("llamarouter %s listening on %s", __version__, where)
-        except BaseException:
-            await runner.cleanup()
-            raise
-        for host in config.hosts:
-            if not host.endswith(".sock") and host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
-                log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
-        notifier.ready(f"listening on {config.host}:{config.port}")
-        release_free_heap()
-        watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
-        sup = app.get(SUPERVISOR)
-        if config.single_model is not None and sup is not None:
-            unloadable = asyncio.create_task(exit_if_the_model_cannot_load(sup, stop), name="single-model-watch")
-        await stop.requested.wait()
-        notifier.stopping("finishing in-flight requests")
-        if sup is not None:
-            sup.begin_shutdown()
-        for site in sites:
-            await site.stop()  # no new connections; open ones finish their request
-        active = app[ACTIVE]
-        if not await active.wait_idle(config.timeouts.shutdown_grace):
-            log.warning(
-                "shutdown grace of %gs over: cancelling %d request(s) in flight",
-                config.timeouts.shutdown_grace, active.count,
-            )
-            await active.cancel_all(config.timeouts.shutdown_cancel)
-        await runner.cleanup()
-        return stop.exit_code
-    finally:
-        for task in reloads:
-            task.cancel()
-        if unloadable is not None:
-            unloadable.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await unloadable
-        if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
-        notifier.close()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        for sock, _ in socks:
-            sock.close()
-
-
-def release_free_heap() -> None:
-    """Hands the C heap's free pages back to the OS once startup is over. Imports, the
-    command line, the first scan and the app's setup leave freed memory behind that glibc
-    keeps for reuse; at rest it would only be resident memory (about 0.5 MiB). One call
-    of a few milliseconds at most, never on the request path; nothing happens off glibc."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # musl and other C libraries have none
-        return
-    trim(0)
-
-
-def _run(main: Coroutine[object, object, int], settle: float) -> int:
-    """Run on uvloop when it is installed (about 100 us less CPU per proxied request here),
-    else on asyncio's default loop. Unlike asyncio.run, the teardown is bounded: leftover
-    tasks get `settle` seconds, and executor threads are not waited for here (see main)."""
-    try:
-        import uvloop
-
-        factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
-    except ImportError:
-        factory = asyncio.new_event_loop
-    loop = factory()
-    try:
-        return loop.run_until_complete(main)
-    finally:
-        try:
-            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                loop.run_until_complete(asyncio.wait(pending, timeout=settle))
-            loop.run_until_complete(asyncio.wait_for(loop.shutdown_asyncgens(), settle))
-        except (TimeoutError, RuntimeError) as exc:
-            log.warning("teardown did not finish cleanly: %r", exc)
-        finally:
-            loop.close()  # shuts the default executor down without waiting for its threads
-
-
-def _exit(code: int, settle: float) -> None:
-    """Exit with `code` within `settle` seconds even if a worker thread is stuck (a file read
-    on a hung mount, a slow name lookup): the interpreter would otherwise join it forever."""
-    deadline = time.monotonic() + settle
-    for thread in threading.enumerate():
-        if thread is threading.main_thread() or thread.daemon:
-            continue
-        thread.join(max(0.0, deadline - time.monotonic()))
-    if any(t.is_alive() and not t.daemon and t is not threading.main_thread() for t in threading.enumerate()):
-        log.warning("exiting with worker threads still running")
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
 def _setup_logging(environ: Mapping[str, str]) -> None:
     level = environ.get("LLAMAROUTER_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
@@ -958,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             log_models_found(config, discovery())
         else:
             log.info("single-model mode: %s", config.single_model.name)
-        code = _run(serve(config, discovery, table, Notifier(environ)), config.timeouts.force_exit)
+        code = run(serve(config, discovery, table, Notifier(environ)), config.timeouts.force_exit)
     except CommandLineRejected as exc:
         _echo(exc.message, err=True)
         sys.exit(exc.exit_code)
@@ -971,5 +693,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     except OSError as exc:
         _echo(f"llamarouter: error: {exc}", err=True)
         sys.exit(1)
-    _exit(code, config.timeouts.force_exit)
+    exit_within(code, config.timeouts.force_exit)
 

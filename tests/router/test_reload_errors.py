@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from llamarouter.cli import reload_on_signal
+from llamarouter.server import reload_on_signal
 from tests.conftest import StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
 from tests.router.test_scheduling import make_models
