@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from aiohttp import web
 
 from . import __version__
+from .core.runtime import Runtime
 from .core.supervisor import Supervisor
 from .errors import ListenFailed, LlamaRouterError
 from .sdnotify import Notifier
@@ -31,7 +32,7 @@ from .settings.childargs import ChildArgs
 from .settings.config import RouterConfig
 from .settings.discovery import Discovery
 from .settings.flags import FlagTable
-from .web.app import ACTIVE, SUPERVISOR, build_app
+from .web.app import ACTIVE, build_app
 
 log = logging.getLogger("llamarouter")
 
@@ -146,31 +147,125 @@ async def reload_on_signal(sup: Supervisor) -> None:
 async def serve(
     config: RouterConfig, discovery: Discovery, table: FlagTable, notifier: Notifier | None = None
 ) -> int:
-    """Run until SIGTERM/SIGINT. Shutdown: stop accepting, 503 for new work, in-flight
-    responses get `--shutdown-grace`, then the rest are cancelled, children stopped in
-    parallel (each bounded), the session closed and the lock released. A second signal
-    kills every child's process group and exits at once with code 1."""
-    notifier = notifier or Notifier({})
+    """Run until SIGTERM/SIGINT; the exit code. Shutdown: stop accepting, 503 for new work,
+    in-flight responses get `--shutdown-grace`, then the rest are cancelled, the runtime
+    stopped (children in parallel, each bounded, the session closed, the lock released).
+    A second signal kills every child's process group and exits at once with code 1."""
     socks = bind_listeners(config)
-    app = build_app(config, discovery, ChildArgs(config, table))
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that goes away cancels its upstream request
-        # Our own drain below waits the grace; by the time aiohttp's shutdown runs, what is
-        # left is being cancelled and only needs this long to unwind.
-        shutdown_timeout=config.timeouts.shutdown_cancel,
-        access_log=None,
-        # aiohttp arms this timer at accept and partial header bytes do not reset it: a
-        # client that trickles its headers is dropped after --header-timeout.
-        keepalive_timeout=config.timeouts.header_read,
-    )
-    loop = asyncio.get_running_loop()
+    try:
+        runtime = Runtime(config, discovery, ChildArgs(config, table))
+        server = _Server(config, runtime, build_app(config, runtime), notifier or Notifier({}))
+        return await server.run(socks)
+    finally:
+        for sock, _ in socks:
+            sock.close()
 
-    def force() -> None:
+
+class _Server:
+    """One run: the runtime and the HTTP runner started in order, signals turned into
+    state, and the shutdown order kept in one place."""
+
+    def __init__(self, config: RouterConfig, runtime: Runtime, app: web.Application, notifier: Notifier) -> None:
+        self.config = config
+        self.runtime = runtime
+        self.app = app
+        self.notifier = notifier
+        self.stop = _Stop(self._force)
+        self.runner = web.AppRunner(
+            app,
+            handler_cancellation=True,  # a client that goes away cancels its upstream request
+            # Our own drain below waits the grace; by the time aiohttp's shutdown runs, what
+            # is left is being cancelled and only needs this long to unwind.
+            shutdown_timeout=config.timeouts.shutdown_cancel,
+            access_log=None,
+            # aiohttp arms this timer at accept and partial header bytes do not reset it: a
+            # client that trickles its headers is dropped after --header-timeout.
+            keepalive_timeout=config.timeouts.header_read,
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, socks: list[tuple[socket.socket, str]]) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.stop.signal)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        try:
+            sites = await self._start(socks)
+            self._started()
+            await self.stop.requested.wait()
+            await self._shutdown(sites)
+            return self.stop.exit_code
+        finally:
+            for task in self._tasks:
+                task.cancel()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=self.config.timeouts.shutdown_cancel)
+            self.notifier.close()
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    async def _start(self, socks: list[tuple[socket.socket, str]]) -> list[web.SockSite]:
+        await self.runtime.start()  # releases what it built if it fails
+        try:
+            await self.runner.setup()
+            sites = [web.SockSite(self.runner, sock) for sock, _ in socks]
+            for site, (_, where) in zip(sites, socks, strict=True):
+                await site.start()
+                log.info("llamarouter %s listening on %s", __version__, where)
+        except BaseException:
+            await self.runner.cleanup()
+            await self.runtime.stop()
+            raise
+        return sites
+
+    def _started(self) -> None:
+        config = self.config
+        for host in config.hosts:
+            if not host.endswith(".sock") and host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
+                log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
+        self.notifier.ready(f"listening on {config.host}:{config.port}")
+        release_free_heap()
+        self._spawn(self.notifier.watchdog(), "sd-watchdog")
+        if config.single_model is not None:
+            self._spawn(exit_if_the_model_cannot_load(self.runtime.supervisor, self.stop), "single-model-watch")
+
+    async def _shutdown(self, sites: list[web.SockSite]) -> None:
+        config = self.config
+        self.notifier.stopping("finishing in-flight requests")
+        self.runtime.begin_shutdown()
+        for site in sites:
+            await site.stop()  # no new connections; open ones finish their request
+        active = self.app[ACTIVE]
+        if not await active.wait_idle(config.timeouts.shutdown_grace):
+            log.warning(
+                "shutdown grace of %gs over: cancelling %d request(s) in flight",
+                config.timeouts.shutdown_grace, active.count,
+            )
+            await active.cancel_all(config.timeouts.shutdown_cancel)
+        try:
+            await self.runner.cleanup()
+        finally:
+            await self.runtime.stop()
+
+    def _spawn(self, coro: Coroutine[object, object, None], name: str) -> None:
+        # Observed: each ends on its own or is cancelled (and awaited, bounded) by run().
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s ended with an error", task.get_name(), exc_info=task.exception())
+
+    def _on_hup(self) -> None:
+        runtime = self.runtime
+        if runtime.started and not runtime.supervisor.closing:
+            self._spawn(reload_on_signal(runtime.supervisor), "reload")
+
+    def _force(self) -> None:
         log.warning("forced exit: killing every child now")
-        sup = app.get(SUPERVISOR)
-        if sup is not None:
-            sup.kill_all()
+        self.runtime.kill_all()
         # Whatever is still running (streams, loads, executor threads) must not hold the
         # process: children are SIGKILLed above (and die with us via PDEATHSIG anyway).
         logging.shutdown()
@@ -178,72 +273,6 @@ async def serve(
             sys.stdout.flush()
             sys.stderr.flush()
         os._exit(1)
-
-    stop = _Stop(force)
-
-    def on_hup() -> None:
-        sup = app.get(SUPERVISOR)
-        if sup is not None and not sup.closing:
-            task = loop.create_task(reload_on_signal(sup))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
-
-    reloads: set[asyncio.Task[None]] = set()
-    watchdog: asyncio.Task[None] | None = None
-    unloadable: asyncio.Task[None] | None = None
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.signal)
-    loop.add_signal_handler(signal.SIGHUP, on_hup)
-    try:
-        try:
-            await runner.setup()
-            sites = [web.SockSite(runner, sock) for sock, _ in socks]
-            for site, (_, where) in zip(sites, socks, strict=True):
-                await site.start()
-                log.info("llamarouter %s listening on %s", __version__, where)
-        except BaseException:
-            await runner.cleanup()
-            raise
-        for host in config.hosts:
-            if not host.endswith(".sock") and host not in ("127.0.0.1", "localhost", "::1") and not config.api_keys:
-                log.warning("listening on %s without --api-key: anyone who can reach it can use it", host)
-        notifier.ready(f"listening on {config.host}:{config.port}")
-        release_free_heap()
-        watchdog = asyncio.create_task(notifier.watchdog(), name="sd-watchdog")
-        sup = app.get(SUPERVISOR)
-        if config.single_model is not None and sup is not None:
-            unloadable = asyncio.create_task(exit_if_the_model_cannot_load(sup, stop), name="single-model-watch")
-        await stop.requested.wait()
-        notifier.stopping("finishing in-flight requests")
-        if sup is not None:
-            sup.begin_shutdown()
-        for site in sites:
-            await site.stop()  # no new connections; open ones finish their request
-        active = app[ACTIVE]
-        if not await active.wait_idle(config.timeouts.shutdown_grace):
-            log.warning(
-                "shutdown grace of %gs over: cancelling %d request(s) in flight",
-                config.timeouts.shutdown_grace, active.count,
-            )
-            await active.cancel_all(config.timeouts.shutdown_cancel)
-        await runner.cleanup()
-        return stop.exit_code
-    finally:
-        for task in reloads:
-            task.cancel()
-        if unloadable is not None:
-            unloadable.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await unloadable
-        if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
-        notifier.close()
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            loop.remove_signal_handler(sig)
-        for sock, _ in socks:
-            sock.close()
 
 
 def release_free_heap() -> None:

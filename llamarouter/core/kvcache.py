@@ -18,8 +18,10 @@ way, since a KV cache of another model or context size is garbage to it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -283,3 +285,15 @@ def _why(exc: BaseException) -> str:
         return "timed out"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
+
+def kv_fingerprint(options: dict[str, str], model_path: str | None) -> str:
+    """How a child is started, plus the identity of its model file: a saved KV cache is only
+    valid in a child that matches it."""
+    parts: list[object] = [*sorted(options.items())]
+    if model_path:
+        try:
+            st = os.stat(model_path)
+            parts.append((st.st_size, st.st_mtime_ns))
+        except OSError:
+            parts.append("missing")
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

@@ -1,38 +1,27 @@
-"""aiohttp application: middlewares (errors, auth), startup and the shutdown order.
+"""The aiohttp application: middlewares (errors, auth, CORS), routes and the web UIs.
 
-Shutdown order (docs/design.md): stop accepting -> new requests get 503 -> in-flight
-responses get `shutdown_grace` -> children stopped in parallel -> client session closed ->
-instance lock released.
+HTTP only: the core (supervisor, memory, keep-cache, watcher) is a `Runtime` built,
+started and stopped by the caller (server.py); the app registers its listeners on it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
-import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
-from ..core.downloads import Downloads
-from ..core.kvcache import KvCache
-from ..core.launcher import Launcher, OsLauncher
-from ..core.memory import MemoryManager
-from ..core.probes import HttpProbe
 from ..core.process import ModelProcess
-from ..core.statedir import StateDir
+from ..core.runtime import Runtime
 from ..core.states import State
-from ..core.supervisor import Supervisor
-from ..core.toolserver import ToolServer
-from ..core.watch import Watcher
 from ..errors import ConfigError, LlamaRouterError, NotFound, PayloadTooLarge, Unauthorized
-from ..settings.childargs import ChildArgs, keeps_cache
-from ..settings.config import CorsPolicy, ModelSpec, RouterConfig
+from ..settings.config import CorsPolicy, RouterConfig
 from . import llamaui, webui
 from .api import Api, error_body
 from .history import History
@@ -83,9 +72,8 @@ class ActiveRequests:
             await asyncio.wait(tasks, timeout=timeout)
 
 
-SUPERVISOR = web.AppKey("supervisor", Supervisor)
+RUNTIME = web.AppKey("runtime", Runtime)
 ACTIVE = web.AppKey("active", ActiveRequests)
-KV_CACHE = web.AppKey("kv_cache", KvCache)
 CONFIG = web.AppKey("config", RouterConfig)
 METRICS = web.AppKey("metrics", RouterMetrics)
 
@@ -97,7 +85,6 @@ METRICS = web.AppKey("metrics", RouterMetrics)
 _PUBLIC_PATHS = frozenset({"/health", "/v1/health", "/livez", "/readyz", "/", "/sw.js", *webui.PUBLIC_PATHS})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-Discover = Callable[[], dict[str, ModelSpec]]
 
 
 def _error_response(exc: LlamaRouterError) -> web.Response:
@@ -190,13 +177,69 @@ def _llama_ui(config: RouterConfig) -> llamaui.LlamaUi | None:
         raise ConfigError(f"--ui-dir: {exc}") from None
 
 
-def build_app(
-    config: RouterConfig,
-    discover: Discover,
-    child_args: ChildArgs,
-    launcher: Launcher | None = None,
-) -> web.Application:
+def build_app(config: RouterConfig, runtime: Runtime) -> web.Application:
+    """The HTTP side only: middlewares, routes and the web UIs, around a runtime that the
+    caller starts and stops (server.py)."""
     active = ActiveRequests()
+    ui = _ui_plan(config)
+    app = web.Application(
+        middlewares=[_errors_middleware(config, active, ui.public)],
+        client_max_size=config.limits.max_body_bytes,
+    )
+
+    async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
+        response.headers.update(cors_headers(config.cors, request.method, request.headers.get("Origin")))
+
+    app.on_response_prepare.append(add_cors)
+    app[CONFIG] = config
+    app[ACTIVE] = active
+    app[RUNTIME] = runtime
+    history = History(config.limits.history_span, config.limits.history_step)
+    metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape, history)
+    metrics.add_kv_cache(lambda: runtime.kv_cache)
+    proxy = Proxy(config)
+    api = Api(config, runtime.child_args, metrics)
+    api.add_routes(app)  # the router freezes before startup, so routes go in now
+
+    async def bind(app: web.Application) -> None:  # TEMPORARY until Api takes the runtime
+        api.bind(runtime.supervisor, proxy, runtime.session)
+        api.kv_cache = runtime.kv_cache
+        api.downloads = runtime.downloads
+        api.tools = runtime.tools
+
+    app.on_startup.append(bind)
+    if ui.served:
+        webui.add_routes(app, at_root=ui.built is None)
+        llamaui.add_routes(app, ui.built)  # last: its `/{path}` must not shadow any other route
+    runtime.listen(_WebListener(metrics, proxy))
+    return app
+
+
+@dataclass(frozen=True)
+class _Ui:
+    """Whether the router serves its UIs, llama.cpp's built UI if any, and the paths
+    served without a key."""
+
+    served: bool
+    built: llamaui.LlamaUi | None
+    public: frozenset[str]
+
+
+def _ui_plan(config: RouterConfig) -> _Ui:
+    # Router mode with its UI on: `/` is llama.cpp's UI when built, else the dashboard; the
+    # dashboard is also at /dashboard/. In -m/-hf mode `/` is the child's own UI, with
+    # --path it is that directory, and --no-ui or --api-prefix serve no UI (as llama-server).
+    if (
+        config.single_model is None and config.webui and not config.api_prefix
+        and config.static_path is None
+    ):
+        ui = _llama_ui(config)
+        return _Ui(True, ui, _PUBLIC_PATHS | (ui.public_paths if ui is not None else frozenset()))
+    return _Ui(False, None, _PUBLIC_PATHS)
+
+
+def _errors_middleware(config: RouterConfig, active: ActiveRequests, public: frozenset[str]) -> Middleware:
+    """Errors in the API's shape, the key check, and the count of running handlers."""
 
     @web.middleware
     async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -227,147 +270,26 @@ def build_app(
         finally:
             active.leave(task)
 
-    async def add_cors(request: web.Request, response: web.StreamResponse) -> None:
-        response.headers.update(cors_headers(config.cors, request.method, request.headers.get("Origin")))
-
-    app = web.Application(middlewares=[errors], client_max_size=config.limits.max_body_bytes)
-    app.on_response_prepare.append(add_cors)
-    app[CONFIG] = config
-    app[ACTIVE] = active
-    history = History(config.limits.history_span, config.limits.history_step)
-    metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape, history)
-    api = Api(config, child_args, metrics)
-    api.add_routes(app)  # the router freezes before startup, so routes go in now
-    # `/` is llama.cpp's UI when built, else the dashboard; the dashboard is at /dashboard/.
-    # Router mode with its UI on: `/` is llama.cpp's UI when built, else the dashboard; the
-    # dashboard is also at /dashboard/. In -m/-hf mode `/` is the child's own UI, with
-    # --path it is that directory, and --no-ui or --api-prefix serve no UI (as llama-server).
-    public = _PUBLIC_PATHS
-    if (
-        config.single_model is None and config.webui and not config.api_prefix
-        and config.static_path is None
-    ):
-        ui = _llama_ui(config)
-        webui.add_routes(app, at_root=ui is None)
-        llamaui.add_routes(app, ui)  # last: its `/{path}` must not shadow any other route
-        if ui is not None:
-            public = _PUBLIC_PATHS | ui.public_paths
-
-    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # Settings that can fail come first, so a bad one leaves nothing to undo; after that
-        # every resource is released in reverse order whatever fails.
-        memory = None
-        if config.memory_budget is not None:
-            memory = MemoryManager.from_setting(
-                config.memory_budget, config.limits.memory_margin,
-                config.timeouts.memory_recovery, config.timeouts.memory_poll,
-                probe_timeout=config.timeouts.device_probe, start_timeout=config.timeouts.device_start,
-            )
-        state_dir = StateDir(config.state_dir) if config.state_dir is not None else None
-        if state_dir is not None:
-            state_dir.acquire()
-        try:
-            # Health probes and metrics scrapes: idle connections are dropped before
-            # llama-server's 5 s keep-alive closes them, so a probe never meets a closing one.
-            connector = aiohttp.TCPConnector(
-                limit=0, keepalive_timeout=config.timeouts.proxy_idle, enable_cleanup_closed=False
-            )
-            # No cookie jar: children set no cookies, and the jar costs time on every request.
-            session = aiohttp.ClientSession(
-                connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
-            )
-            try:
-                sup: Supervisor
-
-                # Keep-cache: which models want it, their save directory made before a
-                # spawn, and the store handed to each model when it starts.
-                def wants(name: str) -> bool:
-                    proc = sup.find(name)
-                    return proc is not None and keeps_cache(config, proc.spec)
-
-                def fingerprint(name: str) -> str | None:
-                    proc = sup.find(name)
-                    if proc is None:
-                        return None
-                    return kv_fingerprint(child_args.merged(proc.spec), proc.spec.model_path)
-
-                kv = app[KV_CACHE] = KvCache(config, session, wants, fingerprint)
-                metrics.add_kv_cache(kv)
-
-                def build_argv(spec: ModelSpec, port: int) -> list[str]:
-                    if port:
-                        kv.ensure_dir(spec.name)
-                    return child_args.argv(spec, port)
-
-                proxy = Proxy(config)
-
-                def on_state(proc: ModelProcess, old: State, new: State) -> None:
-                    metrics.on_state(proc, old, new)
-                    if new == State.STOPPING:
-                        # llama-server exits only once its open connections are closed:
-                        # requests still running on a model being stopped (an unload) end
-                        # now with an error, instead of going silent until the SIGKILL.
-                        proxy.cut(proc, f"the model was stopped ({proc.stop_reason or 'stop'})")
-
-                sup = Supervisor(
-                    config, discover, launcher or OsLauncher(config.limits.child_nice), HttpProbe(session),
-                    build_argv, state_dir, observer=on_state,
-                    options_for=child_args.merged, memory=memory, kv_cache=kv, watch=metrics,
-                )
-                app[SUPERVISOR] = sup
-                api.bind(sup, proxy, session)
-                api.kv_cache = kv
-                downloads = api.downloads = Downloads(
-                    config, OsLauncher(config.limits.child_nice), sup.events.publish, sup.reload,
-                    lambda name: sup.find(name) is not None,
-                )
-                watcher: Watcher | None = None
-                tools = ToolServer(config, OsLauncher(config.limits.child_nice), session)
-                try:
-                    if tools.enabled and config.single_model is None:
-                        try:
-                            await tools.start()
-                        except (RuntimeError, OSError, TimeoutError) as exc:
-                            raise LlamaRouterError(f"tools setup failed: {exc}") from None
-                        api.tools = tools
-                    await sup.start()
-                    if config.watch and config.single_model is None:
-                        watcher = Watcher(
-                            config.models_dir, config.models_preset, sup.reload,
-                            config.timeouts.watch_debounce, config.timeouts.watch_poll,
-                        )
-                        watcher.start()
-                        # Serve only once the watcher has its first snapshot: a change made
-                        # between then and now would be in that snapshot and never applied.
-                        try:
-                            await asyncio.wait_for(watcher.watching.wait(), config.timeouts.watch_poll)
-                        except TimeoutError:
-                            log.warning("the model watcher took over %gs to start", config.timeouts.watch_poll)
-                    yield
-                finally:
-                    if watcher is not None:
-                        await watcher.stop(config.timeouts.watch_poll)
-                    await downloads.close()  # before the children: a cancelled one cleans up
-                    await tools.close()
-                    await sup.shutdown()
-            finally:
-                await session.close()
-        finally:
-            if state_dir is not None:
-                state_dir.release()
-
-    app.cleanup_ctx.append(lifecycle)
-    return app
+    return errors
 
 
-def kv_fingerprint(options: dict[str, str], model_path: str | None) -> str:
-    """How a child is started, plus the identity of its model file: a saved KV cache is only
-    valid in a child that matches it."""
-    parts: list[object] = [*sorted(options.items())]
-    if model_path:
-        try:
-            st = os.stat(model_path)
-            parts.append((st.st_size, st.st_mtime_ns))
-        except OSError:
-            parts.append("missing")
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+class _WebListener:
+    """What the web layer does on a model's transitions and the scheduler's actions."""
+
+    def __init__(self, metrics: RouterMetrics, proxy: Proxy) -> None:
+        self._metrics = metrics
+        self._proxy = proxy
+
+    def on_state(self, proc: ModelProcess, old: State, new: State) -> None:
+        self._metrics.on_state(proc, old, new)
+        if new == State.STOPPING:
+            # llama-server exits only once its open connections are closed: requests still
+            # running on a model being stopped (an unload) end now with an error, instead
+            # of going silent until the SIGKILL.
+            self._proxy.cut(proc, f"the model was stopped ({proc.stop_reason or 'stop'})")
+
+    def waited(self, model: str, seconds: float) -> None:
+        self._metrics.waited(model, seconds)
+
+    def drained(self, model: str) -> None:
+        self._metrics.drained(model)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aiohttp
@@ -272,8 +272,9 @@ class RouterMetrics:
         self._state = _SupervisorCollector()
         self._collectors: list[_EndpointPickerCollector | _KvCacheCollector] = [_EndpointPickerCollector(self._state)]
 
-    def add_kv_cache(self, kv: KvCache) -> None:
-        """Saved slot caches (keep-cache), read off `kv` at scrape time."""
+    def add_kv_cache(self, kv: Callable[[], KvCache | None]) -> None:
+        """Saved slot caches (keep-cache), read off the store `kv()` at scrape time (none
+        before the runtime has started)."""
         collector = _KvCacheCollector(kv)
         self._collectors.append(collector)
         if self._registry is not None:
@@ -527,7 +528,7 @@ class _SupervisorCollector:
 
 
 class _KvCacheCollector:
-    def __init__(self, kv: KvCache) -> None:
+    def __init__(self, kv: Callable[[], KvCache | None]) -> None:
         self._kv = kv
 
     def describe(self) -> list[GaugeMetricFamily]:
@@ -536,6 +537,9 @@ class _KvCacheCollector:
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+        kv = self._kv()
+        if kv is None:
+            return
         tokens = GaugeMetricFamily(
             "llamarouter_saved_cache_tokens",
             "Tokens of each slot cache saved by keep-cache, restored when the model loads.",
@@ -546,7 +550,7 @@ class _KvCacheCollector:
             "Disk used by each slot cache saved by keep-cache.",
             labels=("model", "slot"),
         )
-        for saved in self._kv.saved():
+        for saved in kv.saved():
             labels = (saved.model, str(saved.slot))
             tokens.add_metric(labels, saved.tokens)
             size.add_metric(labels, saved.bytes)
@@ -557,9 +561,9 @@ class _KvCacheCollector:
             "Keep-cache slot saves and restores done, and those that failed or timed out.",
             labels=("operation",),
         )
-        ops.add_metric(("save",), self._kv.saves)
-        ops.add_metric(("restore",), self._kv.restores)
-        ops.add_metric(("failure",), self._kv.failures)
+        ops.add_metric(("save",), kv.saves)
+        ops.add_metric(("restore",), kv.restores)
+        ops.add_metric(("failure",), kv.failures)
         yield ops
 
 

@@ -9,6 +9,7 @@ import yaml
 from openapi_spec_validator import validate as validate_spec
 
 from llamarouter.web.api import PROXIED_GET, PROXIED_POST
+from llamarouter.core.runtime import Runtime
 from llamarouter.web.app import build_app
 from llamarouter.settings.childargs import ChildArgs
 from llamarouter.cli import build_config
@@ -29,7 +30,7 @@ def test_spec_paths_and_methods_match_registered_routes(tmp_path: Path, fake_bin
     config, discovery, table = build_config(
         ["--models-dir", str(tmp_path), "--server-bin", str(fake_bin)], {"PATH": "/usr/bin"}
     )
-    app = build_app(config, discovery, ChildArgs(config, table))
+    app = build_app(config, Runtime(config, discovery, ChildArgs(config, table)))
     routes = {
         (route.method, route.resource.canonical)
         for route in app.router.routes()
