@@ -160,8 +160,9 @@ async def auto_budget(c: Checks, reg: ProcessRegistry, work: Path, binary: str, 
         c.figures["auto_memory_report"] = {"budget": mem["budget"], "devices": devices}
         if nvml.nv is not None:
             totals = nvml.totals()
+            # The margin is kept on each GPU: every device holds a child's context of its own.
             c.add("--memory-budget auto = NVML total - 1 GiB margin",
-                  mem["budget"] == sum(totals) - 1024 * MIB and devices[0]["name"] == "cuda:0",
+                  mem["budget"] == sum(totals) - len(totals) * 1024 * MIB and devices[0]["name"] == "cuda:0",
                   {"budget": mem["budget"], "nvml_totals": totals})
         else:
             c.add("--memory-budget auto = NVML total - 1 GiB margin", None, {"budget": mem["budget"]})

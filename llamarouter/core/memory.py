@@ -12,19 +12,21 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from ..errors import ConfigError
 from ..settings.config import ModelSpec, Timeouts
 from .gguf_info import Estimate, FactsCache, RunSettings, estimate
+from .placement import Decision, DeviceState, ModelToPlace, PlacedModel, Placement, place
 from .sleep import held_bytes, sleeping_from_log
 from .states import State
 
 if TYPE_CHECKING:
     from .process import ModelProcess
+    from .scheduler import Candidate
 
 log = logging.getLogger("llamarouter.core.memory")
 
@@ -51,6 +53,58 @@ class Device:
     name: str  # "cuda:0" or "cpu"
     total: int
     free: int
+
+
+@dataclass(frozen=True)
+class DeviceBudget:
+    """One GPU's share of the budget: models placed on it count against `capacity`."""
+
+    index: int  # NVML index
+    name: str
+    total: int
+    margin: int
+
+    @property
+    def capacity(self) -> int:
+        return self.total - self.margin
+
+
+def parse_budget(text: str, margin: int, devices: Sequence[Device], gpu: bool) -> tuple[int, list[DeviceBudget]]:
+    """`--memory-budget` as the pool's bytes and, for several GPUs' budgets, one per device.
+
+    - `auto` on a GPU host: each GPU's total from NVML less the margin, which each device
+      keeps (it is there for a child's device context, and every device holds its own);
+    - `auto` without NVML: system RAM less the margin, one pool;
+    - `24GiB,12GiB`: per device, NVML index 0, 1, ... (all of them, when NVML sees GPUs);
+      like a single size, what you give is the budget, no margin taken off;
+    - `20GiB`: one pool.
+    """
+    text = text.strip()
+    if text.lower() == "auto":
+        if not devices:
+            raise ConfigError("--memory-budget auto: NVML did not report the GPUs' memory (see the log)")
+        if not gpu:
+            budget = sum(d.total for d in devices) - margin
+            if budget <= 0:
+                raise ConfigError(f"--memory-budget auto: the margin {margin} exceeds device memory")
+            return budget, []
+        per = [DeviceBudget(i, d.name, d.total, margin) for i, d in enumerate(devices)]
+        small = [f"{b.name} ({b.total} bytes)" for b in per if b.capacity <= 0]
+        if small:
+            raise ConfigError(f"--memory-budget auto: the margin {margin} exceeds the memory of {', '.join(small)}")
+        return sum(b.capacity for b in per), per
+    if "," in text:
+        sizes = [parse_bytes(part) for part in text.split(",")]
+        if any(n <= 0 for n in sizes):
+            raise ConfigError(f"--memory-budget {text}: every device needs a size above 0")
+        if gpu and devices and len(sizes) != len(devices):
+            raise ConfigError(
+                f"--memory-budget {text}: {len(sizes)} sizes for {len(devices)} GPUs "
+                f"({', '.join(d.name for d in devices)}); give one per GPU, or auto"
+            )
+        per = [DeviceBudget(i, f"cuda:{i}", n, 0) for i, n in enumerate(sizes)]
+        return sum(sizes), per
+    return parse_bytes(text), []
 
 
 class DeviceProbe:
@@ -168,11 +222,18 @@ def _nvml_init(nv: object) -> bool:
 
 
 class MemoryManager:
-    """Per-model estimates and measurements against one budget (bytes)."""
+    """Per-model estimates and measurements against one budget (bytes), and against each
+    GPU's budget for the models placed on it when there are per-device budgets."""
 
-    def __init__(self, budget: int, probe: DeviceProbe, recovery_wait: float, poll: float) -> None:
+    def __init__(
+        self, budget: int, probe: DeviceProbe, recovery_wait: float, poll: float,
+        devices: Sequence[DeviceBudget] = (),
+    ) -> None:
         self.budget = budget
         self.probe = probe
+        # Several GPUs' budgets (empty: one pool). Models count on a device once assigned.
+        self.devices = list(devices)
+        self._placements: dict[str, Placement] = {}
         self._recovery_wait = recovery_wait
         self._poll = poll
         self._facts = FactsCache()
@@ -192,16 +253,9 @@ class MemoryManager:
         if probe.start_failed:
             # Without NVML's figures a GPU host would be budgeted as a CPU host.
             raise ConfigError(f"--memory-budget: NVML did not start within {start_timeout:g}s (see the log)")
-        if text.strip().lower() == "auto":
-            devices = probe.devices()
-            if not devices:
-                raise ConfigError("--memory-budget auto: NVML did not report the GPUs' memory (see the log)")
-            budget = sum(d.total for d in devices) - margin
-            if budget <= 0:
-                raise ConfigError(f"--memory-budget auto: the margin {margin} exceeds device memory")
-        else:
-            budget = parse_bytes(text)
-        return cls(budget, probe, recovery_wait, poll)
+        needs_devices = text.strip().lower() == "auto" or (probe.gpu and "," in text)
+        budget, per_device = parse_budget(text, margin, probe.devices() if needs_devices else [], probe.gpu)
+        return cls(budget, probe, recovery_wait, poll, per_device)
 
     async def estimate_for(self, proc: ModelProcess, options: dict[str, str]) -> Estimate | None:
         """Estimate once per spec; None when the model file is unknown or unreadable."""
@@ -268,22 +322,101 @@ class MemoryManager:
     def used(self, procs: Iterable[ModelProcess]) -> int:
         return sum(self.held(p) for p in procs if p.holds_slot)
 
-    async def wait_recovered(self, need: int) -> None:
+    async def wait_recovered(self, need: int, placement: Placement | None = None) -> None:
         """After children exit, device memory (VRAM above all) can come back late; wait for
-        the device to report `need` free, bounded by the recovery wait."""
+        the device to report `need` free (with a placement: each of its devices its share),
+        bounded by the recovery wait."""
         deadline = time.monotonic() + self._recovery_wait
         while time.monotonic() < deadline:
-            if max((d.free for d in self.probe.devices()), default=0) >= need:
+            found = self.probe.devices()
+            if placement is not None and placement.devices:
+                if all(i < len(found) and found[i].free >= n
+                       for i, n in zip(placement.devices, placement.bytes_on, strict=True)):
+                    return
+            elif max((d.free for d in found), default=0) >= need:
                 return
             await asyncio.sleep(self._poll)
         log.warning("device memory did not come back to %d free bytes within %.1fs", need, self._recovery_wait)
 
+    # --- several GPUs: placement -------------------------------------------------------
+
+    def assign(self, name: str, placement: Placement) -> None:
+        """Record where a model's child runs (from its start until it stops: `unassign`)."""
+        self._placements[name] = placement
+
+    def unassign(self, name: str) -> None:
+        self._placements.pop(name, None)
+
+    def placement_of(self, name: str) -> Placement | None:
+        return self._placements.get(name)
+
+    def _shares(self, proc: ModelProcess) -> dict[int, int]:
+        """What a placed model holds on each device now: what it holds of the budget, in
+        the proportions of its placement (a measurement after the start rescales them)."""
+        p = self._placements.get(proc.name)
+        if p is None or not p.devices or not proc.holds_slot:
+            return {}
+        held = self.held(proc)
+        planned = sum(p.bytes_on) or 1
+        return {i: held * n // planned for i, n in zip(p.devices, p.bytes_on, strict=True)}
+
+    def device_states(
+        self, procs: Iterable[ModelProcess], candidates: Mapping[str, Candidate] | None = None,
+    ) -> list[DeviceState]:
+        """Each device's budget, NVML's free figure and the models assigned to it, for
+        `placement.place`. `candidates` (the scheduler's, by name) says which models are
+        idle and pinned; a model without one counts as busy."""
+        measured = self.probe.devices() if self.probe.gpu else []
+        candidates = candidates or {}
+        placed: dict[int, list[PlacedModel]] = {b.index: [] for b in self.devices}
+        for proc in procs:
+            c = candidates.get(proc.name)
+            idle = c is not None and c.ready and not c.busy and not c.wanted
+            for i, n in self._shares(proc).items():
+                placed.setdefault(i, []).append(PlacedModel(
+                    proc.name, n, idle, c.last_used if c is not None else 0.0, c.pinned if c is not None else False,
+                ))
+        return [
+            DeviceState(
+                b.index, b.total, b.margin, tuple(placed[b.index]),
+                measured[b.index].free if b.index < len(measured) else None, b.name,
+            )
+            for b in self.devices
+        ]
+
+    def plan(
+        self, proc: ModelProcess, procs: Iterable[ModelProcess], candidates: Mapping[str, Candidate] | None = None,
+        manual: ModelToPlace | None = None,
+    ) -> Decision:
+        """Where `proc` goes (see `placement.place`): its footprint, placed around the models
+        assigned so far; `manual` from `placement.manual_from_options`. Logs the reason."""
+        others = [p for p in procs if p.name != proc.name]
+        model = ModelToPlace(proc.name, self.footprint(proc), per_extra_device=self.context_bytes)
+        if manual is not None:
+            model = replace(manual, name=proc.name, bytes=model.bytes, per_extra_device=model.per_extra_device)
+        decision = place(self.device_states(others, candidates), model)
+        log.info("[%s] placement: %s: %s", proc.name, decision.action, decision.reason)
+        return decision
+
     def report(self, procs: Iterable[ModelProcess]) -> dict[str, object]:
         procs = list(procs)
         used = self.used(procs)
-        return {
+        body: dict[str, object] = {
             "budget": self.budget,
             "used": used,
             "free": self.budget - used,
             "devices": [d.__dict__ for d in self.probe.devices()],
         }
+        if self.devices:
+            body["per_device"] = [
+                {
+                    "index": s.id, "name": s.label, "total": s.total, "margin": s.margin,
+                    "budget": s.total - s.margin, "used": s.used, "free": s.free, "measured_free": s.measured_free,
+                    "models": {m.name: m.bytes for m in s.models},
+                }
+                for s in self.device_states(procs)
+            ]
+            body["placements"] = {
+                name: p.as_dict() for name, p in self._placements.items() if any(x.name == name for x in procs)
+            }
+        return body

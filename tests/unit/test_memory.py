@@ -341,3 +341,122 @@ def test_without_nvml_the_device_is_system_ram() -> None:
         total_kib = int(next(line for line in f if line.startswith("MemTotal:")).split()[1])
     assert ram.name == "cpu" and ram.total == total_kib * 1024
     assert 0 < ram.free <= ram.total
+
+
+# --- several GPUs: per-device budgets --------------------------------------------------
+
+G = 2**30
+
+
+class GpuProbe:
+    gpu = True
+    start_failed = False
+
+    def __init__(self, *devices: tuple[int, int]) -> None:
+        self._d = [Device(f"cuda:{i}", total, free) for i, (total, free) in enumerate(devices)]
+
+    def devices(self) -> list[Device]:
+        return self._d
+
+
+def test_budget_auto_on_several_gpus_is_per_device_each_less_the_margin() -> None:
+    m = MemoryManager.from_setting("auto", G, 1.0, 0.1, GpuProbe((24 * G, 20 * G), (12 * G, 12 * G)))  # type: ignore[arg-type]
+    assert [(b.index, b.name, b.total, b.margin, b.capacity) for b in m.devices] == [
+        (0, "cuda:0", 24 * G, G, 23 * G), (1, "cuda:1", 12 * G, G, 11 * G),
+    ]
+    assert m.budget == 34 * G  # the pool: what the devices' budgets add up to
+    with pytest.raises(ConfigError, match=r"exceeds the memory of cuda:1"):
+        MemoryManager.from_setting("auto", 13 * G, 1.0, 0.1, GpuProbe((24 * G, 0), (12 * G, 0)))  # type: ignore[arg-type]
+
+
+def test_budget_as_a_list_is_one_per_device() -> None:
+    m = MemoryManager.from_setting("24GiB, 12GiB", G, 1.0, 0.1, GpuProbe((32 * G, 0), (16 * G, 0)))  # type: ignore[arg-type]
+    assert [(b.name, b.total, b.capacity) for b in m.devices] == [("cuda:0", 24 * G, 24 * G), ("cuda:1", 12 * G, 12 * G)]
+    assert m.budget == 36 * G
+    with pytest.raises(ConfigError, match=r"3 sizes for 2 GPUs \(cuda:0, cuda:1\)"):
+        MemoryManager.from_setting("1GiB,1GiB,1GiB", 0, 1.0, 0.1, GpuProbe((G, G), (G, G)))  # type: ignore[arg-type]
+    for bad in ("24GiB,", "24GiB,0", "24GiB,lots"):
+        with pytest.raises(ConfigError):
+            MemoryManager.from_setting(bad, 0, 1.0, 0.1, GpuProbe((G, G)))  # type: ignore[arg-type]
+    # Without NVML a list still budgets each device (placement by the budget alone).
+    m = MemoryManager.from_setting("2GiB,1GiB", 0, 1.0, 0.1, FixedProbe(1, 1))  # type: ignore[arg-type]
+    assert [b.total for b in m.devices] == [2 * G, G]
+
+
+def test_one_size_or_auto_without_nvml_stays_one_pool() -> None:
+    assert MemoryManager.from_setting("20GiB", G, 1.0, 0.1, GpuProbe((24 * G, 0), (24 * G, 0))).devices == []  # type: ignore[arg-type]
+    m = MemoryManager.from_setting("auto", 1000, 1.0, 0.1, FixedProbe(10_000, 5_000))  # type: ignore[arg-type]
+    assert m.devices == [] and m.budget == 9_000
+    assert "per_device" not in m.report([])
+
+
+def _loaded(name: str, size: int) -> Any:
+    from llamarouter.core.states import State
+    from llamarouter.settings.config import ModelSpec
+
+    return SimpleNamespace(
+        name=name, spec=ModelSpec(name=name, source="models_dir"), measured_bytes=size, device_bytes=None,
+        state=State.READY, logs=[], holds_slot=True,
+    )
+
+
+def test_placed_models_count_on_their_devices_and_plan_around_them() -> None:
+    from llamarouter.core.placement import Placement, manual_from_options
+
+    probe = GpuProbe((24 * G, 24 * G), (12 * G, 12 * G))
+    m = MemoryManager.from_setting("auto", 0, 1.0, 0.1, probe)  # type: ignore[arg-type]
+    a, b, big, new = _loaded("a", 8 * G), _loaded("b", 6 * G), _loaded("big", 12 * G), _loaded("new", 11 * G)
+    m.assign("a", Placement((1,), None, (8 * G,)))
+    m.assign("b", Placement((0,), None, (6 * G,)))
+    m.assign("big", Placement((0, 1), (0.75, 0.25), (9 * G, 3 * G)))
+    procs = [a, b, big]
+    cands = {
+        "a": Candidate("a", 1.0, True, False, False, False),
+        "b": Candidate("b", 2.0, True, False, False, False),
+        "big": Candidate("big", 3.0, True, True, False, False),  # busy
+    }
+    d0, d1 = m.device_states(procs, cands)
+    assert {x.name: x.bytes for x in d0.models} == {"b": 6 * G, "big": 9 * G}
+    assert {x.name: x.bytes for x in d1.models} == {"a": 8 * G, "big": 3 * G}
+    assert [x.idle for x in d0.models] == [True, False]
+    # 11 GiB: no device has it free (9 and 1); the idle b on cuda:0 makes room there.
+    decision = m.plan(new, [*procs, new], cands)
+    assert decision.action == "evict" and decision.evict == ("b",)
+    assert decision.placement is not None and decision.placement.devices == (0,)
+    # 9 GiB would fit cuda:0 as it is; placed on cuda:1 by hand, a goes there instead.
+    small = _loaded("small", 9 * G)
+    assert m.plan(small, [*procs, small], cands).action == "place"
+    decision = m.plan(small, [*procs, small], cands, manual_from_options({}, "1"))
+    assert decision.evict == ("a",) and decision.placement is not None and decision.placement.devices == (1,)
+    # As much again on cuda:1 waits for big, busy there.
+    assert m.plan(new, [*procs, new], cands, manual_from_options({}, "1")).action == "wait"
+
+    report = m.report(procs)
+    per = report["per_device"]
+    assert isinstance(per, list) and [(e["name"], e["used"], e["free"]) for e in per] == [
+        ("cuda:0", 15 * G, 9 * G), ("cuda:1", 11 * G, G),
+    ]
+    assert per[1]["models"] == {"a": 8 * G, "big": 3 * G} and per[0]["measured_free"] == 24 * G
+    assert report["placements"] == {
+        "a": {"devices": [1], "tensor_split": None, "bytes": [8 * G], "source": "auto"},
+        "b": {"devices": [0], "tensor_split": None, "bytes": [6 * G], "source": "auto"},
+        "big": {"devices": [0, 1], "tensor_split": [0.75, 0.25], "bytes": [9 * G, 3 * G], "source": "auto"},
+    }
+    # The single-pool figures are as before.
+    assert (report["budget"], report["used"]) == (36 * G, 26 * G)
+    m.unassign("a")
+    assert m.placement_of("a") is None and "a" not in m.report(procs)["placements"]  # type: ignore[operator]
+
+
+async def test_waiting_for_vram_on_the_devices_of_a_placement() -> None:
+    from llamarouter.core.placement import Placement
+
+    probe = GpuProbe((24 * G, 2 * G), (12 * G, 10 * G))
+    m = MemoryManager(36 * G, probe, 0.2, 0.01)  # type: ignore[arg-type]
+    # cuda:1 has the 10 GiB, but the placement needs 4 GiB on cuda:0: waits out the bound.
+    start = asyncio.get_running_loop().time()
+    await m.wait_recovered(4 * G, Placement((0,), None, (4 * G,)))
+    assert asyncio.get_running_loop().time() - start >= 0.2
+    start = asyncio.get_running_loop().time()
+    await m.wait_recovered(4 * G, Placement((0, 1), (0.2, 0.8), (G, 3 * G)))
+    assert asyncio.get_running_loop().time() - start < 0.1
