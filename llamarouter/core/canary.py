@@ -6,45 +6,13 @@ cache so it cannot be answered from a stale slot); one that fails or takes longe
 limit is a failed canary, and as many in a row as the liveness failure limit replace the
 child. The caller decides when: only while the model is
 idle (no request in flight or queued) and awake (a canary must not wake a sleeping model,
-see sleep.py), every `canary_interval` seconds.
+see sleep.py), every `canary_interval` seconds. The request itself is
+childclient.ChildClient.canary.
 """
 
 from __future__ import annotations
 
-import logging
-
-import aiohttp
-
 from ..settings.config import ModelSpec, RouterConfig
-
-log = logging.getLogger("llamarouter.core.canary")
-
-_BODY = {
-    "prompt": "0",
-    "max_tokens": 1,
-    "n_predict": 1,
-    "temperature": 0,
-    "cache_prompt": False,
-    "stream": False,
-}
-
-
-async def canary(session: aiohttp.ClientSession, port: int, timeout: float) -> bool:
-    """True when the child on `port` completed one token within `timeout` seconds."""
-    try:
-        async with session.post(
-            f"http://127.0.0.1:{port}/completion",
-            json=_BODY,
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as resp:
-            body = await resp.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
-        log.warning("canary on port %d failed: %s", port, type(exc).__name__)
-        return False
-    if resp.status != 200 or not isinstance(body, dict) or "content" not in body:
-        log.warning("canary on port %d failed: HTTP %d", port, resp.status)
-        return False
-    return True
 
 
 def canary_interval(config: RouterConfig, spec: ModelSpec) -> float | None:

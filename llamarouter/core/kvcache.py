@@ -26,12 +26,10 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
-
-import aiohttp
 
 from ..settings.childargs import keep_cache_dir
 from ..settings.config import RouterConfig
+from .childclient import ChildClient, ChildError
 
 log = logging.getLogger("llamarouter.core.kvcache")
 
@@ -62,12 +60,12 @@ class KvCache:
     def __init__(
         self,
         config: RouterConfig,
-        session: aiohttp.ClientSession,
+        children: ChildClient,
         wants: Wants,
         fingerprint: Fingerprint,
     ) -> None:
         self._config = config
-        self._session = session
+        self._children = children
         self._wants = wants
         self._fingerprint = fingerprint
         self._timeout = config.timeouts.keep_cache
@@ -125,57 +123,42 @@ class KvCache:
             return 0
 
     # ----------------------------------------------------------------- internals
-    async def _call(self, method: str, url: str, body: Any = None) -> Any:
-        """One bounded call to the child: the JSON answer, or None (logged by the caller)."""
-        async with self._session.request(
-            method, url, json=body, timeout=aiohttp.ClientTimeout(total=self._timeout)
-        ) as resp:
-            data = await resp.json(content_type=None)
-            if resp.status != 200:
-                raise _ChildRefused(f"HTTP {resp.status}: {_message(data)}")
-            return data
-
     async def _save_all(self, model: str, port: int) -> list[SavedCache]:
-        base = f"http://127.0.0.1:{port}"
         fingerprint = self._fingerprint(model)
         if fingerprint is None:
             return []
         try:
-            props = await self._call("GET", f"{base}/props")
             # A sleeping child has freed its context: nothing to save, and /slots would
             # wake it just to find that out.
-            if isinstance(props, dict) and props.get("is_sleeping") is True:
+            if await self._children.sleeping(port, self._timeout) is True:
                 return []
-            slots = await self._call("GET", f"{base}/slots")
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, _ChildRefused) as exc:
+            slots = await self._children.slots(port, self._timeout)
+        except ChildError as exc:
             self.failures += 1
-            log.warning("[%s] keep-cache: cannot list slots, nothing saved: %s", model, _why(exc))
+            log.warning("[%s] keep-cache: cannot list slots, nothing saved: %s", model, exc)
             return []
         out = []
-        for slot in slots if isinstance(slots, list) else []:
-            if not isinstance(slot, dict) or not isinstance(slot.get("id"), int):
+        for slot in slots:
+            if not isinstance(slot.get("id"), int):
                 continue
             if slot.get("is_processing") or not slot.get("n_prompt_tokens"):
                 continue
-            saved = await self._save_one(model, base, slot["id"], fingerprint)
+            saved = await self._save_one(model, port, slot["id"], fingerprint)
             if saved is not None:
                 out.append(saved)
         self._enforce_budget()
         return out
 
-    async def _save_one(self, model: str, base: str, slot: int, fingerprint: str) -> SavedCache | None:
+    async def _save_one(self, model: str, port: int, slot: int, fingerprint: str) -> SavedCache | None:
         directory = self.directory(model)
         assert directory is not None
         name = f"slot-{slot}{_SUFFIX}"
         started = time.monotonic()
         try:
-            data = await self._call("POST", f"{base}/slots/{slot}?action=save", {"filename": name})
-            tokens = int(data["n_saved"])
-            nbytes = int(data["n_written"])
-        except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError,
-                _ChildRefused) as exc:
+            tokens, nbytes = await self._children.save_slot(port, slot, name, self._timeout)
+        except ChildError as exc:
             self.failures += 1
-            log.warning("[%s] keep-cache: slot %d not saved: %s", model, slot, _why(exc))
+            log.warning("[%s] keep-cache: slot %d not saved: %s", model, slot, exc)
             # A half-written file must not be restored later.
             self._forget(model, slot)
             return None
@@ -200,7 +183,6 @@ class KvCache:
         if not mine:
             return 0
         fingerprint = self._fingerprint(model)
-        base = f"http://127.0.0.1:{port}"
         restored = 0
         for saved in mine:
             if saved.fingerprint != fingerprint:
@@ -209,15 +191,12 @@ class KvCache:
                 continue
             started = time.monotonic()
             try:
-                data = await self._call(
-                    "POST", f"{base}/slots/{saved.slot}?action=restore",
-                    {"filename": f"slot-{saved.slot}{_SUFFIX}"},
+                tokens = await self._children.restore_slot(
+                    port, saved.slot, f"slot-{saved.slot}{_SUFFIX}", self._timeout
                 )
-                tokens = int(data["n_restored"])
-            except (aiohttp.ClientError, TimeoutError, OSError, ValueError, KeyError, TypeError,
-                    _ChildRefused) as exc:
+            except ChildError as exc:
                 self.failures += 1
-                log.warning("[%s] keep-cache: slot %d not restored: %s", model, saved.slot, _why(exc))
+                log.warning("[%s] keep-cache: slot %d not restored: %s", model, saved.slot, exc)
                 # One that cannot be restored now will not be next time either.
                 self._forget(model, saved.slot)
                 continue
@@ -268,22 +247,6 @@ class KvCache:
             if record.with_suffix(_SUFFIX).is_file() and record.parent == self.directory(saved.model):
                 self._saved[(saved.model, saved.slot)] = saved
         self._enforce_budget()
-
-
-class _ChildRefused(Exception):
-    pass
-
-
-def _message(data: Any) -> str:
-    if isinstance(data, dict) and isinstance(data.get("error"), dict):
-        return str(data["error"].get("message", ""))
-    return ""
-
-
-def _why(exc: BaseException) -> str:
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def kv_fingerprint(options: dict[str, str], model_path: str | None) -> str:

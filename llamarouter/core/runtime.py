@@ -20,11 +20,11 @@ import aiohttp
 from ..errors import LlamaRouterError, ShuttingDown
 from ..settings.childargs import ChildArgs, keeps_cache
 from ..settings.config import ModelSpec, RouterConfig
+from .childclient import ChildClient
 from .downloads import Downloads
 from .kvcache import KvCache, kv_fingerprint
 from .launcher import Launcher, OsLauncher
 from .memory import MemoryManager
-from .probes import HttpProbe
 from .process import ModelProcess
 from .statedir import StateDir
 from .states import State
@@ -83,6 +83,7 @@ class Runtime:
         self.memory: MemoryManager | None = None
         self._state_dir: StateDir | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._children: ChildClient | None = None
         self._kv_cache: KvCache | None = None
         self._supervisor: Supervisor | None = None
         self._downloads: Downloads | None = None
@@ -107,6 +108,12 @@ class Runtime:
         return self._session
 
     @property
+    def children(self) -> ChildClient:
+        if self._children is None:
+            raise ShuttingDown("server is not running")
+        return self._children
+
+    @property
     def kv_cache(self) -> KvCache | None:
         return self._kv_cache
 
@@ -127,8 +134,9 @@ class Runtime:
         try:
             self._open_settings()
             self._session = _child_session(config)
-            self._build_core(self._session)
-            await self._start_tools(self._session)
+            self._children = ChildClient(self._session)
+            self._build_core(self._children)
+            await self._start_tools(self._children)
             await self.supervisor.start()
             await self._start_watcher()
         except BaseException:
@@ -149,9 +157,9 @@ class Runtime:
             state_dir.acquire()
             self._state_dir = state_dir
 
-    def _build_core(self, session: aiohttp.ClientSession) -> None:
+    def _build_core(self, children: ChildClient) -> None:
         config = self.config
-        kv = self._kv_cache = KvCache(config, session, self._wants_cache, self._fingerprint)
+        kv = self._kv_cache = KvCache(config, children, self._wants_cache, self._fingerprint)
         fanout = _Fanout(self._listeners)
         child_args = self.child_args
 
@@ -162,7 +170,7 @@ class Runtime:
 
         sup = self._supervisor = Supervisor(
             config, self._discover, self._launcher or OsLauncher(config.limits.child_nice),
-            HttpProbe(session), build_argv, self._state_dir, observer=fanout.on_state,
+            children, build_argv, self._state_dir, observer=fanout.on_state,
             options_for=child_args.merged, memory=self.memory, kv_cache=kv, watch=fanout,
         )
         self._downloads = Downloads(
@@ -170,9 +178,9 @@ class Runtime:
             lambda name: sup.find(name) is not None,
         )
 
-    async def _start_tools(self, session: aiohttp.ClientSession) -> None:
+    async def _start_tools(self, children: ChildClient) -> None:
         config = self.config
-        tools = ToolServer(config, OsLauncher(config.limits.child_nice), session)
+        tools = ToolServer(config, OsLauncher(config.limits.child_nice), children)
         if not tools.enabled or config.single_model is not None:
             return
         self.tools = tools

@@ -8,14 +8,12 @@ task wakes it by loading the model again. Two ways to know, both free of side ef
   (the words are stable upstream log text); the last such line since the child started
   tells the state without asking the child anything;
 * its `GET /props`, which answers from a cache while sleeping and says `is_sleeping`
-  (it never wakes the child, unlike `/slots` or a completion).
+  (it never wakes the child, unlike `/slots` or a completion): ChildClient.sleeping.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Reversible
-
-import aiohttp
 
 _ENTER = "server is entering sleeping state"
 _EXIT = "server is exiting sleeping state"
@@ -45,23 +43,6 @@ def sleeping_from_log(lines: Reversible[str]) -> bool:
         if line.startswith(_SPAWN):
             return False
     return False
-
-
-async def probe_sleeping(
-    session: aiohttp.ClientSession, port: int, timeout: float
-) -> bool | None:
-    """The child's own answer (`/props` `is_sleeping`), or None when it cannot tell in time."""
-    try:
-        async with session.get(
-            f"http://127.0.0.1:{port}/props", timeout=aiohttp.ClientTimeout(total=timeout)
-        ) as resp:
-            if resp.status != 200:
-                return None
-            body = await resp.json(content_type=None)
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError):
-        return None
-    value = body.get("is_sleeping") if isinstance(body, dict) else None
-    return value if isinstance(value, bool) else None
 
 
 def held_bytes(full: int, sleeping: bool, asleep: int = 0) -> int:

@@ -20,9 +20,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import aiohttp
-
 from ..settings.config import RouterConfig
+from .childclient import CHILD_HOST, ChildClient
 from .launcher import OsLauncher
 
 log = logging.getLogger("llamarouter.tools")
@@ -54,11 +53,11 @@ def ui_mcp_proxy(options: Sequence[tuple[str, str]]) -> bool:
 class ToolServer:
     """The helper llama-server. `port` is set while it answers `/health`."""
 
-    def __init__(self, config: RouterConfig, spawner: OsLauncher, session: aiohttp.ClientSession) -> None:
+    def __init__(self, config: RouterConfig, spawner: OsLauncher, children: ChildClient) -> None:
         self.config = config
         self.args = tool_args(config.child_options)
         self._spawner = spawner
-        self._session = session
+        self._children = children
         self.port: int | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -120,9 +119,9 @@ class ToolServer:
     async def _life(self, first: asyncio.Future[str | None]) -> str | None:
         assert self._dir is not None
         t = self.config.timeouts
-        port = self._spawner.free_port("127.0.0.1")
+        port = self._spawner.free_port(CHILD_HOST)
         argv = [self.config.server_bin, "--models-dir", str(self._dir / "models"),
-                "--host", "127.0.0.1", "--port", str(port), *self.args]
+                "--host", CHILD_HOST, "--port", str(port), *self.args]
         env = dict(self.config.child_env)
         env["LLAMA_CACHE"] = str(self._dir / "cache")  # lists nothing, scans nothing
         proc = self._proc = await asyncio.wait_for(self._spawner.spawn_commanded(argv, env), t.spawn)
@@ -160,12 +159,8 @@ class ToolServer:
         t = self.config.timeouts
         deadline = time.monotonic() + t.load_stall
         while time.monotonic() < deadline and not exited.done() and not stopping.done():
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                async with self._session.get(
-                    f"http://127.0.0.1:{port}/health", timeout=aiohttp.ClientTimeout(total=t.health_timeout)
-                ) as resp:
-                    if resp.status == 200:
-                        return True
+            if await self._children.health(port, t.health_timeout) == 200:
+                return True
             await asyncio.wait({exited, stopping}, timeout=t.ready_poll * 5)
         return False
 

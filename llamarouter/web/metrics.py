@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import aiohttp
 
+from ..core.childclient import ChildClient
 from ..core.states import State
 from .history import History
 
@@ -373,8 +374,9 @@ class RouterMetrics:
     # ----------------------------------------------------------------- scrape
     async def render(self, sup: Supervisor, session: aiohttp.ClientSession) -> bytes:
         procs = list(sup.models.values())
+        client = ChildClient(session)  # a view on the session: nothing to keep or close
         children = await asyncio.gather(
-            *(self._scrape_child(p, session) for p in procs if _scrapeable(p))
+            *(self._scrape_child(p, client) for p in procs if _scrapeable(p))
         )
         self._state.snapshot = _Snapshot(sup, procs, dict(children))
         try:
@@ -385,19 +387,11 @@ class RouterMetrics:
             self._state.snapshot = None
 
     async def _scrape_child(
-        self, proc: ModelProcess, session: aiohttp.ClientSession
+        self, proc: ModelProcess, children: ChildClient
     ) -> tuple[str, dict[str, float]]:
-        try:
-            async with session.get(
-                f"http://127.0.0.1:{proc.port}/metrics",
-                timeout=aiohttp.ClientTimeout(total=self._scrape_timeout),
-            ) as resp:
-                if resp.status != 200:
-                    return proc.name, {}
-                text = await resp.text()
-        except (aiohttp.ClientError, TimeoutError, OSError, UnicodeDecodeError):
-            return proc.name, {}
-        return proc.name, parse_child_metrics(text)
+        port = proc.port
+        text = await children.metrics(port, self._scrape_timeout) if port is not None else None
+        return proc.name, parse_child_metrics(text) if text is not None else {}
 
 
 def _scrapeable(proc: ModelProcess) -> bool:

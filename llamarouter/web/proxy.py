@@ -23,6 +23,7 @@ from typing import cast
 from aiohttp import web
 from multidict import CIMultiDict
 
+from ..core.childclient import child_host
 from ..core.process import ModelProcess
 from ..errors import ChildBroke, ChildUnreachable, UpstreamError
 from ..settings.config import RouterConfig
@@ -59,7 +60,7 @@ _JOIN_LIMIT = 1 << 16
 
 
 def _request_head(request: web.Request, port: int, body: bytes | None) -> bytes:
-    lines = [f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"]
+    lines = [f"{request.method} {request.raw_path} HTTP/1.1\r\nHost: {child_host(port)}\r\n"]
     for key, value in request.headers.items():
         if key.lower() not in _DROP_REQUEST:
             lines.append(f"{key}: {value}\r\n")

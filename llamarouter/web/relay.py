@@ -36,6 +36,8 @@ import socket
 from collections.abc import Iterable
 from typing import cast
 
+from ..core.childclient import child_host
+
 log = logging.getLogger("llamarouter.web.relay")
 
 # Response heads larger than this are a protocol error (llama-server's are < 1 KiB).
@@ -661,7 +663,7 @@ class ChildPool:
             conn.lost = True
             self.forget(conn)
             if isinstance(exc, (OSError, TimeoutError)):
-                raise ConnectFailed(f"cannot connect to 127.0.0.1:{self.port}: {_describe(exc)}") from exc
+                raise ConnectFailed(f"cannot connect to {child_host(self.port)}: {_describe(exc)}") from exc
             raise
         self.opened += 1
         self.live.add(conn)

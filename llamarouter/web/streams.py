@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import itertools
 import json
 import logging
@@ -16,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from ..core.childclient import ChildClient, ChildError
 from ..core.process import ModelProcess
 from ..core.states import State
 
@@ -82,30 +82,16 @@ async def lookup_children(
 ) -> list[Any]:
     """Ask each child (by port) about the ids it owns, in parallel, each bounded by
     `timeout`; a child that does not answer in time or in shape adds nothing."""
-
-    async def one(port: int, ids: list[str]) -> list[Any]:
-        with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
-            async with session.post(
-                f"http://127.0.0.1:{port}/v1/streams/lookup", json={"conversation_ids": ids},
-                timeout=aiohttp.ClientTimeout(total=timeout),
-            ) as resp:
-                if resp.status == 200:
-                    arr = json.loads(await resp.read())
-                    if isinstance(arr, list):
-                        return [e for e in arr if isinstance(e, dict)]
-        return []
-
-    results = await asyncio.gather(*(one(port, ids) for port, ids in owners.items()))
+    children = ChildClient(session)  # a view on the session: nothing to keep or close
+    results = await asyncio.gather(
+        *(children.lookup_streams(port, ids, timeout) for port, ids in owners.items())
+    )
     return [entry for part in results for entry in part]
 
 
 async def delete_on_child(session: aiohttp.ClientSession, port: int, conv_id: str, timeout: float) -> None:
     """Forward the stop to the owning child (idempotent there), bounded by `timeout`."""
     try:
-        async with session.delete(
-            f"http://127.0.0.1:{port}/v1/stream", params={"conv_id": conv_id},
-            timeout=aiohttp.ClientTimeout(total=timeout),
-        ) as resp:
-            await resp.read()
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        log.warning("stream stop for conv_id=%s: the child on port %d did not answer: %r", conv_id, port, exc)
+        await ChildClient(session).stop_stream(port, conv_id, timeout)
+    except ChildError as exc:
+        log.warning("stream stop for conv_id=%s: the child on port %d did not answer: %s", conv_id, port, exc)

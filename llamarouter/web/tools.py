@@ -6,6 +6,7 @@ from __future__ import annotations
 import aiohttp
 from aiohttp import web
 
+from ..core.childclient import NO_ANSWER, ChildClient
 from ..core.toolserver import ToolServer
 from ..errors import Unavailable, UpstreamError
 
@@ -22,12 +23,10 @@ async def relay(request: web.Request, tools: ToolServer, session: aiohttp.Client
         raise Unavailable("the tools server is not running; try again later", retry_after=1.0)
     headers = {k: v for k, v in request.headers.items() if k.lower() not in _DROP_REQUEST}
     body = await request.read() if request.can_read_body else None
-    url = f"http://127.0.0.1:{port}{request.rel_url.path_qs}"
     resp = web.StreamResponse()
     try:
-        async with session.request(
-            request.method, url, data=body, headers=headers, allow_redirects=False,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
+        async with ChildClient(session).forward(
+            request.method, port, request.rel_url.path_qs, data=body, headers=headers, timeout=timeout
         ) as up:
             resp.set_status(up.status, up.reason)
             for k, v in up.headers.items():
@@ -39,7 +38,7 @@ async def relay(request: web.Request, tools: ToolServer, session: aiohttp.Client
                 await resp.write(chunk)
             await resp.write_eof()
             return resp
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except NO_ANSWER as exc:
         if not resp.prepared:
             raise UpstreamError(f"proxy error: the tools server: {exc!r}") from exc
         # Headers are out: all that can be said is that the body ends short.

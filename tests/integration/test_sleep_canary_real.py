@@ -9,8 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from llamarouter.core.canary import canary
-from llamarouter.core.sleep import probe_sleeping
+from llamarouter.core.childclient import ChildClient
 from tests.conftest import Router, StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
 from tests.integration.conftest import TinyModels
@@ -45,7 +44,7 @@ async def test_sleeping_model_shows_sleeping_and_wakes_on_a_request(
     argv = item["status"]["args"]
     assert argv[argv.index("--sleep-idle-seconds") + 1] == "1"
     async with aiohttp.ClientSession() as session:
-        assert await probe_sleeping(session, child_port(item), 5) is True
+        assert await ChildClient(session).sleeping(child_port(item), 5) is True
         # A request wakes it: the router forwards to the running child, no new load.
         await load(router, "alpha")
         awake = (await router.models())["alpha"]
@@ -65,7 +64,7 @@ async def test_awake_model_is_not_sleeping(
     await load(router, "alpha")
     item = await router.wait_status("alpha", "loaded")
     async with aiohttp.ClientSession() as session:
-        assert await probe_sleeping(session, child_port(item), 5) is False
+        assert await ChildClient(session).sleeping(child_port(item), 5) is False
 
 
 async def test_canary_passes_on_a_healthy_child(
@@ -75,7 +74,7 @@ async def test_canary_passes_on_a_healthy_child(
     await load(router, "alpha")
     item = await router.wait_status("alpha", "loaded")
     async with aiohttp.ClientSession() as session:
-        assert await canary(session, child_port(item), 10) is True
+        assert await ChildClient(session).canary(child_port(item), 10) is True
 
 
 async def test_canary_fails_in_time_on_a_child_that_hangs(
@@ -90,9 +89,9 @@ async def test_canary_fails_in_time_on_a_child_that_hangs(
             status, body = await router.chat(name)
             assert status == 200, body
         models = await router.models()
-        assert await canary(session, child_port(models["alpha"]), 5) is True
+        assert await ChildClient(session).canary(child_port(models["alpha"]), 5) is True
         # Its completion never comes: the canary gives up after its limit and says so.
-        assert await canary(session, child_port(models["stuck"]), 0.5) is False
+        assert await ChildClient(session).canary(child_port(models["stuck"]), 0.5) is False
 
 
 async def test_sleeping_status_is_read_from_the_child_log_not_by_asking(
@@ -106,7 +105,7 @@ async def test_sleeping_status_is_read_from_the_child_log_not_by_asking(
     for _ in range(20):
         assert (await router.models())["alpha"]["status"]["value"] == "sleeping"
     async with aiohttp.ClientSession() as session:
-        assert await probe_sleeping(session, child_port(item), 5) is True
+        assert await ChildClient(session).sleeping(child_port(item), 5) is True
 
 
 async def test_a_child_that_passes_health_but_fails_inference_is_replaced(

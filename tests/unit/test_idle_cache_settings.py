@@ -15,6 +15,7 @@ from aiohttp import web
 from llamarouter.cli import build_config
 from llamarouter.core.kvcache import KvCache
 from llamarouter.core.canary import canary_due
+from llamarouter.core.childclient import ChildClient
 from llamarouter.core.sleep import held_bytes, sleep_lines, sleeping_from_log
 from llamarouter.core.watch import Watcher, snapshot
 from llamarouter.errors import ConfigError
@@ -223,14 +224,14 @@ async def test_store_saves_only_idle_slots_with_a_prompt_and_survives_a_restart(
     fingerprint = {"m": "f1"}
     try:
         async with aiohttp.ClientSession() as session:
-            kv = KvCache(config, session, lambda n: True, fingerprint.get)
+            kv = KvCache(config, ChildClient(session), lambda n: True, fingerprint.get)
             saved = await kv.save_before_stop("m", port)
             assert [(s.slot, s.tokens, s.bytes) for s in saved] == [(0, 100, 1000)]
             record = json.loads((directory / "slot-0.json").read_text())
             assert record["fingerprint"] == "f1"
 
             # A new router (new store) finds the saved cache and restores it.
-            kv2 = KvCache(config, session, lambda n: True, fingerprint.get)
+            kv2 = KvCache(config, ChildClient(session), lambda n: True, fingerprint.get)
             assert [(s.model, s.slot) for s in kv2.saved()] == [("m", 0)]
             assert await kv2.restore_after_ready("m", port) == 1
             assert child.restored == [(0, "slot-0.slot")]
@@ -250,7 +251,7 @@ async def test_store_leaves_a_sleeping_child_alone(tmp_path: Path) -> None:
     runner, port = await serve(child)
     try:
         async with aiohttp.ClientSession() as session:
-            kv = KvCache(config, session, lambda n: True, lambda n: "f")
+            kv = KvCache(config, ChildClient(session), lambda n: True, lambda n: "f")
             assert await kv.save_before_stop("m", port) == []
     finally:
         await runner.cleanup()
@@ -262,7 +263,7 @@ async def test_store_never_raises_when_the_child_is_gone(tmp_path: Path) -> None
     config = RouterConfig(keep_cache_dir=tmp_path / "kv", limits=Limits(keep_cache=True),
                           timeouts=Timeouts(keep_cache=1.0))
     async with aiohttp.ClientSession() as session:
-        kv = KvCache(config, session, lambda n: True, lambda n: "f")
+        kv = KvCache(config, ChildClient(session), lambda n: True, lambda n: "f")
         assert await kv.save_before_stop("m", free_port()) == []
         assert kv.failures == 1
 
