@@ -13,11 +13,12 @@ childclient.ChildClient.canary.
 from __future__ import annotations
 
 from ..settings.config import ModelSpec, RouterConfig
+from ..settings.declared import CANARY_INTERVAL, effective
 
 
 def canary_interval(config: RouterConfig, spec: ModelSpec) -> float | None:
     """Seconds between canaries of this model (preset key over flag); None = off."""
-    value = spec.canary_interval if spec.canary_interval is not None else config.timeouts.canary_interval
+    value = effective(spec, config, CANARY_INTERVAL)
     return value if value else None
 
 

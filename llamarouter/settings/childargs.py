@@ -11,10 +11,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from .config import ModelSpec, RouterConfig
-from .flags import FORCED_PER_CHILD, RESERVED_ALWAYS, FlagTable, canonical
+from .declared import KEEP_CACHE, SLEEP_IDLE, effective
+from .flags import FORCED_PER_CHILD, RESERVED_ALWAYS, FlagTable, canonical, default_table, key, split_argv
 
 # Not shown in status.preset, as upstream leaves them out (server-models.cpp, /models).
 _HIDDEN_IN_PRESET = frozenset({"--host", "--port", "-a", "--tags"}) | RESERVED_ALWAYS
@@ -31,8 +33,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 def keeps_cache(config: RouterConfig, spec: ModelSpec) -> bool:
     """Whether the model's slot caches are saved before a stop (preset key over flag)."""
-    wanted = spec.keep_cache if spec.keep_cache is not None else config.limits.keep_cache
-    return wanted and config.keep_cache_dir is not None
+    return effective(spec, config, KEEP_CACHE) and config.keep_cache_dir is not None
 
 
 def keep_cache_dir(config: RouterConfig, name: str) -> Path | None:
@@ -46,8 +47,27 @@ def keep_cache_dir(config: RouterConfig, name: str) -> Path | None:
 
 
 def sleep_idle(config: RouterConfig, spec: ModelSpec) -> float | None:
-    value = spec.sleep_idle if spec.sleep_idle is not None else config.limits.sleep_idle
+    value = effective(spec, config, SLEEP_IDLE)
     return value if value else None
+
+
+def running_options(argv: Iterable[str], env: Mapping[str, str], table: FlagTable | None = None) -> dict[str, str]:
+    """The value options a running child has, keyed as `ChildArgs.merged` keys them: read
+    back from its command line (the last one wins) over its environment, as llama-server
+    reads them."""
+    table = table or default_table()
+    opts = {key(o): env[o.env] for o in table.options if o.nargs == 1 and o.env and o.env in env}
+    args = list(argv)
+    if args and not args[0].startswith("-"):
+        args = args[1:]  # the program
+    try:
+        parsed = split_argv(args, table)
+    except ValueError:
+        return opts  # a command line llama-server would refuse: no child runs with it
+    for item in parsed.known():
+        if item.opt is not None and item.opt.nargs == 1:
+            opts[key(item.opt)] = item.values[0]
+    return opts
 
 
 class ChildArgs:

@@ -1,8 +1,9 @@
-"""Frozen settings, validated once in cli.py and passed down explicitly.
+"""Frozen settings, validated once in build.py and passed down explicitly.
 
-Nothing here reads the environment or the filesystem: cli.py turns argv + environ into a
+Nothing here reads the environment or the filesystem: build.py turns argv + environ into a
 RouterConfig, discovery.py turns it into ModelSpecs. Every limit the router enforces is a
-named field here (no hard-coded timeouts elsewhere).
+named field here (no hard-coded timeouts elsewhere); how a field is set by a flag or a
+preset key is declared in declared.py, which tests/unit/test_declared.py holds these to.
 """
 
 from __future__ import annotations

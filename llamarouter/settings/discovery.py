@@ -14,10 +14,12 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import ConfigError
 from .config import ModelSpec
-from .flags import FlagTable, Opt, is_falsey, is_truthy, key
+from .declared import BOOL, PER_MODEL, Setting
+from .flags import FlagTable, is_falsey, is_truthy, key
 
 log = logging.getLogger("llamarouter.settings.discovery")
 
@@ -36,21 +38,6 @@ HF_FILE_ENV = "LLAMA_ARG_HF_FILE"
 DRAFT_HF_REPO_ENV = "LLAMA_ARG_SPEC_DRAFT_HF_REPO"
 ALIAS_ENV = "LLAMA_ARG_ALIAS"
 TAGS_ENV = "LLAMA_ARG_TAGS"
-
-# Preset-only keys we add to upstream's three (load-on-startup, stop-timeout,
-# dedup-cache-models): idle TTL and pinning, which upstream lacks (llama.cpp #18189, #18153).
-EXTRA_PRESET_ONLY: tuple[Opt, ...] = (
-    Opt(("ttl",), (), "__PRESET_TTL", 1),
-    Opt(("pin",), (), "__PRESET_PIN", 1),
-    # Save the model's slot caches before it is stopped and restore them when it loads.
-    Opt(("keep-cache",), (), "__PRESET_KEEP_CACHE", 1),
-    # llama-server's --sleep-idle-seconds for this model (weights freed, process kept).
-    Opt(("sleep-idle",), (), "__PRESET_SLEEP_IDLE", 1),
-    # Seconds between canary completions while the model is idle (0 = off).
-    Opt(("canary-interval",), (), "__PRESET_CANARY_INTERVAL", 1),
-    # The model a request without a model name goes to.
-    Opt(("default-model",), (), "__PRESET_DEFAULT_MODEL", 1),
-)
 
 Options = dict[str, str]  # option key -> value as upstream stores it (strings)
 
@@ -446,16 +433,9 @@ class Discovery:
             options=tuple(sorted(opts.items())),
             aliases=aliases,
             tags=tags,
-            load_on_startup=_bool_opt(opts, "load-on-startup", name),
-            stop_timeout=_float_opt(opts, "stop-timeout", name),
-            ttl=_float_opt(opts, "ttl", name),
-            pin=_bool_opt(opts, "pin", name),
-            keep_cache=_bool_opt(opts, "keep-cache", name) if "keep-cache" in opts else None,
-            sleep_idle=_float_opt(opts, "sleep-idle", name),
-            canary_interval=_float_opt(opts, "canary-interval", name),
-            default=_bool_opt(opts, "default-model", name),
             model_path=model_path,
             input_modalities=("text", "image") if self._mmproj_key in opts else ("text",),
+            **per_model(opts, name),
         )
 
     @staticmethod
@@ -475,10 +455,27 @@ class Discovery:
                 seen[alias] = name
 
 
-def _bool_opt(opts: Options, name: str, model: str) -> bool:
-    value = opts.get(name)
-    if value is None:
-        return False
+def per_model(opts: Options, model: str) -> dict[str, Any]:
+    """The ModelSpec fields of the preset keys `opts` sets, each read as its kind says; a
+    key that is not set leaves its field at its default (None: the router's flag).
+
+    `Any` to the type checker: tests/unit/test_declared.py checks each kind against its
+    ModelSpec field."""
+    out: dict[str, Any] = {}
+    for s in PER_MODEL:
+        value = opts.get(s.preset)
+        if value is not None:
+            out[s.model_field] = _preset_value(s, value, model)
+    return out
+
+
+def _preset_value(s: Setting[Any], value: str, model: str) -> bool | float | None:
+    if s.kind is BOOL:
+        return _bool_opt(s.preset, value, model)
+    return _float_opt(s.preset, value, model)  # the other PRESET_KINDS: seconds
+
+
+def _bool_opt(name: str, value: str, model: str) -> bool:
     if is_truthy(value):
         return True
     if is_falsey(value):
@@ -486,9 +483,8 @@ def _bool_opt(opts: Options, name: str, model: str) -> bool:
     raise ConfigError(f"preset [{model}]: {name} must be true/false/on/off/1/0, not '{value}'")
 
 
-def _float_opt(opts: Options, name: str, model: str) -> float | None:
-    value = opts.get(name)
-    if value is None or value == "":
+def _float_opt(name: str, value: str, model: str) -> float | None:
+    if value == "":
         return None
     try:
         number = float(value)

@@ -24,8 +24,10 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from ..core.childclient import child_host
+from ..core.gguf_info import RunSettings
 from ..core.process import ModelProcess
 from ..errors import ChildBroke, ChildUnreachable, UpstreamError
+from ..settings.childargs import running_options
 from ..settings.config import RouterConfig
 from .metrics import PREDICTED_MARK, RequestTiming, predicted_tokens
 from .relay import ChildPool, ConnectFailed, Exchange, Head
@@ -87,26 +89,6 @@ def _sse_error(message: str) -> bytes:
     return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
-def _option(argv: Iterable[str], env: Mapping[str, str], flags: tuple[str, ...], var: str) -> int | None:
-    """An integer llama-server option as the child sees it: its command line (last one
-    wins, `--flag value` or `--flag=value`), else its environment."""
-    found: str | None = None
-    args = list(argv)
-    for i, arg in enumerate(args):
-        if arg in flags and i + 1 < len(args):
-            found = args[i + 1]
-        else:
-            name, sep, value = arg.partition("=")
-            if sep and name in flags:
-                found = value
-    if found is None:
-        found = env.get(var)
-    try:
-        return int(found) if found is not None else None
-    except ValueError:
-        return None
-
-
 def child_http_threads(argv: Iterable[str], env: Mapping[str, str], cpus: int) -> int:
     """How many connections llama-server serves at once: its HTTP worker threads.
 
@@ -114,12 +96,16 @@ def child_http_threads(argv: Iterable[str], env: Mapping[str, str], cpus: int) -
     unset or negative n_parallel means auto, which is 4 (server.cpp) by then. Newer builds
     add short-lived threads beyond these, older ones leave further connections unread.
     """
-    argv = list(argv)
-    threads = _option(argv, env, ("--threads-http",), "LLAMA_ARG_THREADS_HTTP")
-    if threads is not None and threads >= 1:
+    opts = running_options(argv, env)
+    try:
+        threads = int(opts.get("--threads-http", "0"))
+    except ValueError:
+        threads = 0
+    if threads >= 1:
         return threads
-    parallel = _option(argv, env, ("-np", "--parallel"), "LLAMA_ARG_N_PARALLEL")
-    if parallel is None or parallel < 0:
+    # -np read as the memory estimate reads it (-1 = auto).
+    parallel = RunSettings.from_options(opts).n_parallel
+    if parallel < 0:
         parallel = 4
     return max(parallel + 4, cpus - 1)
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llamarouter.cli import _EXTRA_KEYS, build_config, check_with_server, flag_tables
+from llamarouter.cli import build_config, check_with_server, flag_tables
+from llamarouter.settings.declared import OWN_KEYS as _EXTRA_KEYS
 from llamarouter.errors import CommandLineRejected, ConfigError, LlamaRouterError
 from llamarouter.settings.childargs import ChildArgs
 from llamarouter.settings.flags import first_invalid_argument, lacks_value, split_own
