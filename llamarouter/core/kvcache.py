@@ -33,10 +33,6 @@ from .childclient import ChildClient, ChildError
 
 log = logging.getLogger("llamarouter.core.kvcache")
 
-# Stop reasons after which the slots are worth keeping: the same model may be asked for
-# again. A reload changes the model's definition and a shutdown is bounded by its grace.
-SAVE_ON_STOP = frozenset({"evicted", "drained", "ttl", "unloaded"})
-
 _SUFFIX = ".slot"
 _RECORD = ".json"
 

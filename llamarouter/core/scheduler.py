@@ -33,7 +33,7 @@ import enum
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from .states import State
+from .states import SLOT_STATES, State, StopReason
 
 
 class Why(enum.StrEnum):
@@ -125,7 +125,7 @@ class Start:
 @dataclass(frozen=True)
 class Evict:
     model: str
-    reason: str  # "evicted" | "ttl" | "drained"
+    reason: StopReason  # EVICTED, TTL or DRAINED
 
 
 @dataclass(frozen=True)
@@ -155,12 +155,21 @@ class Track:
 
 Action = Grant | Resolve | Refuse | Start | Evict | Drain | Undrain | Track
 
-_HOLDS = frozenset({State.STARTING, State.READY, State.STOPPING, State.BACKOFF})
 
 
 @dataclass
 class _Room:
     """Slots and bytes as the plan goes: starts take, nothing gives back until a stop ends."""
+
+    @staticmethod
+    def of(snap: Snapshot) -> _Room:
+        holding = [m for m in snap.models if m.state in SLOT_STATES]
+        return _Room(
+            free_slots=None if snap.models_max <= 0 else snap.models_max - len(holding),
+            free_bytes=None if snap.budget is None else snap.budget - sum(m.bytes for m in holding),
+            stopping_slots=sum(1 for m in holding if m.state == State.STOPPING),
+            stopping_bytes=sum(m.bytes for m in holding if m.state == State.STOPPING),
+        )
 
     free_slots: int | None
     free_bytes: int | None
@@ -197,13 +206,7 @@ def plan(snap: Snapshot) -> list[Action]:
     if snap.closing:
         return [Refuse(w.id, w.model, Why.SHUTDOWN) for w in snap.waiters]
 
-    holding = [m for m in snap.models if m.state in _HOLDS]
-    room = _Room(
-        free_slots=None if snap.models_max <= 0 else snap.models_max - len(holding),
-        free_bytes=None if snap.budget is None else snap.budget - sum(m.bytes for m in holding),
-        stopping_slots=sum(1 for m in holding if m.state == State.STOPPING),
-        stopping_bytes=sum(m.bytes for m in holding if m.state == State.STOPPING),
-    )
+    room = _Room.of(snap)
     pinned_bytes = sum(m.bytes for m in models.values() if m.pinned)
     blocked = False  # once the first in line cannot start, later models do not jump ahead
 
@@ -242,46 +245,8 @@ def plan(snap: Snapshot) -> list[Action]:
         if w.load:
             _plan_load(snap, p, room, w, m, state, pinned_bytes, want_start)
             continue
-        if state == State.READY:
-            if not m.draining:
-                p.actions.append(Grant(w.id, m.name))
-                p.wanted.add(m.name)
-            else:  # it waits behind the swap and is served when its model is back
-                behind.append(w)
-            continue
-        if state in (State.STARTING, State.BACKOFF):
-            if w.saw_generation is None:
-                # A load this plan started has no number yet: the applier gives it one.
-                started_now = m.state in (State.STOPPED, State.FAILED)
-                p.actions.append(Track(w.id, None if started_now else m.load_generation))
-            p.wanted.add(m.name)
-            continue
-        if w.saw_generation is not None and w.saw_generation == m.load_generation and state in (
-            State.STOPPING, State.STOPPED,
-        ):
-            # The load this request waited for was stopped on purpose (unload, reload):
-            # say so instead of starting it again behind the caller's back.
-            p.actions.append(Refuse(w.id, w.model, Why.ABORTED))
-            continue
-        if state == State.FAILED:
-            held = snap.now - (m.failed_at if m.failed_at is not None else snap.now)
-            if held < snap.failed_holdoff:
-                p.actions.append(
-                    Refuse(w.id, w.model, Why.FAILED, retry_after=snap.failed_holdoff - held)
-                )
-                continue
-        if not w.autoload:
-            p.actions.append(Refuse(w.id, w.model, Why.NOT_LOADED))
-            continue
-        if snap.budget is not None and m.bytes + _fixed(m, pinned_bytes) > snap.budget:
-            p.actions.append(
-                Refuse(w.id, w.model, Why.BUDGET, detail=_fixed(m, pinned_bytes))
-            )
-            continue
-        p.wanted.add(m.name)
-        if state == State.STOPPING:
-            continue  # its stop will trigger another pass
-        starts.setdefault(m.name, []).append(w)
+        if _plan_request(snap, p, w, m, state, pinned_bytes, behind):
+            starts.setdefault(m.name, []).append(w)
 
     for name in _start_order(snap, starts):
         if want_start(models[name]):
@@ -299,6 +264,52 @@ def plan(snap: Snapshot) -> list[Action]:
     _plan_drains(snap, p, room, models)
     _plan_ttl(snap, p, models)
     return p.actions
+
+
+def _plan_request(
+    snap: Snapshot, p: _Plan, w: WaiterView, m: ModelView, state: State, pinned_bytes: int,
+    behind: list[WaiterView],
+) -> bool:
+    """Answer a request for `m` now (grant, refuse, track a load under way, or wait behind
+    a swap); True when `m` must be started for it."""
+    if state == State.READY:
+        if not m.draining:
+            p.actions.append(Grant(w.id, m.name))
+            p.wanted.add(m.name)
+        else:  # it waits behind the swap and is served when its model is back
+            behind.append(w)
+        return False
+    if state in (State.STARTING, State.BACKOFF):
+        if w.saw_generation is None:
+            # A load this plan started has no number yet: the applier gives it one.
+            started_now = m.state in (State.STOPPED, State.FAILED)
+            p.actions.append(Track(w.id, None if started_now else m.load_generation))
+        p.wanted.add(m.name)
+        return False
+    if w.saw_generation is not None and w.saw_generation == m.load_generation and state in (
+        State.STOPPING, State.STOPPED,
+    ):
+        # The load this request waited for was stopped on purpose (unload, reload):
+        # say so instead of starting it again behind the caller's back.
+        p.actions.append(Refuse(w.id, w.model, Why.ABORTED))
+        return False
+    if state == State.FAILED:
+        held = snap.now - (m.failed_at if m.failed_at is not None else snap.now)
+        if held < snap.failed_holdoff:
+            p.actions.append(
+                Refuse(w.id, w.model, Why.FAILED, retry_after=snap.failed_holdoff - held)
+            )
+            return False
+    if not w.autoload:
+        p.actions.append(Refuse(w.id, w.model, Why.NOT_LOADED))
+        return False
+    if snap.budget is not None and m.bytes + _fixed(m, pinned_bytes) > snap.budget:
+        p.actions.append(
+            Refuse(w.id, w.model, Why.BUDGET, detail=_fixed(m, pinned_bytes))
+        )
+        return False
+    p.wanted.add(m.name)
+    return state != State.STOPPING  # a model stopping is started again by its stop's pass
 
 
 def _start_order(snap: Snapshot, starts: dict[str, list[WaiterView]]) -> list[str]:
@@ -328,7 +339,7 @@ def _plan_drained(p: _Plan, models: dict[str, ModelView]) -> None:
         if not p.blocked:
             p.actions.append(Undrain(m.name))
         elif m.in_flight == 0 and not m.pinned:
-            p.actions.append(Evict(m.name, "drained"))
+            p.actions.append(Evict(m.name, StopReason.DRAINED))
             p.state[m.name] = State.STOPPING
 
 
@@ -392,7 +403,7 @@ def _plan_load(
     pinned_bytes: int,
     want_start: Callable[[ModelView], bool],
 ) -> None:
-    if state in _HOLDS and m.name not in _started(p):
+    if state in SLOT_STATES and m.name not in _started(p):
         p.actions.append(Refuse(w.id, w.model, Why.RUNNING))
         return
     if m.name in _started(p):
@@ -455,7 +466,7 @@ def _plan_evictions(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, Mod
         for m in models.values()
     ]
     for name in plan_evictions(candidates, slot_deficit, max(bytes_deficit, 0)):
-        p.actions.append(Evict(name, "evicted"))
+        p.actions.append(Evict(name, StopReason.EVICTED))
         p.state[name] = State.STOPPING
 
 
@@ -469,7 +480,7 @@ def _plan_ttl(snap: Snapshot, p: _Plan, models: dict[str, ModelView]) -> None:
             and m.name not in p.wanted
             and snap.now - m.idle_since >= m.ttl
         ):
-            p.actions.append(Evict(m.name, "ttl"))
+            p.actions.append(Evict(m.name, StopReason.TTL))
             p.state[m.name] = State.STOPPING
 
 

@@ -35,11 +35,31 @@ TRANSITIONS: dict[State, frozenset[State]] = {
     State.SHUTDOWN: frozenset(),
 }
 
+# Running: a child is loading or serving, or a restart is under way. What an unload or a
+# reload stops, and what "model is not running" refuses.
+RUNNING_STATES = frozenset({State.STARTING, State.READY, State.BACKOFF})
 # Counted against --models-max: upstream counts loading + loaded (+ sleeping) children.
-SLOT_STATES = frozenset({State.STARTING, State.READY, State.STOPPING, State.BACKOFF})
+SLOT_STATES = RUNNING_STATES | {State.STOPPING}
 # A process may exist in these states; shutdown must wait for them.
 LIVE_STATES = frozenset({State.STARTING, State.READY, State.STOPPING})
 TERMINAL_STATES = frozenset({State.SHUTDOWN})
+
+
+class StopReason(enum.StrEnum):
+    """Why a model was asked to stop: shown as `stop_reason` in GET /models, counted in
+    metrics, and deciding whether keep-cache saves its slots first."""
+
+    EVICTED = "evicted"  # the idle least recently used model, for room
+    DRAINED = "drained"  # gave way to requests past --drain-after
+    TTL = "ttl"  # idle past its ttl
+    UNLOADED = "unloaded"  # POST /models/unload
+    RELOAD = "reload"  # its definition changed or vanished
+    SHUTDOWN = "shutdown"  # the router is exiting
+
+
+# An idle model stopped for these keeps its slot caches on disk (keep-cache); a reload or
+# a shutdown does not (the definition changed, or there is no time).
+SAVE_ON_STOP = frozenset({StopReason.EVICTED, StopReason.DRAINED, StopReason.TTL, StopReason.UNLOADED})
 
 
 def api_status(state: State, was_ready: bool = True) -> str:

@@ -171,9 +171,8 @@ def fast_config(models_max: int = 2, **limits: Any) -> RouterConfig:
 
 def make_supervisor(
     specs: dict[str, ModelSpec], config: RouterConfig, launcher: FakeLauncher,
-    cls: type[Supervisor] = Supervisor,
 ) -> Supervisor:
-    return cls(
+    return Supervisor(
         config, lambda: dict(specs), launcher, FakeProbe(launcher),
         lambda spec, port: [spec.name, str(port)],
     )

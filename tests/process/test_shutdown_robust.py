@@ -71,8 +71,8 @@ async def test_shutdown_runs_to_the_end_after_the_scheduling_loop_died(
                 raise RuntimeError("a bug between two passes")
 
         # Between passes, outside the pass's guard: the loop dies of this.
-        monkeypatch.setattr(sup, "_kick", Broken())
-        loop_task = sup._loop_task
+        monkeypatch.setattr(sup.arbiter, "kick", Broken())
+        loop_task = sup.arbiter.task
         assert loop_task is not None
         with caplog.at_level(logging.CRITICAL, logger="llamarouter.supervisor"):
             await wait_for(loop_task.done, 5, message="the scheduling loop to die")
@@ -97,7 +97,7 @@ async def test_a_pass_that_fails_anywhere_leaves_the_loop_running(
     sup = _supervisor(launcher)
     await sup.start()
     try:
-        real = sup._snapshot
+        real = sup.arbiter.snapshot
         failures: list[float] = []
 
         def broken(now: float) -> object:
@@ -105,12 +105,12 @@ async def test_a_pass_that_fails_anywhere_leaves_the_loop_running(
             raise RuntimeError("bug while taking the snapshot")
 
         with caplog.at_level(logging.ERROR, logger="llamarouter.supervisor"):
-            monkeypatch.setattr(sup, "_snapshot", broken)
-            sup._kick.set()
+            monkeypatch.setattr(sup.arbiter, "snapshot", broken)
+            sup.kick()
             await wait_for(lambda: failures, 5, message="a pass to fail")
-            monkeypatch.setattr(sup, "_snapshot", real)
+            monkeypatch.setattr(sup.arbiter, "snapshot", real)
         assert "scheduling pass failed" in caplog.text
-        assert sup._loop_task is not None and not sup._loop_task.done()
+        assert sup.arbiter.task is not None and not sup.arbiter.task.done()
         (await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)).release()  # granted
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)

@@ -30,6 +30,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from llamarouter.core import scheduler
+from llamarouter.core.arbiter import Arbiter
 from llamarouter.core.process import ModelProcess
 from llamarouter.core.states import State
 from llamarouter.core.supervisor import Supervisor
@@ -50,29 +51,33 @@ EXAMPLES = int(os.environ.get("LLAMAROUTER_STATEFUL_EXAMPLES", "100"))
 STEPS = 25  # EXAMPLES * STEPS >= 2,000 steps per CI run
 
 
-class CheckedSupervisor(Supervisor):
+class CheckedArbiter(Arbiter):
     """Checks, at the moment it happens, that no eviction hits a model serving a request.
     What counts as serving is the test's own count of the leases it holds on each
     process, not the supervisor's."""
 
-    violations: list[str]
-    held: collections.Counter[ModelProcess]
-
     last_snapshot: scheduler.Snapshot | None = None
 
-    def _snapshot(self, now: float) -> scheduler.Snapshot:
-        snap = super()._snapshot(now)
+    def __init__(self, sup: Supervisor) -> None:
+        super().__init__(
+            sup.config, sup.table, sup.admission, sup.memory, None, lambda: None, lambda: sup.closing,
+        )
+        self.violations: list[str] = []
+        self.held: collections.Counter[ModelProcess] = collections.Counter()
+
+    def snapshot(self, now: float) -> scheduler.Snapshot:
+        snap = super().snapshot(now)
         self.last_snapshot = snap
         return snap
 
-    def _apply(self, actions: list[scheduler.Action]) -> None:
+    def apply(self, actions: list[scheduler.Action]) -> None:
         for action in actions:
             if not isinstance(action, scheduler.Evict):
                 continue
-            proc = self.models.get(action.model)
+            proc = self._table.models.get(action.model)
             if proc is not None and self.held[proc] > 0:
                 self.violations.append(f"evicted busy {proc.name} ({action.reason})")
-        super()._apply(actions)
+        super().apply(actions)
         if self.last_snapshot is not None:
             self._check_fairness(self.last_snapshot, actions)
 
@@ -110,12 +115,11 @@ class CoreMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.launcher = FakeLauncher()
         self.specs: dict[str, ModelSpec] = {n: spec(n) for n in NAMES[:3]}
-        self.sup: CheckedSupervisor = make_supervisor(  # type: ignore[assignment]
+        self.sup = make_supervisor(
             # A drain bound of the order of the requests' hold times, so drains happen.
-            self.specs, fast_config(MODELS_MAX, drain_after=0.02), self.launcher, CheckedSupervisor
+            self.specs, fast_config(MODELS_MAX, drain_after=0.02), self.launcher,
         )
-        self.sup.violations = []
-        self.sup.held = collections.Counter()
+        self.checked = self.sup.arbiter = CheckedArbiter(self.sup)
         self.requests: list[asyncio.Task[Any]] = []
         self.max_lag = 0.0
         self.epoch = 0
@@ -160,11 +164,11 @@ class CoreMachine(RuleBasedStateMachine):
             lease = await self.sup.acquire(proc, autoload=True)
         except LlamaRouterError as exc:
             return type(exc).__name__
-        self.sup.held[lease.proc] += 1
+        self.checked.held[lease.proc] += 1
         try:
             await asyncio.sleep(hold)
         finally:
-            self.sup.held[lease.proc] -= 1
+            self.checked.held[lease.proc] -= 1
             lease.release()
         return "ok"
 
@@ -259,7 +263,7 @@ class CoreMachine(RuleBasedStateMachine):
 
     @invariant()
     def no_busy_model_was_evicted(self) -> None:
-        assert not self.sup.violations, self.sup.violations
+        assert not self.checked.violations, self.checked.violations
 
     @invariant()
     def transitions_end_in_time(self) -> None:
@@ -285,7 +289,7 @@ class CoreMachine(RuleBasedStateMachine):
             assert time.monotonic() - started < 10
             assert self.launcher.alive() == [], self.launcher.alive()
             assert self.max_lag <= LOOP_LAG_LIMIT, self.max_lag
-            assert not self.sup.violations, self.sup.violations
+            assert not self.checked.violations, self.checked.violations
         finally:
             if self.monitor is not None:
                 self.monitor.cancel()

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 
 from llamarouter.core.logring import LogRing
-from llamarouter.core.supervisor import EventHub
+from llamarouter.core.events import EventHub
 
 
 async def test_a_subscriber_before_the_close_is_ended() -> None:

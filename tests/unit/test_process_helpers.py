@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from llamarouter.core.process import _first, _unless_stopped
+from llamarouter.core.child import _first, _unless_stopped
 from tests.fakes.helpers import wait_for
 
 BOUND = 2.0  # seconds; every wait here is expected to end at once
