@@ -1,4 +1,5 @@
-"""Fixtures shared by every tier: a router started as a real subprocess."""
+"""Fixtures shared by every tier: a router started as a real subprocess; and the helpers
+the router tests share (fake models, held-open streams, SSE events, children, metrics)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,9 @@ from typing import Any
 import aiohttp
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from tests.fakes.helpers import free_port, wait_for, write_fake_server_bin
+from tests.fakes.helpers import free_port, wait_for, write_fake_model, write_fake_server_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -226,3 +229,91 @@ async def start_router(tmp_path: Path, fake_bin: Path) -> AsyncIterator[StartRou
                 return not router.leftover_children()
 
             await wait_for(gone, 10, message="children of a stopped router to exit")
+
+
+# ------------------------------------------------------------------ router test helpers
+def make_models(tmp_path: Path, names: str, **knobs: object) -> Path:
+    d = tmp_path / "models"
+    for name in names.split():
+        write_fake_model(d / f"{name}.gguf", **knobs)
+    return d
+
+
+@asynccontextmanager
+async def open_stream(r: Router, model: str) -> AsyncIterator[aiohttp.ClientResponse]:
+    """A streaming request held open (the model stays busy) until the block exits."""
+    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    async with aiohttp.ClientSession() as s:
+        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+            yield resp
+
+
+class Events:
+    """Collects /models/sse events in the background."""
+
+    def __init__(self, r: Router) -> None:
+        self.r = r
+        self.items: list[dict] = []
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+
+    async def __aenter__(self) -> Events:
+        self._task = asyncio.create_task(self._run())
+        await asyncio.wait_for(self._connected.wait(), 10)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _run(self) -> None:
+        async with self.r.session.get(self.r.url + "/models/sse") as resp:
+            self._connected.set()
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    self.items.append(json.loads(line[6:]))
+
+    def spawns(self, model: str) -> int:
+        return sum(1 for e in self.items if e["model"] == model and e["event"] == "model_status")
+
+    def order(self, event: str, status: str) -> list[str]:
+        return [
+            e["model"] for e in self.items
+            if e["event"] == event and e.get("data", {}).get("status") == status
+        ]
+
+
+def child_of(r: Router, name: str) -> psutil.Process | None:
+    for proc in r.children():
+        try:
+            cmd = proc.cmdline()
+        except psutil.Error:
+            continue
+        if "--alias" in cmd and cmd[cmd.index("--alias") + 1] == name:
+            return proc
+        # -m mode without --alias: the child gets no --alias, as a lone llama-server.
+        if "--alias" not in cmd and "--model" in cmd and Path(cmd[cmd.index("--model") + 1]).stem == name:
+            return proc
+    return None
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(r: Router) -> Samples:
+    async with r.session.get(r.url + "/metrics", headers=r.headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        text = await resp.text()
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float | None:
+    return samples.get((name, frozenset(labels.items())))

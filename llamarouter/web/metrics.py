@@ -437,88 +437,99 @@ class _SupervisorCollector:
         return []  # dynamic: registering must not call collect() before the app runs
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from prometheus_client.core import GaugeMetricFamily
-
         snap = self.snapshot
         if snap is None:
             return
-        sup = snap.sup
-        state = GaugeMetricFamily(
-            "llamarouter_model_state", "1 for the model's current lifecycle state, 0 for the others.",
-            labels=("model", "state"),
-        )
-        in_flight = GaugeMetricFamily(
-            "llamarouter_model_in_flight_requests", "Requests being proxied to the model's child.",
-            labels=("model",),
-        )
-        queued = GaugeMetricFamily(
-            "llamarouter_model_queued_requests",
-            "Requests waiting in the router for the model to load (admission queue + load waiters).",
-            labels=("model",),
-        )
-        total_queued = GaugeMetricFamily(
-            "llamarouter_model_total_queued_requests",
-            "Inference Extension TotalQueuedRequests: router queue plus the child's "
-            "llamacpp:requests_deferred (when the child runs with --metrics).",
-            labels=("model",),
-        )
-        kv = GaugeMetricFamily(
-            "llamarouter_model_kv_cache_usage_ratio",
-            "Inference Extension KVCacheUtilization: the child's llamacpp:kv_cache_usage_ratio "
-            "(0-1; absent when the child does not run with --metrics).",
-            labels=("model",),
-        )
-        estimated = GaugeMetricFamily(
-            "llamarouter_model_estimated_bytes",
-            "Memory the model needs by the GGUF estimate (with --memory-budget).",
-            labels=("model",),
-        )
-        measured = GaugeMetricFamily(
-            "llamarouter_model_measured_bytes",
-            "Memory the loaded child reported for its buffers (model + KV + compute).",
-            labels=("model",),
-        )
-        loaded = 0
-        for proc in snap.procs:
-            est = sup.estimate_of(proc)
-            if est is not None:
-                estimated.add_metric((proc.name,), est.total)
-            if proc.measured_bytes is not None and proc.state == State.READY:
-                measured.add_metric((proc.name,), proc.measured_bytes)
-            name = proc.name
-            for s in State:
-                state.add_metric((name, s.value), 1.0 if proc.state == s else 0.0)
-            in_flight.add_metric((name,), proc.in_flight)
-            ours = sup.queued_for(proc)
-            queued.add_metric((name,), ours)
-            child = snap.children.get(name, {})
-            total_queued.add_metric((name,), ours + child.get(CHILD_DEFERRED, 0.0))
-            if CHILD_KV_USAGE in child:
-                kv.add_metric((name,), child[CHILD_KV_USAGE])
-            if proc.state == State.READY:
-                loaded += 1
-        yield from (state, in_flight, queued, total_queued, kv, estimated, measured)
-        memory = sup.memory
-        if memory is not None:
-            yield GaugeMetricFamily(
-                "llamarouter_memory_budget_bytes", "The --memory-budget in bytes.", value=memory.budget
-            )
-            yield GaugeMetricFamily(
-                "llamarouter_memory_used_bytes",
-                "Budget held by loading and loaded models (measured, else estimated).",
-                value=memory.used(snap.procs),
-            )
+        yield from _model_gauges(snap)
+        yield from _router_gauges(snap)
+
+
+# Per-model gauges: attribute -> (name, help). A table, read once per scrape.
+_MODEL_GAUGES = {
+    "state": (
+        "llamarouter_model_state", "1 for the model's current lifecycle state, 0 for the others.",
+    ),
+    "in_flight": (
+        "llamarouter_model_in_flight_requests", "Requests being proxied to the model's child.",
+    ),
+    "queued": (
+        "llamarouter_model_queued_requests",
+        "Requests waiting in the router for the model to load (admission queue + load waiters).",
+    ),
+    "total_queued": (
+        "llamarouter_model_total_queued_requests",
+        "Inference Extension TotalQueuedRequests: router queue plus the child's "
+        "llamacpp:requests_deferred (when the child runs with --metrics).",
+    ),
+    "kv": (
+        "llamarouter_model_kv_cache_usage_ratio",
+        "Inference Extension KVCacheUtilization: the child's llamacpp:kv_cache_usage_ratio "
+        "(0-1; absent when the child does not run with --metrics).",
+    ),
+    "estimated": (
+        "llamarouter_model_estimated_bytes",
+        "Memory the model needs by the GGUF estimate (with --memory-budget).",
+    ),
+    "measured": (
+        "llamarouter_model_measured_bytes",
+        "Memory the loaded child reported for its buffers (model + KV + compute).",
+    ),
+}
+
+
+def _model_gauges(snap: _Snapshot) -> Iterator[GaugeMetricFamily]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    g = {
+        key: GaugeMetricFamily(name, doc, labels=("model", "state") if key == "state" else ("model",))
+        for key, (name, doc) in _MODEL_GAUGES.items()
+    }
+    sup = snap.sup
+    for proc in snap.procs:
+        est = sup.estimate_of(proc)
+        if est is not None:
+            g["estimated"].add_metric((proc.name,), est.total)
+        if proc.measured_bytes is not None and proc.state == State.READY:
+            g["measured"].add_metric((proc.name,), proc.measured_bytes)
+        name = proc.name
+        for s in State:
+            g["state"].add_metric((name, s.value), 1.0 if proc.state == s else 0.0)
+        g["in_flight"].add_metric((name,), proc.in_flight)
+        ours = sup.queued_for(proc)
+        g["queued"].add_metric((name,), ours)
+        child = snap.children.get(name, {})
+        g["total_queued"].add_metric((name,), ours + child.get(CHILD_DEFERRED, 0.0))
+        if CHILD_KV_USAGE in child:
+            g["kv"].add_metric((name,), child[CHILD_KV_USAGE])
+    yield from g.values()
+
+
+def _router_gauges(snap: _Snapshot) -> Iterator[GaugeMetricFamily]:
+    from prometheus_client.core import GaugeMetricFamily
+
+    sup = snap.sup
+    memory = sup.memory
+    if memory is not None:
         yield GaugeMetricFamily(
-            "llamarouter_models_loaded", "Models whose child is ready to serve.", value=loaded
+            "llamarouter_memory_budget_bytes", "The --memory-budget in bytes.", value=memory.budget
         )
         yield GaugeMetricFamily(
-            "llamarouter_models_max", "The --models-max limit (0 = unlimited).",
-            value=sup.config.limits.models_max,
+            "llamarouter_memory_used_bytes",
+            "Budget held by loading and loaded models (measured, else estimated).",
+            value=memory.used(snap.procs),
         )
-        yield GaugeMetricFamily(
-            "llamarouter_waiting_requests", "Requests waiting for any model to be granted.",
-            value=sup.waiting,
-        )
+    loaded = sum(1 for proc in snap.procs if proc.state == State.READY)
+    yield GaugeMetricFamily(
+        "llamarouter_models_loaded", "Models whose child is ready to serve.", value=loaded
+    )
+    yield GaugeMetricFamily(
+        "llamarouter_models_max", "The --models-max limit (0 = unlimited).",
+        value=sup.config.limits.models_max,
+    )
+    yield GaugeMetricFamily(
+        "llamarouter_waiting_requests", "Requests waiting for any model to be granted.",
+        value=sup.waiting,
+    )
 
 
 class _KvCacheCollector:

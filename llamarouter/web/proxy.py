@@ -29,8 +29,10 @@ from ..core.process import ModelProcess
 from ..errors import ChildBroke, ChildUnreachable, UpstreamError
 from ..settings.childargs import running_options
 from ..settings.config import RouterConfig
+from .http1 import Head
 from .metrics import PREDICTED_MARK, RequestTiming, predicted_tokens
-from .relay import ChildPool, ConnectFailed, Exchange, Head
+from .pool import ChildConnection, ChildPool, ConnectFailed
+from .relay import Exchange
 
 log = logging.getLogger("llamarouter.web.proxy")
 
@@ -153,27 +155,15 @@ class Proxy:
         port = proc.port
         if port is None:
             raise UpstreamError(f"proxy error: model name={proc.name} is not running")
-        pool = self.pool_for(proc, port)
-        try:
-            conn = await pool.acquire()
-        except ConnectFailed as exc:
-            raise ChildUnreachable(f"proxy error: {exc}") from exc
-        except TimeoutError as exc:
-            raise UpstreamError(
-                f"proxy error: no connection to model name={proc.name} became free "
-                f"within {self._timeout:g} s"
-            ) from exc
+        conn = await self._acquire(proc, port)
         head = _request_head(request, port, body)
         # One buffer for a small body: one send, one segment.
         parts = (head + body,) if body and len(body) <= _JOIN_LIMIT else (head, body) if body else (head,)
         exchange = conn.send(parts, _BUFFER_LIMIT, self._timeout, request.method == "HEAD")
         try:
             await exchange.wait()
-            if exchange.head is None:
-                raise ChildBroke(f"proxy error: {exchange.error or 'no response from child'}")
-            now = proc.last_activity = time.monotonic()
-            if timing is not None:
-                timing.headers_at = now  # time to first byte: the same clock read, no extra cost
+            _answered(exchange, proc, timing)
+            assert exchange.head is not None
             if exchange.whole:
                 if exchange.body is None:  # cut short: nothing reached our client yet
                     raise ChildBroke(f"proxy error: {exchange.error}")
@@ -195,6 +185,53 @@ class Proxy:
                         timing.tokens = predicted_tokens(tail) or 0
         finally:
             exchange.abort()  # a no-op once the exchange is complete
+
+    async def fetch(
+        self, proc: ModelProcess, path: str, body: bytes, timing: RequestTiming | None = None
+    ) -> web.Response:
+        """POST `body` (JSON) to the child's `path` and read its answer whole, whatever its
+        framing or size. For an answer the router uses itself (the Vertex AI predict route
+        collects several into one), so it is not relayed to any client as it comes."""
+        port = proc.port
+        if port is None:
+            raise UpstreamError(f"proxy error: model name={proc.name} is not running")
+        conn = await self._acquire(proc, port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {child_host(port)}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode("utf-8", "surrogateescape")
+        exchange = conn.send((head + body,), _BUFFER_LIMIT, self._timeout)
+        try:
+            await exchange.wait()
+            _answered(exchange, proc, timing)
+            assert exchange.head is not None
+            if exchange.whole:
+                data = exchange.body
+            else:
+                sink = _Collector()
+                exchange.attach(sink, client_chunked=False)
+                while not exchange.done:
+                    await exchange.wait()
+                data = None if exchange.error is not None else b"".join(sink.parts)
+            if data is None:
+                raise ChildBroke(f"proxy error: {exchange.error}")
+            if timing is not None and PREDICTED_MARK in data:
+                timing.tokens = predicted_tokens(data) or 0
+            return web.Response(status=exchange.head.status, body=data, headers=_response_headers(exchange.head))
+        finally:
+            exchange.abort()  # a no-op once the exchange is complete
+
+    async def _acquire(self, proc: ModelProcess, port: int) -> ChildConnection:
+        pool = self.pool_for(proc, port)
+        try:
+            return await pool.acquire()
+        except ConnectFailed as exc:
+            raise ChildUnreachable(f"proxy error: {exc}") from exc
+        except TimeoutError as exc:
+            raise UpstreamError(
+                f"proxy error: no connection to model name={proc.name} became free "
+                f"within {self._timeout:g} s"
+            ) from exc
 
     async def _stream(self, request: web.Request, proc: ModelProcess, exchange: Exchange) -> web.StreamResponse:
         head = exchange.head
@@ -244,3 +281,33 @@ class Proxy:
             return resp
         await resp.write_eof()
         return resp
+
+
+def _answered(exchange: Exchange, proc: ModelProcess, timing: RequestTiming | None) -> None:
+    """The child's response head is in (else ChildBroke: nothing reached our client yet)."""
+    if exchange.head is None:
+        raise ChildBroke(f"proxy error: {exchange.error or 'no response from child'}")
+    now = proc.last_activity = time.monotonic()
+    if timing is not None:
+        timing.headers_at = now  # time to first byte: the same clock read, no extra cost
+
+
+class _Collector(asyncio.WriteTransport):
+    """Where `fetch` has a body relayed: kept whole, never full (the child is read at
+    its own pace, as aiohttp's client read it before)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.parts.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return False
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return (0, 0)

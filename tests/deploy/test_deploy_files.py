@@ -7,7 +7,6 @@ skips its test, in CI (CI=true) it fails."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,26 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.fakes.helpers import VENV_BIN, run, tool
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
-VENV_BIN = Path(sys.executable).parent
-
-
-def tool(name: str) -> str:
-    path = VENV_BIN / name
-    if path.exists():
-        return str(path)
-    found = shutil.which(name)
-    if found:
-        return found
-    message = f"{name} is not installed (make test installs it)"
-    if os.environ.get("CI"):
-        pytest.fail(message)
-    pytest.skip(message)
-
-
-def run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload,no-any-return]
 
 
 # ------------------------------------------------------------------------- systemd

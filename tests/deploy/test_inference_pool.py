@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from bench.cluster_sim import WEIGHTS
-from tests.deploy.test_deploy_files import run, tool
+from tests.fakes.helpers import run, tool
 
 POOL = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "inference-pool"
 CRD = Path(__file__).resolve().parent / "fixtures" / "inferencepools.inference.networking.k8s.io.yaml"

@@ -5,6 +5,8 @@
 * ``write_fake_model(path, **knobs)`` placeholder GGUF + ``<path>.fake.json`` sidecar
 * ``wait_for(predicate, timeout)`` the only sanctioned way for tests to wait
 * ``free_port()``                 a currently free TCP port on 127.0.0.1
+* ``tool(name)``, ``run(*argv)``   a deploy check's tool (skipped when missing) and its run
+* ``report(line)``                a reliability test's summary line
 """
 
 from __future__ import annotations
@@ -12,13 +14,18 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import os
+import shutil
 import socket
 import struct
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from .fake_llama_server import KNOBS, SIDECAR_SUFFIX
 
@@ -146,11 +153,46 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+
+# Tools the deploy tests run (systemd-analyze, kubectl, ...) from this venv or PATH.
+VENV_BIN = Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    path = VENV_BIN / name
+    if path.exists():
+        return str(path)
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed (make test installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def run(*argv: str, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, **kw)  # type: ignore[call-overload,no-any-return]
+
+
+def report(line: str) -> None:
+    """A reliability test's summary line: shown, and kept in $LLAMAROUTER_RELIABILITY_REPORT."""
+    print("\n" + line)
+    path = os.environ.get("LLAMAROUTER_RELIABILITY_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
 __all__ = [
     "FAKE_SERVER_SCRIPT",
+    "VENV_BIN",
     "fake_server_command",
     "free_port",
+    "report",
+    "run",
     "sidecar_path",
+    "tool",
     "wait_for",
     "write_fake_model",
     "write_fake_server_bin",

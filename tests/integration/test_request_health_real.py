@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import StartRouter
+from tests.conftest import StartRouter, child_of
 from tests.integration.conftest import TinyModels
-from tests.router.test_supervision import child_of
 
 pytestmark = pytest.mark.integration
 

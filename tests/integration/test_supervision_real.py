@@ -11,10 +11,9 @@ import aiohttp
 import psutil
 import pytest
 
-from tests.conftest import StartRouter, run_router_to_exit
+from tests.conftest import StartRouter, child_of, run_router_to_exit
 from tests.fakes.helpers import wait_for
 from tests.integration.conftest import TinyModels
-from tests.router.test_supervision import child_of
 
 pytestmark = pytest.mark.integration
 

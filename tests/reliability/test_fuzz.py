@@ -24,8 +24,7 @@ from schemathesis.generation import GenerationMode
 
 from tests import openapi_check
 from tests.conftest import StartRouter
-from tests.fakes.helpers import write_fake_model
-from tests.reliability.test_thrash import report
+from tests.fakes.helpers import report, write_fake_model
 
 pytestmark = pytest.mark.reliability
 

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import StartRouter
-from tests.fakes.helpers import wait_for, write_fake_model
+from tests.fakes.helpers import report, wait_for, write_fake_model
 
 pytestmark = pytest.mark.reliability
 
@@ -37,14 +37,6 @@ RETRY_PAUSE = 0.25
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
-
-
-def report(line: str) -> None:
-    print("\n" + line)
-    path = os.environ.get("LLAMAROUTER_RELIABILITY_REPORT")
-    if path:
-        with open(path, "a") as f:
-            f.write(line + "\n")
 
 
 async def test_thrash_many_models_few_slots(tmp_path: Path, start_router: StartRouter) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from tests.conftest import Router, StartRouter, run_router_to_exit
+from tests.conftest import Events, Router, StartRouter, make_models, open_stream, run_router_to_exit
 from tests.fakes.helpers import wait_for, write_fake_model
-from tests.router.test_scheduling import Events, make_models, open_stream
 
 
 async def health_within(r: Router, limit: float) -> None:

@@ -15,9 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llamarouter.core.states import State
 from llamarouter.web.metrics import ADAPTERS_INFO, adapter_lists
-from tests.conftest import ROOT, Router, StartRouter
+from tests.conftest import ROOT, Router, StartRouter, make_models, open_stream
 from tests.fakes.helpers import wait_for
-from tests.router.test_scheduling import make_models, open_stream
 
 
 class PodMetrics:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Router, StartRouter
+from tests.conftest import Router, StartRouter, make_models
 from tests.fakes.helpers import wait_for, write_fake_model
-from tests.router.test_scheduling import make_models
 
 
 async def reload(r: Router, how: str) -> None:

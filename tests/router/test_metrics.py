@@ -6,30 +6,8 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.conftest import Router, StartRouter
+from tests.conftest import Samples, StartRouter, child_of, make_models, open_stream, scrape, value
 from tests.fakes.helpers import wait_for
-from tests.router.test_scheduling import make_models, open_stream
-from tests.router.test_supervision import child_of
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def scrape(r: Router) -> Samples:
-    async with r.session.get(r.url + "/metrics", headers=r.headers) as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-        text = await resp.text()
-    out: Samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return out
-
-
-def value(samples: Samples, name: str, **labels: str) -> float | None:
-    return samples.get((name, frozenset(labels.items())))
 
 
 async def test_requests_latency_and_state_series(tmp_path: Path, start_router: StartRouter) -> None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import StartRouter
-from tests.router.test_scheduling import make_models
+from tests.conftest import StartRouter, make_models
 
 
 async def test_livez_and_readyz(tmp_path: Path, start_router: StartRouter) -> None:

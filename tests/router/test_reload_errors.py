@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from llamarouter.server import reload_on_signal
-from tests.conftest import StartRouter
+from tests.conftest import StartRouter, make_models
 from tests.fakes.helpers import wait_for, write_fake_model
-from tests.router.test_scheduling import make_models
 
 
 async def test_a_corrupt_cache_ref_is_skipped_at_startup_and_on_reload(

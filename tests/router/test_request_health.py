@@ -8,11 +8,8 @@ from pathlib import Path
 
 import aiohttp
 
-from tests.conftest import Router, StartRouter
+from tests.conftest import Router, StartRouter, child_of, make_models, scrape, value
 from tests.fakes.helpers import wait_for
-from tests.router.test_metrics import scrape, value
-from tests.router.test_scheduling import make_models
-from tests.router.test_supervision import child_of
 
 
 async def pid_of(r: Router, name: str) -> int:

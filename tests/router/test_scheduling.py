@@ -4,69 +4,10 @@ evicted, a FIFO queue whose entries are shared per model and left by cancelled c
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import aiohttp
-
-from tests.conftest import Router, StartRouter
-from tests.fakes.helpers import wait_for, write_fake_model
-
-
-def make_models(tmp_path: Path, names: str, **knobs: object) -> Path:
-    d = tmp_path / "models"
-    for name in names.split():
-        write_fake_model(d / f"{name}.gguf", **knobs)
-    return d
-
-
-@asynccontextmanager
-async def open_stream(r: Router, model: str) -> AsyncIterator[aiohttp.ClientResponse]:
-    """A streaming request held open (the model stays busy) until the block exits."""
-    body = {"model": model, "stream": True, "messages": [{"role": "user", "content": "x"}]}
-    async with aiohttp.ClientSession() as s:
-        async with s.post(r.url + "/v1/chat/completions", json=body) as resp:
-            assert resp.status == 200
-            await resp.content.readuntil(b"\n\n")
-            yield resp
-
-
-class Events:
-    """Collects /models/sse events in the background."""
-
-    def __init__(self, r: Router) -> None:
-        self.r = r
-        self.items: list[dict] = []
-        self._task: asyncio.Task[None] | None = None
-        self._connected = asyncio.Event()
-
-    async def __aenter__(self) -> Events:
-        self._task = asyncio.create_task(self._run())
-        await asyncio.wait_for(self._connected.wait(), 10)
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _run(self) -> None:
-        async with self.r.session.get(self.r.url + "/models/sse") as resp:
-            self._connected.set()
-            async for line in resp.content:
-                if line.startswith(b"data: "):
-                    self.items.append(json.loads(line[6:]))
-
-    def spawns(self, model: str) -> int:
-        return sum(1 for e in self.items if e["model"] == model and e["event"] == "model_status")
-
-    def order(self, event: str, status: str) -> list[str]:
-        return [
-            e["model"] for e in self.items
-            if e["event"] == event and e.get("data", {}).get("status") == status
-        ]
+from tests.conftest import Events, Router, StartRouter, make_models, open_stream
+from tests.fakes.helpers import wait_for
 
 
 async def test_lru_skips_busy_model(tmp_path: Path, start_router: StartRouter) -> None:

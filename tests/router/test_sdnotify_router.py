@@ -6,10 +6,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.conftest import StartRouter
+from tests.conftest import StartRouter, child_of, make_models
 from tests.fakes.helpers import wait_for
-from tests.router.test_scheduling import make_models
-from tests.router.test_supervision import child_of
 
 
 async def test_ready_watchdog_stopping(tmp_path: Path, start_router: StartRouter) -> None:

@@ -14,9 +14,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.conftest import Router, StartRouter
+from tests.conftest import Router, StartRouter, make_models, open_stream
 from tests.fakes.helpers import wait_for
-from tests.router.test_scheduling import make_models, open_stream
 
 GRACE = 30.0  # what the router would wait without the fix; everything here is well under
 

@@ -13,25 +13,10 @@ from pathlib import Path
 import aiohttp
 import psutil
 
-from tests.conftest import Router, StartRouter
+from tests.conftest import Router, StartRouter, child_of, make_models, open_stream
 from tests.fakes.helpers import wait_for, write_fake_model
-from tests.router.test_scheduling import make_models, open_stream
 
 FAST_HEALTH = ("--health-interval", "0.2", "--health-timeout", "0.3", "--health-failures", "2")
-
-
-def child_of(r: Router, name: str) -> psutil.Process | None:
-    for proc in r.children():
-        try:
-            cmd = proc.cmdline()
-        except psutil.Error:
-            continue
-        if "--alias" in cmd and cmd[cmd.index("--alias") + 1] == name:
-            return proc
-        # -m mode without --alias: the child gets no --alias, as a lone llama-server.
-        if "--alias" not in cmd and "--model" in cmd and Path(cmd[cmd.index("--model") + 1]).stem == name:
-            return proc
-    return None
 
 
 async def kill_and_wait_replaced(r: Router, name: str) -> None:

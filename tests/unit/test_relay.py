@@ -1,5 +1,6 @@
-"""The child connection pool and the response relay (llamarouter.web.relay), against a
-small in-process HTTP server on loopback and a recording client transport."""
+"""The child connection pool and the response relay (llamarouter.web.pool and
+llamarouter.web.relay), against a small in-process HTTP server on loopback and a
+recording client transport."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from llamarouter.web.pool import ChildPool
 from llamarouter.web.proxy import child_http_threads
-from llamarouter.web.relay import ChildPool, Exchange
+from llamarouter.web.relay import Exchange
 from tests.fakes.helpers import wait_for
 
 SSE_HEAD = (

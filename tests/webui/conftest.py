@@ -13,7 +13,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
+from playwright.async_api import Browser, ConsoleMessage, Locator, Page, async_playwright, expect
+
+from tests.conftest import Router
 
 CHROMIUM = os.environ.get("LLAMAROUTER_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -111,3 +113,16 @@ async def axe_violations(page: Page, axe_js: str) -> list[dict[str, object]]:
                          nodes: v.nodes.map(n => n.target.join(' '))}))"""
     )
     return found
+
+
+def row(page: Page, model: str) -> Locator:
+    return page.locator(f'#models tbody tr[data-model="{model}"]')
+
+
+def status_word(page: Page, model: str) -> Locator:
+    return row(page, model).locator("td.status .word")
+
+
+async def open_ui(page: Page, router: Router) -> None:
+    await page.goto(router.url + "/dashboard/")
+    await expect(page.locator("#conn")).to_have_text("live", timeout=T)

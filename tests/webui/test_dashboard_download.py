@@ -13,8 +13,7 @@ from playwright.async_api import Page, expect
 from llamarouter.devtools.tinymodel import write_model
 from tests.conftest import StartRouter
 from tests.fakes.fake_hub import FakeHub
-from tests.webui.conftest import T
-from tests.webui.test_webui import open_ui, row, status_word
+from tests.webui.conftest import T, open_ui, row, status_word
 
 pytestmark = pytest.mark.webui
 

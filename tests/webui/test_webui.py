@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from playwright.async_api import Locator, Page, expect
+from playwright.async_api import Page, expect
 
-from tests.conftest import Router, StartRouter
+from tests.conftest import StartRouter
 from tests.fakes.helpers import wait_for, write_fake_model
-from tests.webui.conftest import T
+from tests.webui.conftest import T, open_ui, row, status_word
 
 pytestmark = pytest.mark.webui
 
@@ -27,19 +27,6 @@ def models_dir(tmp_path: Path, **models: dict) -> Path:
     for name, knobs in models.items():
         write_fake_model(d / f"{name}.gguf", **knobs)
     return d
-
-
-def row(page: Page, model: str) -> Locator:
-    return page.locator(f'#models tbody tr[data-model="{model}"]')
-
-
-def status_word(page: Page, model: str) -> Locator:
-    return row(page, model).locator("td.status .word")
-
-
-async def open_ui(page: Page, router: Router) -> None:
-    await page.goto(router.url + "/dashboard/")
-    await expect(page.locator("#conn")).to_have_text("live", timeout=T)
 
 
 async def test_static_files_are_public_typed_and_cached(tmp_path: Path, start_router: StartRouter) -> None:
