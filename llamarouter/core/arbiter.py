@@ -24,6 +24,7 @@ from .admission import Admission, Usage
 from .loadcost import LoadCosts
 from .memory import MemoryManager
 from .models import ModelTable
+from .placing import Go, Placing
 from .process import ModelProcess
 from .refusals import refusal
 from .states import State, StopReason
@@ -73,6 +74,8 @@ class Arbiter:
         self._starts: dict[int, int] = {}  # id(proc) -> number of its latest load
         self._generations = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
+        # Per-device budgets: each Start is placed on devices first (placing.py).
+        self.placing = Placing.of(config, memory, table, admission)
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -181,7 +184,9 @@ class Arbiter:
             models=views,
             waiters=waiters,
             models_max=self._config.limits.models_max,
-            budget=memory.budget if memory is not None else None,
+            # Per-device budgets: the pool's bytes say nothing of which device has room;
+            # placing.py counts each device's at every Start.
+            budget=memory.budget if memory is not None and self.placing is None else None,
             failed_holdoff=self._config.limits.failed_holdoff,
             closing=self._closing(),
             drain_after=self._config.limits.drain_after,
@@ -200,6 +205,8 @@ class Arbiter:
             if isinstance(action, scheduler.Track):
                 generation = action.generation
                 if generation is None:  # the load the Start just before began
+                    if self.placing is not None and waiter.model in self.placing.deferred:
+                        continue  # placement put the start off: no load to wait for yet
                     started = self._table.models.get(waiter.model)
                     generation = self._starts.get(id(started), 0) if started is not None else 0
                 waiter.saw_generation = generation
@@ -220,8 +227,11 @@ class Arbiter:
         self, action: scheduler.Start | scheduler.Drain | scheduler.Undrain | scheduler.Evict, proc: ModelProcess
     ) -> None:
         if isinstance(action, scheduler.Start):
-            self.note_start(proc)
-            proc.start()
+            go = self.placing.start(proc) if self.placing is not None else Go(True)
+            self.counters.evictions += go.evicted
+            if go.now:
+                self.note_start(proc)
+                proc.start(go.placement)
         elif isinstance(action, scheduler.Drain):
             self.drains.add(proc)
             log.info(

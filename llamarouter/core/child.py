@@ -27,6 +27,7 @@ from .canary import canary_due
 from .gguf_info import parse_buffer_line
 from .launcher import Child, Launcher
 from .logring import LogRing
+from .placement import Placement, child_launch
 from .probes import Probe
 from .reqhealth import RequestHealth
 from .sleep import sleeping_from_log
@@ -120,6 +121,7 @@ class ChildLife:
         logs: LogRing,
         post: Callable[[Loaded | Measured | Exited], None],
         stop_timeout: float,
+        placement: Placement | None = None,
     ) -> None:
         self.gen = gen
         self.name = spec.name
@@ -130,6 +132,7 @@ class ChildLife:
         self._logs = logs
         self._post = post
         self._stop_timeout = stop_timeout
+        self._placement = placement
         self.requests = RequestHealth(config.limits.request_failures, config.limits.request_failure_window)
         self.task: asyncio.Task[None] | None = None
         # Its own child, readable by the owner; written only by this life.
@@ -230,12 +233,18 @@ class ChildLife:
         parts = self._parts
         port = parts.launcher.free_port("127.0.0.1")
         self.argv = list(parts.build_argv(self._spec, port))
+        env = dict(self._config.child_env)
+        if self._placement is not None:
+            # Its devices: CUDA_VISIBLE_DEVICES, and --main-gpu/--tensor-split over several.
+            placed_env, placed_args = child_launch(self._placement)
+            env.update(placed_env)
+            self.argv += placed_args
         self.spawned_file = file_identity(self._spec.model_path)
         self.load_started_at = self._last_progress = time.monotonic()
         self._note(f"[llamarouter] starting: {' '.join(self.argv)}")
         try:
             async with asyncio.timeout(self._config.timeouts.spawn):
-                child = await parts.launcher.spawn(self.argv, dict(self._config.child_env))
+                child = await parts.launcher.spawn(self.argv, env)
         except (OSError, TimeoutError) as exc:
             result.cause = f"could not start {self.argv[0] if self.argv else '?'}: {exc}"
             self._note(f"[llamarouter] {result.cause}")

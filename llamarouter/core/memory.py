@@ -234,6 +234,8 @@ class MemoryManager:
         # Several GPUs' budgets (empty: one pool). Models count on a device once assigned.
         self.devices = list(devices)
         self._placements: dict[str, Placement] = {}
+        # The latest placement decision per model, (action, reason): GET /models, /memory.
+        self._decisions: dict[str, tuple[str, str]] = {}
         self._recovery_wait = recovery_wait
         self._poll = poll
         self._facts = FactsCache()
@@ -350,6 +352,25 @@ class MemoryManager:
     def placement_of(self, name: str) -> Placement | None:
         return self._placements.get(name)
 
+    def decided(self, name: str, action: str, reason: str) -> bool:
+        """Keep the latest decision for `name`; True when it differs from the one before."""
+        new = (action, reason)
+        changed = self._decisions.get(name) != new
+        self._decisions[name] = new
+        return changed
+
+    def placement_view(self, name: str) -> dict[str, object] | None:
+        """Where the model runs and why it was put there (or not yet, or refused), as
+        GET /models and GET /memory show it; None before any decision."""
+        seen = self._decisions.get(name)
+        if seen is None:
+            return None
+        placement = self._placements.get(name)
+        return {
+            "action": seen[0], "reason": seen[1],
+            **({"placement": placement.as_dict()} if placement is not None else {}),
+        }
+
     def _shares(self, proc: ModelProcess) -> dict[int, int]:
         """What a placed model holds on each device now: what it holds of the budget, in
         the proportions of its placement (a measurement after the start rescales them)."""
@@ -389,14 +410,13 @@ class MemoryManager:
         manual: ModelToPlace | None = None,
     ) -> Decision:
         """Where `proc` goes (see `placement.place`): its footprint, placed around the models
-        assigned so far; `manual` from `placement.manual_from_options`. Logs the reason."""
+        assigned so far; `manual` from `placement.manual_from_options`. The caller logs the
+        reason (placing.py, once per change: a model waiting for room is decided every pass)."""
         others = [p for p in procs if p.name != proc.name]
         model = ModelToPlace(proc.name, self.footprint(proc), per_extra_device=self.context_bytes)
         if manual is not None:
             model = replace(manual, name=proc.name, bytes=model.bytes, per_extra_device=model.per_extra_device)
-        decision = place(self.device_states(others, candidates), model)
-        log.info("[%s] placement: %s: %s", proc.name, decision.action, decision.reason)
-        return decision
+        return place(self.device_states(others, candidates), model)
 
     def report(self, procs: Iterable[ModelProcess]) -> dict[str, object]:
         procs = list(procs)
@@ -418,5 +438,9 @@ class MemoryManager:
             ]
             body["placements"] = {
                 name: p.as_dict() for name, p in self._placements.items() if any(x.name == name for x in procs)
+            }
+            body["decisions"] = {
+                name: {"action": action, "reason": reason}
+                for name, (action, reason) in self._decisions.items() if any(x.name == name for x in procs)
             }
         return body

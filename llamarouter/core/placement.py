@@ -299,7 +299,9 @@ def child_launch(placement: Placement) -> tuple[dict[str, str], list[str]]:
     device order, so that its CUDA1 is the GPU NVML calls 1.
     """
     if not placement.devices:
-        return {}, []
+        # `devices = none`: no GPU at all (an empty list hides every one from CUDA); the
+        # model's own `-dev none` says so itself.
+        return ({"CUDA_VISIBLE_DEVICES": ""} if placement.source == "preset" else {}), []
     if placement.source == "args":
         return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}, []
     env = {

@@ -30,6 +30,7 @@ from ..settings.declared import STOP_TIMEOUT, TTL, effective
 from .child import ChildLife, ChildParts, Exited, Loaded, Measured
 from .launcher import Child
 from .logring import LogRing
+from .placement import Placement
 from .restarts import Restarts
 from .states import RUNNING_STATES, SLOT_STATES, State, StopReason, api_status, check_transition
 
@@ -142,6 +143,8 @@ class ModelProcess:
         # with a memory budget only); kept after it exits as the best guess of what its
         # next start needs.
         self.device_bytes: int | None = None
+        # The devices its children are given (placing.py); None: as the router was started.
+        self.placement: Placement | None = None
 
         self._inbox: asyncio.Queue[_Message] = asyncio.Queue()
         self._owner: asyncio.Task[None] | None = None
@@ -253,9 +256,11 @@ class ModelProcess:
             self._owner = asyncio.create_task(self._own(), name=f"owner:{self.name}")
         return self._owner
 
-    def start(self) -> asyncio.Future[None]:
+    def start(self, placement: Placement | None = None) -> asyncio.Future[None]:
         """Load the model. STOPPED/FAILED: start; STARTING/READY/BACKOFF: nothing to do;
-        STOPPING: start again once stopped; SHUTDOWN: fails with ShuttingDown."""
+        STOPPING: start again once stopped; SHUTDOWN: fails with ShuttingDown. `placement`
+        (several GPUs: placing.py) is where its next lives run, restarts included."""
+        self.placement = placement
         return self._send(_Command(_Cmd.START))
 
     def stop(self, reason: StopReason) -> asyncio.Future[None]:
@@ -438,6 +443,7 @@ class ModelProcess:
         self._gen += 1
         life = ChildLife(
             self._gen, self.spec, self._config, self._parts, self, self.logs, self._post, self.stop_timeout,
+            self.placement,
         )
         self._life = self._last_life = life
         life.begin().add_done_callback(_life_done)

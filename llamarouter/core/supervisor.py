@@ -54,7 +54,10 @@ class _MemoryHooks:
         return self._memory.probe.gpu
 
     def before_spawn(self, proc: ModelProcess) -> Awaitable[None]:
-        return self._memory.wait_recovered(self._memory.footprint(proc))
+        # Placed on GPUs: each of its devices must show its share free (NVML's figures;
+        # per-device budgets without NVML have no device to ask).
+        placement = proc.placement if self.gpu else None
+        return self._memory.wait_recovered(self._memory.footprint(proc), placement)
 
     def measure_device(self, proc: ModelProcess, pid: int) -> int | None:
         return self._memory.measure_device(proc, pid)
@@ -268,6 +271,8 @@ class Supervisor:
         elif new == State.FAILED and proc.name not in self._been_ready and not self.failed_before_ready.is_set():
             self.first_failure = f"model name={proc.name}: {proc.failure or 'failed'}"
             self.failed_before_ready.set()
+        if self.arbiter.placing is not None:
+            self.arbiter.placing.changed(proc, new)
         if self.table.listed(proc):
             self.events.transition(proc, old, new)
         if new in (State.STOPPED, State.FAILED, State.SHUTDOWN) and self.table.finished(proc):

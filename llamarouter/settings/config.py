@@ -213,6 +213,9 @@ class ModelSpec:
     stop_timeout: float | None = None  # None = Timeouts.stop
     ttl: float | None = None  # None = Limits.ttl
     pin: bool = False
+    # Preset key `devices = 0,1` (NVML ids; `none`: the CPU): manual placement on several
+    # GPUs; None = placed automatically. Read by core/placement.py's parse_devices.
+    devices: str | None = None
     hidden: bool = False
     model_path: str | None = None  # the main GGUF, when known (memory estimates, dedup)
     input_modalities: tuple[str, ...] = ("text",)

@@ -57,8 +57,9 @@ STR, PATH, CSV, SIZE, BOOL = Kind.STR, Kind.PATH, Kind.CSV, Kind.SIZE, Kind.BOOL
 INT, FLOAT, OPTINT, OPTFLOAT = Kind.INT, Kind.FLOAT, Kind.OPTINT, Kind.OPTFLOAT
 
 NUMBERS = frozenset({INT, FLOAT, OPTINT, OPTFLOAT})
-# The kinds a preset key may have (discovery.py reads a switch or seconds).
-PRESET_KINDS = frozenset({BOOL, FLOAT, OPTFLOAT})
+# The kinds a preset key may have (discovery.py reads a switch or seconds; a STR key's
+# text is its reader's, such as `devices`'s list of GPUs).
+PRESET_KINDS = frozenset({BOOL, FLOAT, OPTFLOAT, STR})
 _METAVARS = {FLOAT: "S", OPTFLOAT: "S", INT: "N", OPTINT: "N", SIZE: "SIZE", PATH: "PATH"}
 
 
@@ -441,6 +442,7 @@ DECLARED: tuple[Setting[Any], ...] = (
     # Preset keys of a model's own, with no router-wide flag (the first is upstream's).
     Setting("", MODEL, "load_on_startup", BOOL, preset="load-on-startup"),
     Setting("", MODEL, "pin", BOOL, preset="pin"),
+    Setting("", MODEL, "devices", STR, preset="devices"),
     Setting("", MODEL, "default", BOOL, preset="default-model"),
 )
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .config import ModelSpec
-from .declared import BOOL, PER_MODEL, Setting
+from .declared import BOOL, PER_MODEL, STR, Setting
 from .flags import FlagTable, is_falsey, is_truthy, key
 
 log = logging.getLogger("llamarouter.settings.discovery")
@@ -469,9 +469,13 @@ def per_model(opts: Options, model: str) -> dict[str, Any]:
     return out
 
 
-def _preset_value(s: Setting[Any], value: str, model: str) -> bool | float | None:
+def _preset_value(s: Setting[Any], value: str, model: str) -> bool | float | str | None:
     if s.kind is BOOL:
         return _bool_opt(s.preset, value, model)
+    if s.kind is STR:
+        # Its reader checks it (`devices`: placement.parse_devices, whose error is the
+        # 503 of a request for the model).
+        return value.strip() or None
     return _float_opt(s.preset, value, model)  # the other PRESET_KINDS: seconds
 
 

@@ -121,6 +121,9 @@ async def memory(api: Api, request: web.Request) -> web.Response:
             entry["device_bytes"] = proc.device_bytes
         if memory is not None and proc.holds_slot:
             entry["counted_bytes"] = memory.held(proc)
+        placed = memory.placement_view(proc.name) if memory is not None else None
+        if placed is not None:
+            entry["placement"] = placed
         models[proc.name] = entry
     body: dict[str, Any] = {"budget": None, "models": models}
     if memory is not None:

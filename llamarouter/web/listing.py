@@ -54,6 +54,7 @@ class _Inputs(NamedTuple):
     measured_bytes: int | None
     device_bytes: int | None
     loaded_info: dict[str, Any]
+    placement: dict[str, object] | None  # several GPUs: where it runs and why
 
 
 def status_value(proc: ModelProcess) -> str:
@@ -132,6 +133,7 @@ class ModelListing:
             measured_bytes=proc.measured_bytes,
             device_bytes=proc.device_bytes,
             loaded_info=proc.loaded_info,
+            placement=sup.memory.placement_view(proc.name) if sup.memory is not None else None,
         )
 
     def _build(self, i: _Inputs, now: int) -> dict[str, Any]:
@@ -168,6 +170,8 @@ class ModelListing:
             item["measured_bytes"] = i.measured_bytes
         if i.device_bytes is not None and not unloaded:
             item["device_bytes"] = i.device_bytes
+        if i.placement is not None:
+            item["placement"] = i.placement
         if not unloaded:
             for key, value in i.loaded_info.items():
                 item.setdefault(key, value)

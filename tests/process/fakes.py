@@ -38,6 +38,8 @@ class FakeChild:
         self._lines: asyncio.Queue[bytes] = asyncio.Queue()
         self._lines.put_nowait(b"fake: loading model\n")
         self.holds: list[float] = []
+        self.argv: list[str] = []
+        self.env: dict[str, str] = {}
         self.output_calls: list[str] = []
 
     @property
@@ -104,6 +106,7 @@ class FakeLauncher:
         if script.spawn_error:
             raise OSError(2, "No such file or directory")
         child = FakeChild(next(self._pids), name, port, script)
+        child.argv, child.env = list(argv), dict(env)  # what it was told (placement: its devices)
         self.children.append(child)
         if script.crash_on_start:
             asyncio.get_running_loop().call_soon(child.exit, 1)

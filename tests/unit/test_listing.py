@@ -41,6 +41,7 @@ class _Proc:
 class _Sup:
     def __init__(self, procs: list[_Proc]) -> None:
         self.procs = procs
+        self.memory = None  # no budget: no placement shown
 
     def visible(self) -> list[_Proc]:
         return self.procs

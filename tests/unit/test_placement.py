@@ -187,6 +187,7 @@ def test_a_single_device_placement_sets_only_the_visible_device() -> None:
         {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": "1"}, [],
     )
     assert child_launch(Placement((), None, (), "args")) == ({}, [])
+    assert child_launch(Placement((), None, (), "preset")) == ({"CUDA_VISIBLE_DEVICES": ""}, [])
 
 
 def test_parse_devices() -> None:
