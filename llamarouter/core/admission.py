@@ -162,6 +162,14 @@ class Loop(Protocol):
         """Whether a request for `proc` may be granted without queueing."""
         ...
 
+    def replicas(self, proc: ModelProcess) -> list[ModelProcess]:
+        """Every listed child of `proc`'s model (just `proc` without `replicas`)."""
+        ...
+
+    def serving(self, proc: ModelProcess) -> bool:
+        """READY and taking requests (not giving way to a swap)."""
+        ...
+
     def waited(self, model: str, seconds: float) -> None: ...
 
 
@@ -182,12 +190,17 @@ class Admission:
         # Leases held on each process. Counted per process, not per name: a reload can
         # retire a busy model and list the same name again while the old child serves.
         self._serving: dict[ModelProcess, int] = {}
+        self._released: dict[ModelProcess, float] = {}  # when each last finished a request
 
     def in_flight(self, proc: ModelProcess) -> int:
         return self._serving.get(proc, 0)
 
+    def released_at(self, proc: ModelProcess) -> float:
+        return self._released.get(proc, 0.0)
+
     def forget(self, proc: ModelProcess) -> None:
         self._serving.pop(proc, None)
+        self._released.pop(proc, None)
 
     def touch(self, proc: ModelProcess) -> None:
         """Upstream stamps last_used on every POST it routes to a model, loads included."""
@@ -237,6 +250,12 @@ class Admission:
                 self._loop.kick()
 
     def grant(self, proc: ModelProcess) -> Lease:
+        """A lease on `proc`'s model: on its ready child with the fewest requests in flight,
+        then the most free slots (its only child without `replicas`)."""
+        if proc.spec.replicas > 1:
+            ready = [p for p in self._loop.replicas(proc) if self._loop.serving(p)]
+            if ready:
+                proc = min(ready, key=lambda p: (self.in_flight(p), self.in_flight(p) - p.slots, p.replica))
         self._serving[proc] = self._serving.get(proc, 0) + 1
         return Lease(self._release, proc)
 
@@ -244,6 +263,7 @@ class Admission:
         now = time.monotonic()
         self.usage.used(proc.name, now)
         self.usage.of(proc.name).last_activity = now
+        self._released[proc] = now
         left = self._serving.get(proc, 0) - 1
         proc.served()
         if left > 0:

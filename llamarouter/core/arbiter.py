@@ -158,16 +158,23 @@ class Arbiter:
         views = []
         for proc in self._table.all_processes():
             usage = self._admission.usage.get(proc.name) if self._table.listed(proc) else Usage()
+            # An extra replica is idle by its own requests, not its model's.
+            used = self._admission.released_at(proc) if proc.replica else usage.last_used
             state = proc.expected_state
             starts = self._starts.get(id(proc), 0)
+            replicas = proc.spec.replicas
             views.append(
                 scheduler.ModelView(
-                    name=proc.name,
+                    name=proc.key,
+                    model=proc.name,
+                    replica=proc.replica,
+                    replicas=replicas,
+                    slots=proc.slots if replicas > 1 else 1,
                     state=state,
                     in_flight=self._admission.in_flight(proc),
-                    last_used=usage.last_used,
-                    idle_since=max(usage.last_used, proc.ready_at or 0.0),
-                    pinned=self._table.pinned(proc),
+                    last_used=used,
+                    idle_since=max(used, proc.ready_at or 0.0),
+                    pinned=self._table.pinned(proc) and not proc.replica,
                     bytes=memory.held(proc) if memory is not None else 0,
                     ttl=proc.ttl,
                     failed_at=proc.state_changed_at if proc.state == State.FAILED else None,
@@ -197,7 +204,9 @@ class Arbiter:
         by_id = self._admission.waiters.by_id()
         for action in actions:
             if isinstance(action, scheduler.Start | scheduler.Drain | scheduler.Undrain | scheduler.Evict):
-                self._apply_to_model(action, self._table.models[action.model])
+                target = self._table.by_key(action.model)
+                assert target is not None, action  # the plan names listed models only
+                self._apply_to_model(action, target)
                 continue
             waiter = by_id.get(action.waiter)
             if waiter is None:
@@ -215,7 +224,7 @@ class Arbiter:
             elif isinstance(action, scheduler.Grant):
                 if self._watch is not None:
                     self._watch.waited(waiter.model, time.monotonic() - waiter.since)
-                waiter.fut.set_result(self._admission.grant(self._table.models[action.model]))
+                waiter.fut.set_result(self._admission.grant(self._table.models[action.model]))  # its best replica
             elif isinstance(action, scheduler.Resolve):
                 waiter.fut.set_result(None)
             else:

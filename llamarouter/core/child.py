@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from ..settings.childargs import parallel_slots
 from ..settings.config import ModelSpec, RouterConfig
 from .canary import canary_due
 from .gguf_info import parse_buffer_line
@@ -114,6 +115,7 @@ class ChildLife:
     def __init__(
         self,
         gen: int,
+        key: str,
         spec: ModelSpec,
         config: RouterConfig,
         parts: ChildParts,
@@ -124,7 +126,7 @@ class ChildLife:
         placement: Placement | None = None,
     ) -> None:
         self.gen = gen
-        self.name = spec.name
+        self.name = key  # the model's name, or its replica's key ("name#2")
         self._spec = spec
         self._config = config
         self._parts = parts
@@ -139,6 +141,7 @@ class ChildLife:
         self.port: int | None = None
         self.child: Child | None = None
         self.argv: list[str] = []
+        self.slots = 1  # its parallel slots (-np), once its command line is known
         self.spawned_file: FileIdentity | None = None
         self.measured: dict[tuple[str, str], int] = {}  # buffer sizes reported while loading
         self.load_started_at: float | None = None
@@ -239,6 +242,7 @@ class ChildLife:
             placed_env, placed_args = child_launch(self._placement)
             env.update(placed_env)
             self.argv += placed_args
+        self.slots = parallel_slots(self.argv, dict(self._config.child_env))
         self.spawned_file = file_identity(self._spec.model_path)
         self.load_started_at = self._last_progress = time.monotonic()
         self._note(f"[llamarouter] starting: {' '.join(self.argv)}")

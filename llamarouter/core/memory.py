@@ -374,7 +374,7 @@ class MemoryManager:
     def _shares(self, proc: ModelProcess) -> dict[int, int]:
         """What a placed model holds on each device now: what it holds of the budget, in
         the proportions of its placement (a measurement after the start rescales them)."""
-        p = self._placements.get(proc.name)
+        p = self._placements.get(proc.key)
         if p is None or not p.devices or not proc.holds_slot:
             return {}
         held = self.held(proc)
@@ -391,11 +391,11 @@ class MemoryManager:
         candidates = candidates or {}
         placed: dict[int, list[PlacedModel]] = {b.index: [] for b in self.devices}
         for proc in procs:
-            c = candidates.get(proc.name)
+            c = candidates.get(proc.key)
             idle = c is not None and c.ready and not c.busy and not c.wanted
             for i, n in self._shares(proc).items():
                 placed.setdefault(i, []).append(PlacedModel(
-                    proc.name, n, idle, c.last_used if c is not None else 0.0, c.pinned if c is not None else False,
+                    proc.key, n, idle, c.last_used if c is not None else 0.0, c.pinned if c is not None else False,
                 ))
         return [
             DeviceState(
@@ -412,10 +412,10 @@ class MemoryManager:
         """Where `proc` goes (see `placement.place`): its footprint, placed around the models
         assigned so far; `manual` from `placement.manual_from_options`. The caller logs the
         reason (placing.py, once per change: a model waiting for room is decided every pass)."""
-        others = [p for p in procs if p.name != proc.name]
-        model = ModelToPlace(proc.name, self.footprint(proc), per_extra_device=self.context_bytes)
+        others = [p for p in procs if p is not proc]
+        model = ModelToPlace(proc.key, self.footprint(proc), per_extra_device=self.context_bytes)
         if manual is not None:
-            model = replace(manual, name=proc.name, bytes=model.bytes, per_extra_device=model.per_extra_device)
+            model = replace(manual, name=proc.key, bytes=model.bytes, per_extra_device=model.per_extra_device)
         return place(self.device_states(others, candidates), model)
 
     def report(self, procs: Iterable[ModelProcess]) -> dict[str, object]:

@@ -21,10 +21,12 @@ log = logging.getLogger("llamarouter.supervisor")
 
 
 class ModelTable:
-    def __init__(self, config: RouterConfig, make: Callable[[ModelSpec], ModelProcess]) -> None:
+    def __init__(self, config: RouterConfig, make: Callable[[ModelSpec, int], ModelProcess]) -> None:
         self._config = config
         self._make = make
-        self.models: dict[str, ModelProcess] = {}
+        self.models: dict[str, ModelProcess] = {}  # each model's first child (replica 0)
+        # The other replicas of a model with `replicas = N`, by name (replica 1 first).
+        self.extra: dict[str, list[ModelProcess]] = {}
         self.aliases: dict[str, str] = {}
         self.retired: set[ModelProcess] = set()  # replaced or removed by a reload, stopping
         # Retired while serving: they finish the requests they have, then stop.
@@ -50,14 +52,32 @@ class ModelTable:
             return None
 
     def listed(self, proc: ModelProcess) -> bool:
-        """Whether `proc` is the model its name stands for now (not a retired one)."""
+        """Whether `proc` is the model its name stands for now, or one of its replicas (not
+        a retired one)."""
+        if proc.replica:
+            return proc in self.extra.get(proc.name, ())
         return self.models.get(proc.name) is proc
+
+    def replicas(self, proc: ModelProcess) -> list[ModelProcess]:
+        """Every listed child of `proc`'s model, its first one first."""
+        first = self.models.get(proc.name)
+        return [first, *self.extra.get(proc.name, ())] if first is not None else []
+
+    def by_key(self, key: str) -> ModelProcess | None:
+        """A listed model or replica by its key (a model's name, or "name#2")."""
+        proc = self.models.get(key)
+        if proc is not None:
+            return proc
+        name, sep, _ = key.rpartition("#")
+        if sep:
+            return next((p for p in self.extra.get(name, ()) if p.key == key), None)
+        return None
 
     def visible(self) -> list[ModelProcess]:
         return [p for p in self.models.values() if not p.spec.hidden]
 
     def all_processes(self) -> list[ModelProcess]:
-        return [*self.models.values(), *self.retired]
+        return [*self.models.values(), *(p for group in self.extra.values() for p in group), *self.retired]
 
     # ----------------------------------------------------------------- pins
     def pinned(self, proc: ModelProcess) -> bool:
@@ -77,15 +97,23 @@ class ModelTable:
         """List every spec whose name is not listed yet, and the aliases of all of them."""
         for name, spec in specs.items():
             if name not in self.models:
-                self.models[name] = self._open(spec)
+                self.models[name] = self._open(spec, 0)
+                self.extra[name] = [self._open(spec, i) for i in range(1, spec.replicas)]
         self.aliases = {
             alias: name for name, spec in specs.items() for alias in spec.aliases if alias != name
         }
 
-    def unlist(self, proc: ModelProcess, busy: bool) -> None:
-        """A reload changed or removed its definition: stop it, or, while it serves
-        (`busy`), let it finish its requests first (it keeps its slot until it exits)."""
-        del self.models[proc.name]
+    def unlist(self, name: str, busy: Callable[[ModelProcess], bool]) -> list[ModelProcess]:
+        """A reload changed or removed the model's definition: stop each of its children,
+        or, while one serves (`busy`), let it finish its requests first (it keeps its slot
+        until it exits). The children that left the table at once (nothing to stop)."""
+        closed = []
+        for proc in [self.models.pop(name), *self.extra.pop(name, [])]:
+            if not self._retire(proc, busy(proc)):
+                closed.append(proc)
+        return closed
+
+    def _retire(self, proc: ModelProcess, busy: bool) -> bool:
         state = proc.expected_state
         if state == State.READY and busy:
             self.retired.add(proc)
@@ -95,6 +123,8 @@ class ModelTable:
             self.retired.add(proc)
         else:
             self.close(proc)
+            return False
+        return True
 
     def finished(self, proc: ModelProcess) -> bool:
         """A retired model came to rest: it leaves the table. True when it was retired."""
@@ -109,8 +139,8 @@ class ModelTable:
         if proc.state != State.SHUTDOWN:
             proc.close()
 
-    def _open(self, spec: ModelSpec) -> ModelProcess:
-        proc = self._make(spec)
+    def _open(self, spec: ModelSpec, replica: int) -> ModelProcess:
+        proc = self._make(spec, replica)
         task = proc.open()
         self._owners.add(task)
         task.add_done_callback(self._owner_done)

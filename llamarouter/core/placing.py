@@ -65,27 +65,31 @@ class Placing:
     def start(self, proc: ModelProcess) -> Go:
         """Decide where `proc` goes and act on it (see the module's docstring)."""
         decision = self._decide(proc)
-        self._note(proc.name, decision)
+        self._note(proc.key, decision)
         if decision.action in ("place", "split") and decision.placement is not None:
             self.deferred.discard(proc.name)
-            self.memory.assign(proc.name, decision.placement)
+            self.memory.assign(proc.key, decision.placement)
             return Go(True, decision.placement)
+        if proc.replica:
+            # An extra replica is started only where there is room (nothing is evicted or
+            # refused for it): the model serves on with the children it has.
+            return Go(False)
         self.deferred.add(proc.name)
         if decision.action == "refuse":
             self._refuse(proc.name, decision.reason)
-        return Go(False, evicted=self._evict(proc.name, decision) if decision.action == "evict" else 0)
+        return Go(False, evicted=self._evict(proc.key, decision) if decision.action == "evict" else 0)
 
     def changed(self, proc: ModelProcess, new: State) -> None:
         """A model's transition: once its child is gone (stopped, failed) its devices are
         free of it; a start the owner made itself (after a stop, a restart) runs where
         its placement says. A model that a reload replaced leaves the placement of the one
         that took its name alone."""
-        if self.table.models.get(proc.name) not in (proc, None):
+        if not self.table.listed(proc) and self.table.by_key(proc.key) is not None:
             return
         if new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
-            self.memory.unassign(proc.name)
+            self.memory.unassign(proc.key)
         elif new == State.STARTING and proc.placement is not None:
-            self.memory.assign(proc.name, proc.placement)
+            self.memory.assign(proc.key, proc.placement)
 
     # ------------------------------------------------------------------ deciding
     def _decide(self, proc: ModelProcess) -> Decision:
@@ -102,7 +106,7 @@ class Placing:
         if decision.action not in ("place", "split") or decision.placement is None:
             return decision
         devices = set(decision.placement.devices)
-        blocking = sorted({p.name for p in leaving if devices & set(self._devices_of(p))})
+        blocking = sorted({p.key for p in leaving if devices & set(self._devices_of(p))})
         if not blocking:
             return decision
         return replace(decision, action="wait", reason=f"{decision.reason}, once {', '.join(blocking)} "
@@ -114,7 +118,7 @@ class Placing:
         return manual_from_options(opts, proc.spec.devices)
 
     def _devices_of(self, proc: ModelProcess) -> tuple[int, ...]:
-        placement = self.memory.placement_of(proc.name)
+        placement = self.memory.placement_of(proc.key)
         return placement.devices if placement is not None else ()
 
     def _candidates(self, procs: list[ModelProcess]) -> dict[str, Candidate]:
@@ -122,13 +126,15 @@ class Placing:
         for them, not pinned (the scheduler's eviction rule)."""
         out: dict[str, Candidate] = {}
         for p in procs:
-            out[p.name] = Candidate(
-                name=p.name,
-                last_used=self.admission.usage.get(p.name).last_used,
+            # By key: each replica of a model is placed (and may be evicted) on its own.
+            out[p.key] = Candidate(
+                name=p.key,
+                last_used=self.admission.released_at(p) if p.replica else self.admission.usage.get(p.name).last_used,
                 ready=p.expected_state == State.READY,
                 busy=self.admission.in_flight(p) > 0,
-                pinned=self.table.pinned(p),
-                wanted=self.admission.waiters.wants(p.name),
+                pinned=self.table.pinned(p) and not p.replica,
+                wanted=self.admission.waiters.wants(p.name) and not p.replica,
+                extra=p.replica > 0,
             )
         return out
 
@@ -143,7 +149,7 @@ class Placing:
         stopped = 0
         for victim in decision.evict:
             for p in self.table.all_processes():
-                if p.name == victim and p.expected_state == State.READY:
+                if p.key == victim and p.expected_state == State.READY:
                     log.info("[%s] evicting the device's idle least recently used model for %s: %s",
                              victim, name, decision.reason)
                     p.stop(StopReason.EVICTED)

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 from ..errors import ShuttingDown
 from ..settings.config import ModelSpec, RouterConfig
-from ..settings.declared import STOP_TIMEOUT, TTL, effective
+from ..settings.declared import REPLICA_TTL, STOP_TIMEOUT, TTL, effective
 from .child import ChildLife, ChildParts, Exited, Loaded, Measured
 from .launcher import Child
 from .logring import LogRing
@@ -109,18 +109,16 @@ class ModelProcess:
         on_state: StateListener,
         demand: Demand | None = None,
         memory: MemoryHooks | None = None,
+        replica: int = 0,
     ) -> None:
         self.spec = spec
         self.name = spec.name
+        # Replica 0 is the model's first child; the others (preset key `replicas`) are
+        # told apart by their key ("name#2") in scheduling and in the logs.
+        self.replica = replica
+        self.key = spec.name if replica == 0 else f"{spec.name}#{replica + 1}"
         self._config = config
-        if memory is not None:
-            # Each life gets the budget's hooks already bound to this model.
-            parts = dataclasses.replace(
-                parts,
-                before_spawn=lambda: memory.before_spawn(self),
-                measure_device=(lambda pid: memory.measure_device(self, pid)) if memory.gpu else None,
-            )
-        self._parts = parts
+        self._parts = _own_parts(self, parts, memory)
         self._on_state = on_state
         self._demand: Demand = demand or _NoDemand()
 
@@ -184,7 +182,6 @@ class ModelProcess:
     def load_started_at(self) -> float | None:
         return self._last_life.load_started_at if self._last_life is not None else None
 
-
     @property
     def crash_times(self) -> collections.deque[float]:
         """Unasked exits within --restart-window (the restart budget used)."""
@@ -225,7 +222,14 @@ class ModelProcess:
 
     @property
     def ttl(self) -> float | None:
-        return effective(self.spec, self._config, TTL)
+        ttl = effective(self.spec, self._config, TTL)
+        extra = effective(self.spec, self._config, REPLICA_TTL) if self.replica else None
+        return min((t for t in (ttl, extra) if t is not None), default=None)
+
+    @property
+    def slots(self) -> int:
+        """The latest child's parallel slots (-np; llama-server's auto is 4)."""
+        return self._last_life.slots if self._last_life is not None else 1
 
     @property
     def measured_bytes(self) -> int | None:
@@ -234,8 +238,7 @@ class ModelProcess:
     @property
     def stop_bound(self) -> float:
         """The longest a stop can take: SIGTERM, stop-timeout, SIGKILL, reap, drain."""
-        t = self._config.timeouts
-        return self.stop_timeout + t.reap + t.drain + t.spawn
+        return self.stop_timeout + self._config.timeouts.reap + self._config.timeouts.drain + self._config.timeouts.spawn
 
     def file_repaired(self) -> bool:
         """FAILED, and its model file is not the one its last child was spawned on (size,
@@ -246,14 +249,13 @@ class ModelProcess:
         return self.logs.tail(n)
 
     def failure_message(self) -> str:
-        detail = self.failure or "unknown error"
-        return f"model name={self.name} failed to load: {detail}"
+        return f"model name={self.name} failed to load: {self.failure or 'unknown error'}"
 
     # ----------------------------------------------------------------- commands
     def open(self) -> asyncio.Task[None]:
         """Start the owner task (once). The supervisor keeps and observes it."""
         if self._owner is None:
-            self._owner = asyncio.create_task(self._own(), name=f"owner:{self.name}")
+            self._owner = asyncio.create_task(self._own(), name=f"owner:{self.key}")
         return self._owner
 
     def start(self, placement: Placement | None = None) -> asyncio.Future[None]:
@@ -307,8 +309,7 @@ class ModelProcess:
             await asyncio.wait_for(self._changed.wait(), timeout)
 
     def kill_now(self) -> None:
-        """Forced exit: SIGKILL the child's group. Not a state change: the life still
-        reaps it and reports the exit."""
+        """Forced exit: SIGKILL the child's group (the life still reaps it and reports)."""
         if self._life is not None:
             self._life.kill_now()
 
@@ -336,7 +337,7 @@ class ModelProcess:
                 try:
                     done = self._handle(msg)
                 except Exception as exc:  # a bug of ours: never leave the model undefined
-                    log.exception("[%s] internal error handling %s", self.name, type(msg).__name__)
+                    log.exception("[%s] internal error handling %s", self.key, type(msg).__name__)
                     self._recover(exc)
                 if isinstance(msg, _Command):
                     if self._pending and msg.cmd != _Cmd.CLOSE:
@@ -367,16 +368,13 @@ class ModelProcess:
         if isinstance(msg, Loaded):
             if msg.gen == self._gen and self.state == State.STARTING:
                 self.loaded_info = msg.info
-                if msg.device_bytes:
-                    self.device_bytes = msg.device_bytes
+                self.device_bytes = msg.device_bytes or self.device_bytes
                 self.ready_at = time.monotonic()
                 self.ever_ready = True
                 self._bind_retries = 0
                 self._set_state(State.READY)
-                log.info(
-                    "[%s] ready on port %s in %.2fs", self.name, self.port,
-                    self.ready_at - (self.load_started_at or self.ready_at),
-                )
+                took = self.ready_at - (self.load_started_at or self.ready_at)
+                log.info("[%s] ready on port %s in %.2fs", self.key, self.port, took)
             # Otherwise a stop got there first: the life is already being told to end.
         elif isinstance(msg, Exited) and msg.gen == self._gen:
             self._on_exit(msg)
@@ -409,7 +407,7 @@ class ModelProcess:
             if self._life is None and self.state in (State.STOPPED, State.FAILED, State.SHUTDOWN):
                 self.logs.close()
                 return True
-            log.warning("[%s] close refused in state %s", self.name, self.state)
+            log.warning("[%s] close refused in state %s", self.key, self.state)
         return False
 
     def _begin(self, state: State, after_failed: bool = False) -> None:
@@ -428,22 +426,20 @@ class ModelProcess:
         elif state == State.BACKOFF:
             if self._backoff_timer is not None:
                 self._backoff_timer.cancel()
-                self._backoff_timer = None
             self._gen += 1  # a timer that already fired is stale now
             self.stop_reason = reason
             self._set_state(State.STOPPED)
         elif state in (State.STARTING, State.READY):
             self.stop_reason = reason
-            life = self._life
             self._set_state(State.STOPPING)
-            if life is not None:
-                life.request_stop(reason, kill_at_once=state == State.STARTING)
+            if self._life is not None:
+                self._life.request_stop(reason, kill_at_once=state == State.STARTING)
 
     def _begin_life(self) -> None:
         self._gen += 1
         life = ChildLife(
-            self._gen, self.spec, self._config, self._parts, self, self.logs, self._post, self.stop_timeout,
-            self.placement,
+            self._gen, self.key, self.spec, self._config, self._parts, self, self.logs, self._post,
+            self.stop_timeout, self.placement,
         )
         self._life = self._last_life = life
         life.begin().add_done_callback(_life_done)
@@ -467,14 +463,14 @@ class ModelProcess:
         if ex.bind_failed and state == State.STARTING:
             self._bind_retries += 1
             if self._bind_retries <= self._config.limits.bind_retries:
-                log.warning("[%s] port taken before the child bound it; retrying", self.name)
+                log.warning("[%s] port taken before the child bound it; retrying", self.key)
                 self._begin_life()
                 return
             ex.cause = "could not bind a port for the child"
         self.crashed = True
         self.sick_exit = ex.sick
         verdict = self._restarts.after_exit(
-            self.name, ex, self.logs.tail(self._config.limits.log_lines), self._demand.wanted(self.name),
+            self.key, ex, self.logs.tail(self._config.limits.log_lines), self._demand.wanted(self.name),
             time.monotonic(),
         )
         self.failure = verdict.failure
@@ -498,11 +494,25 @@ class ModelProcess:
             self._shut.set()
         self._changed.set()
         self._changed = asyncio.Event()
-        log.info("[%s] %s -> %s", self.name, old, new)
+        log.info("[%s] %s -> %s", self.key, old, new)
         try:
             self._on_state(self, old, new)
         except Exception:  # the listener is the supervisor's; it must not break the owner
-            log.exception("[%s] state listener failed on %s -> %s", self.name, old, new)
+            log.exception("[%s] state listener failed on %s -> %s", self.key, old, new)
+
+
+def _own_parts(proc: ModelProcess, parts: ChildParts, memory: MemoryHooks | None) -> ChildParts:
+    """What `proc`'s lives are built from: the budget's hooks bound to it; an extra replica
+    starts cold (the slot caches on disk are the first child's)."""
+    if proc.replica:
+        parts = dataclasses.replace(parts, kv_cache=None)
+    if memory is not None:
+        parts = dataclasses.replace(
+            parts,
+            before_spawn=lambda: memory.before_spawn(proc),
+            measure_device=(lambda pid: memory.measure_device(proc, pid)) if memory.gpu else None,
+        )
+    return parts
 
 
 def _expected(state: State, sick: bool, pending: collections.deque[_Cmd]) -> State:

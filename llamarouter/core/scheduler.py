@@ -52,7 +52,7 @@ class Why(enum.StrEnum):
 
 @dataclass(frozen=True)
 class ModelView:
-    name: str
+    name: str  # unique: a model's name, or for its extra replicas "name#2", "name#3"...
     state: State  # the expected state (commands already sent count as done)
     in_flight: int = 0
     last_used: float = 0.0  # monotonic; 0 = never used
@@ -66,6 +66,14 @@ class ModelView:
     draining: bool = False  # giving way: new requests queue, evicted once idle
     ready_at: float = 0.0  # monotonic: when its current life became READY (its turn so far)
     reload_seconds: float = 0.0  # what loading it again costs (measured, or from its size)
+    model: str = ""  # the model requests name ("" = `name`): its replicas share it
+    replica: int = 0  # 0: the model's first child, whose view requests are planned on
+    replicas: int = 1  # children the model may run (preset key `replicas`)
+    slots: int = 1  # the child's parallel slots: all busy on every ready child -> one more
+
+    @property
+    def model_name(self) -> str:
+        return self.model or self.name
 
 
 @dataclass(frozen=True)
@@ -229,6 +237,11 @@ def plan(snap: Snapshot) -> list[Action]:
             p.wanted.add(pinned.name)
             want_start(pinned)
 
+    # Models with a child that takes requests now (a READY replica not giving way).
+    servable = {
+        v.model_name for v in snap.models
+        if v.listed and v.state == State.READY and not v.draining
+    }
     # Requests for models that must be started, grouped by model in order of arrival.
     starts: dict[str, list[WaiterView]] = {}
     behind: list[WaiterView] = []  # requests for a draining model
@@ -239,8 +252,13 @@ def plan(snap: Snapshot) -> list[Action]:
             continue
         m = found
         state = p.state[m.name]
-        if w.deadline is not None and snap.now >= w.deadline and (state != State.READY or m.draining):
+        if w.deadline is not None and snap.now >= w.deadline and m.name not in servable:
             p.actions.append(Refuse(w.id, w.model, Why.DEADLINE))
+            continue
+        if not w.load and m.name in servable and state != State.READY:
+            # Its first child is not ready but another replica is: served there.
+            p.actions.append(Grant(w.id, m.name))
+            p.wanted.add(m.name)
             continue
         if w.load:
             _plan_load(snap, p, room, w, m, state, pinned_bytes, want_start)
@@ -260,6 +278,7 @@ def plan(snap: Snapshot) -> list[Action]:
         if w.model in undrained:
             p.actions.append(Grant(w.id, w.model))
             p.wanted.add(w.model)
+    _plan_replicas(p, room, models)
     _plan_evictions(snap, p, room, models)
     _plan_drains(snap, p, room, models)
     _plan_ttl(snap, p, models)
@@ -462,12 +481,38 @@ def _plan_evictions(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, Mod
             pinned=m.pinned,
             wanted=m.name in p.wanted,
             bytes=m.bytes,
+            extra=m.replica > 0,
         )
         for m in models.values()
     ]
     for name in plan_evictions(candidates, slot_deficit, max(bytes_deficit, 0)):
         p.actions.append(Evict(name, StopReason.EVICTED))
         p.state[name] = State.STOPPING
+
+
+def _plan_replicas(p: _Plan, room: _Room, models: dict[str, ModelView]) -> None:
+    """One more child for a model whose ready children all have every slot busy, when
+    there is room now (no eviction for it) and none of its children is loading already."""
+    if p.need_slots or p.need_bytes:
+        return  # requests wait for room: they come first
+    groups: dict[str, list[ModelView]] = {}
+    for m in models.values():
+        if m.replicas > 1:
+            groups.setdefault(m.model_name, []).append(m)
+    for group in groups.values():
+        states = [p.state[m.name] for m in group]
+        ready = [m for m, state in zip(group, states, strict=True) if state == State.READY]
+        if not ready or any(state in (State.STARTING, State.BACKOFF) for state in states):
+            continue
+        if any(m.draining or m.in_flight < m.slots for m in ready):
+            continue
+        spare = next(
+            (m for m, state in zip(group, states, strict=True) if m.replica and state == State.STOPPED), None,
+        )
+        if spare is not None and room.fits(spare):
+            room.take(spare)
+            p.actions.append(Start(spare.name))
+            p.state[spare.name] = State.STARTING
 
 
 def _plan_ttl(snap: Snapshot, p: _Plan, models: dict[str, ModelView]) -> None:
@@ -522,6 +567,7 @@ class Candidate:
     pinned: bool
     wanted: bool  # a queued or waiting request needs it
     bytes: int = 0  # what stopping it frees of the memory budget
+    extra: bool = False  # an extra replica: goes before any model's only or first child
 
 
 def plan_evictions(candidates: Iterable[Candidate], count: int, free_bytes: int = 0) -> list[str]:
@@ -532,7 +578,7 @@ def plan_evictions(candidates: Iterable[Candidate], count: int, free_bytes: int 
         return []
     eligible = sorted(
         (c for c in candidates if c.ready and not c.busy and not c.pinned and not c.wanted),
-        key=lambda c: (c.last_used, c.name),
+        key=lambda c: (not c.extra, c.last_used, c.name),
     )
     chosen: list[str] = []
     freed = 0

@@ -89,7 +89,10 @@ class Supervisor:
         parts = ChildParts(launcher, probe, build_argv, kv_cache)
         hooks = _MemoryHooks(memory) if memory is not None else None
         self.table = ModelTable(
-            config, lambda spec: ModelProcess(spec, config, parts, self._on_state, demand=self, memory=hooks),
+            config,
+            lambda spec, replica: ModelProcess(
+                spec, config, parts, self._on_state, demand=self, memory=hooks, replica=replica,
+            ),
         )
         self.events = EventHub(config.limits.sse_queue)
         # Set when a model fails before it was ever ready in this run, with the reason:
@@ -234,7 +237,13 @@ class Supervisor:
         self.arbiter.decide(now)
 
     def grantable(self, proc: ModelProcess) -> bool:
-        return proc.expected_state == State.READY and proc not in self.arbiter.drains and self.table.listed(proc)
+        return self.table.listed(proc) and any(self.serving(p) for p in self.table.replicas(proc))
+
+    def replicas(self, proc: ModelProcess) -> list[ModelProcess]:
+        return self.table.replicas(proc)
+
+    def serving(self, proc: ModelProcess) -> bool:
+        return proc.expected_state == State.READY and proc not in self.arbiter.drains
 
     def waited(self, model: str, seconds: float) -> None:
         if self._watch is not None:
@@ -289,9 +298,11 @@ class Supervisor:
         proc = self.find(name)
         if proc is None:
             raise InvalidRequest("model is not found")
-        if proc.expected_state not in RUNNING_STATES:
+        running = [p for p in self.table.replicas(proc) if p.expected_state in RUNNING_STATES]
+        if not running:
             raise InvalidRequest("model is not running")
-        proc.stop(StopReason.UNLOADED)
+        for child in running:
+            child.stop(StopReason.UNLOADED)
         return proc
 
     def unload_all(self) -> list[str]:
@@ -301,7 +312,7 @@ class Supervisor:
             # What the model's owner will do, not what it did: one with a stop already on
             # its way (an eviction, a TTL in the same pass) is not running any more, and
             # unload() would refuse it half-way through the list.
-            if self.pinned(proc) or proc.expected_state not in RUNNING_STATES:
+            if self.pinned(proc) or all(p.expected_state not in RUNNING_STATES for p in self.table.replicas(proc)):
                 continue
             self.unload(proc.name)
             names.append(proc.name)
@@ -324,9 +335,8 @@ class Supervisor:
                 log.info("[%s] its model file changed since it failed: it may load again", name)
             # Requests in flight finish on the old definition; it stops once idle (and
             # keeps its slot until then, so the new one waits for room).
-            self.table.unlist(proc, busy=self.in_flight(proc) > 0)
-            if proc not in self.table.retired:
-                self._forget(proc)
+            for closed in self.table.unlist(name, busy=lambda p: self.in_flight(p) > 0):
+                self._forget(closed)
             if new is None:
                 self._usage.forget(name)
         self.table.apply(specs)

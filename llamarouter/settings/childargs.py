@@ -70,6 +70,17 @@ def running_options(argv: Iterable[str], env: Mapping[str, str], table: FlagTabl
     return opts
 
 
+def parallel_slots(argv: Iterable[str], env: Mapping[str, str]) -> int:
+    """A running child's parallel slots, read back from its command line: `-np`, where
+    llama-server's auto (unset or negative) is 4."""
+    value = running_options(argv, env).get("-np", "-1")
+    try:
+        slots = int(value)
+    except ValueError:
+        slots = -1
+    return slots if slots > 0 else 4
+
+
 class ChildArgs:
     def __init__(self, config: RouterConfig, table: FlagTable) -> None:
         self._config = config

@@ -171,6 +171,9 @@ class Limits:
     sse_queue: int = 1000
     # Default idle TTL for every model (seconds, None = never); the preset key `ttl` overrides.
     ttl: float | None = None
+    # A model's extra replicas (preset key `replicas`) stop after this long idle; the
+    # preset key `replica-ttl` overrides it per model (None = never).
+    replica_ttl: float | None = 60.0
     # --memory-budget auto: device memory minus this margin (bytes).
     memory_margin: int = 1024 * 1024 * 1024
     # Keep-cache default for every model (the preset key `keep-cache` overrides) and the
@@ -223,6 +226,8 @@ class ModelSpec:
     sleep_idle: float | None = None  # None = Limits.sleep_idle
     canary_interval: float | None = None  # None = Timeouts.canary_interval
     default: bool = False  # preset key `default-model = true`
+    replicas: int = 1  # preset key `replicas`: children of this model at most
+    replica_ttl: float | None = None  # None = Limits.replica_ttl
 
     def with_changes(self, **changes: object) -> ModelSpec:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]  # field names are the caller's, checked by dataclasses

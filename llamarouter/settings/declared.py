@@ -59,7 +59,7 @@ INT, FLOAT, OPTINT, OPTFLOAT = Kind.INT, Kind.FLOAT, Kind.OPTINT, Kind.OPTFLOAT
 NUMBERS = frozenset({INT, FLOAT, OPTINT, OPTFLOAT})
 # The kinds a preset key may have (discovery.py reads a switch or seconds; a STR key's
 # text is its reader's, such as `devices`'s list of GPUs).
-PRESET_KINDS = frozenset({BOOL, FLOAT, OPTFLOAT, STR})
+PRESET_KINDS = frozenset({BOOL, FLOAT, OPTFLOAT, INT, STR})
 _METAVARS = {FLOAT: "S", OPTFLOAT: "S", INT: "N", OPTINT: "N", SIZE: "SIZE", PATH: "PATH"}
 
 
@@ -128,6 +128,18 @@ TTL: Setting[float | None] = Setting("--ttl", LIMITS, "ttl", OPTFLOAT,
             "per model"
         ),
         shown="never", preset="ttl")
+
+REPLICA_TTL: Setting[float | None] = Setting("--replica-ttl", LIMITS, "replica_ttl", OPTFLOAT,
+        help=(
+            "stop a model's extra replicas (preset key `replicas`) after this many idle seconds "
+            "(preset key `replica-ttl` overrides; `none`: never)"
+        ),
+        doc=(
+            "a model with `replicas = N` starts extra children when its requests queue; each extra "
+            "one stops after it has been idle this long. The preset key `replica-ttl` overrides it "
+            "per model"
+        ),
+        preset="replica-ttl")
 
 STOP_TIMEOUT: Setting[float] = Setting("--stop-timeout", TIMEOUTS, "stop", FLOAT,
         help="default seconds between asking a child to exit and killing it",
@@ -224,6 +236,7 @@ DECLARED: tuple[Setting[Any], ...] = (
             ),
             metavar="K"),
     TTL,
+    REPLICA_TTL,
     Setting("--restart-max", LIMITS, "restart_max", INT,
             help="failures within --restart-window before a model is marked failed",
             doc="failures within `--restart-window` before a model becomes *failed*"),
@@ -444,6 +457,7 @@ DECLARED: tuple[Setting[Any], ...] = (
     Setting("", MODEL, "pin", BOOL, preset="pin"),
     Setting("", MODEL, "devices", STR, preset="devices"),
     Setting("", MODEL, "default", BOOL, preset="default-model"),
+    Setting("", MODEL, "replicas", INT, preset="replicas", maximum=64),
 )
 
 # Derived tables.

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .config import ModelSpec
-from .declared import BOOL, PER_MODEL, STR, Setting
+from .declared import BOOL, INT, PER_MODEL, STR, Setting
 from .flags import FlagTable, is_falsey, is_truthy, key
 
 log = logging.getLogger("llamarouter.settings.discovery")
@@ -469,14 +469,26 @@ def per_model(opts: Options, model: str) -> dict[str, Any]:
     return out
 
 
-def _preset_value(s: Setting[Any], value: str, model: str) -> bool | float | str | None:
+def _preset_value(s: Setting[Any], value: str, model: str) -> bool | float | int | str | None:
     if s.kind is BOOL:
         return _bool_opt(s.preset, value, model)
     if s.kind is STR:
         # Its reader checks it (`devices`: placement.parse_devices, whose error is the
         # 503 of a request for the model).
         return value.strip() or None
+    if s.kind is INT:
+        return _count_opt(s, value, model)
     return _float_opt(s.preset, value, model)  # the other PRESET_KINDS: seconds
+
+
+def _count_opt(s: Setting[Any], value: str, model: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"preset [{model}]: {s.preset} must be a whole number, not '{value}'") from None
+    if number < 1 or (s.maximum is not None and number > s.maximum):
+        raise ConfigError(f"preset [{model}]: {s.preset} must be from 1 to {s.maximum:g}, not {number}")
+    return number
 
 
 def _bool_opt(name: str, value: str, model: str) -> bool:

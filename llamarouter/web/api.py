@@ -17,15 +17,16 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import aiohttp
 from aiohttp import web
 
+from ..core.childclient import ChildClient
 from ..core.downloads import Downloads
 from ..core.process import ModelProcess
 from ..core.reqhealth import status_fault
+from ..core.runtime import Runtime
 from ..core.states import State
 from ..core.supervisor import Supervisor
-from ..core.toolserver import ToolServer, ui_mcp_proxy
+from ..core.toolserver import ui_mcp_proxy
 from ..errors import (
     ChildBroke,
     ChildUnreachable,
@@ -36,7 +37,6 @@ from ..errors import (
     Unavailable,
     UpstreamError,
 )
-from ..settings.childargs import ChildArgs
 from ..settings.config import RouterConfig
 from . import api_models, streams, vertex
 from . import tools as tools_relay
@@ -48,7 +48,7 @@ from .paths import DISABLED_FEATURES, PROXIED_GET, PROXIED_POST, ROUTER_METRICS_
 from .proxy import Proxy
 
 if TYPE_CHECKING:
-    from ..core.kvcache import KvCache
+    pass
 
 log = logging.getLogger("llamarouter.api")
 
@@ -90,27 +90,35 @@ _NOT_READY = {
 
 
 class Api:
-    """Handlers are registered before startup; `bind` hands them the live supervisor."""
+    """Handlers are registered before startup; they read the core off the runtime, which
+    has started before the first request comes (server.py)."""
 
-    sup: Supervisor
-    proxy: Proxy
-    session: aiohttp.ClientSession
-    kv_cache: KvCache | None = None
-    downloads: Downloads | None = None
-    tools: ToolServer | None = None
-
-    def __init__(self, config: RouterConfig, child_args: ChildArgs, metrics: RouterMetrics) -> None:
+    def __init__(self, config: RouterConfig, runtime: Runtime, proxy: Proxy, metrics: RouterMetrics) -> None:
         self.config = config
-        self.child_args = child_args
+        self.runtime = runtime
+        self.child_args = runtime.child_args
+        self.proxy = proxy
         self.metrics = metrics
-        self.listing = ModelListing(config, child_args)
+        self.listing = ModelListing(config, runtime.child_args)
         self.conversations = streams.Conversations(config.limits.stream_conversations)
         self._detached_tasks: set[asyncio.Task[web.StreamResponse]] = set()
 
-    def bind(self, supervisor: Supervisor, proxy: Proxy, session: aiohttp.ClientSession) -> None:
-        self.sup = supervisor
-        self.proxy = proxy
-        self.session = session
+    @property
+    def sup(self) -> Supervisor:
+        return self.runtime.supervisor
+
+    @property
+    def children(self) -> ChildClient:
+        return self.runtime.children
+
+    @property
+    def downloads(self) -> Downloads | None:
+        return self.runtime.downloads
+
+    @property
+    def _started(self) -> Supervisor | None:
+        """The supervisor once the runtime runs (a probe may come before)."""
+        return self.runtime.supervisor if self.runtime.started else None
 
     def add_routes(self, app: web.Application) -> None:
         # --api-prefix: every route is served under it, as llama-server serves its own.
@@ -173,7 +181,8 @@ class Api:
         answer llama-server gives before its model is loaded."""
         single = self.config.single_model
         assert single is not None
-        proc = self.sup.find(single.name) if getattr(self, "sup", None) is not None else None
+        sup = self._started
+        proc = sup.find(single.name) if sup is not None else None
         if proc is None or proc.state != State.READY:
             return json_response(_LOADING, 503)
         if request.path.removeprefix(self.config.api_prefix) not in ("/health", "/v1/health"):
@@ -204,12 +213,13 @@ class Api:
     async def feature_disabled(self, request: web.Request) -> web.StreamResponse:
         # With --tools, MCP servers or --ui-mcp-proxy the tools server answers (it says 403
         # itself for what it was not given); otherwise what llama-server answers without them.
-        if self.tools is not None:
-            return await tools_relay.relay(self._for_child(request), self.tools, self.session, self.config.timeouts.proxy)
+        tools = self.runtime.tools
+        if tools is not None:
+            return await tools_relay.relay(self._for_child(request), tools, self.children, self.config.timeouts.proxy)
         return json_response({"error": {"message": "this feature is disabled", "type": "feature_disabled"}}, 403)
 
     async def router_metrics(self, request: web.Request) -> web.StreamResponse:
-        data = await self.metrics.render(self.sup, self.session)
+        data = await self.metrics.render(self.sup, self.children)
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
     # ----------------------------------------------------------------- own endpoints
@@ -221,7 +231,7 @@ class Api:
         return json_response({"status": "ok"})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        sup = getattr(self, "sup", None)
+        sup = self._started
         if sup is None or not sup.started:
             return json_response({"status": "unavailable", "reason": "server is starting"}, 503)
         if sup.closing:
@@ -244,14 +254,14 @@ class Api:
     async def metrics_endpoint(self, request: web.Request) -> web.StreamResponse:
         if query_model(request):
             return await self.proxy_get(request)
-        data = await self.metrics.render(self.sup, self.session)
+        data = await self.metrics.render(self.sup, self.children)
         return web.Response(body=data, headers={"Content-Type": CONTENT_TYPE})
 
     async def list_models(self, request: web.Request) -> web.Response:
         if request.query.get("reload", ""):
             await self.sup.reload()
         return web.Response(
-            body=self.listing.body(self.sup, self.kv_cache, self.downloads),
+            body=self.listing.body(self.sup, self.runtime.kv_cache, self.downloads),
             content_type="application/json",
             charset="utf-8",
         )
@@ -261,7 +271,7 @@ class Api:
         whose preset says `default-model = true` (the first by name), else none."""
         if self.config.default_model:
             return self.config.default_model
-        sup = getattr(self, "sup", None)
+        sup = self._started
         if sup is None:
             return ""
         return next((p.name for p in sorted(sup.models.values(), key=lambda p: p.name) if p.spec.default), "")
@@ -298,7 +308,7 @@ class Api:
             proc = self._stream_owner(conv_id)
             if proc is not None and proc.state == State.READY and proc.port is not None:
                 owners.setdefault(proc.port, []).append(conv_id)
-        found = await streams.lookup_children(self.session, owners, self.config.timeouts.stream_lookup) if owners else []
+        found = await streams.lookup_children(self.children, owners, self.config.timeouts.stream_lookup) if owners else []
         return json_response(found)
 
     async def stream_get(self, request: web.Request) -> web.StreamResponse:
@@ -324,7 +334,7 @@ class Api:
             raise InvalidRequest("Missing conversation id in path")
         proc = self._stream_owner(conv_id)
         if proc is not None and proc.state == State.READY and proc.port is not None:
-            await streams.delete_on_child(self.session, proc.port, conv_id, self.config.timeouts.stream_lookup)
+            await streams.delete_on_child(self.children, proc.port, conv_id, self.config.timeouts.stream_lookup)
         self.conversations.forget(conv_id)  # a request parked in a load wait is cancelled
         return web.Response(status=204)
 

@@ -198,16 +198,8 @@ def build_app(config: RouterConfig, runtime: Runtime) -> web.Application:
     metrics = app[METRICS] = RouterMetrics(config.timeouts.metrics_scrape, history)
     metrics.add_kv_cache(lambda: runtime.kv_cache)
     proxy = Proxy(config)
-    api = Api(config, runtime.child_args, metrics)
+    api = Api(config, runtime, proxy, metrics)
     api.add_routes(app)  # the router freezes before startup, so routes go in now
-
-    async def bind(app: web.Application) -> None:  # TEMPORARY until Api takes the runtime
-        api.bind(runtime.supervisor, proxy, runtime.session)
-        api.kv_cache = runtime.kv_cache
-        api.downloads = runtime.downloads
-        api.tools = runtime.tools
-
-    app.on_startup.append(bind)
     if ui.served:
         webui.add_routes(app, at_root=ui.built is None)
         llamaui.add_routes(app, ui.built)  # last: its `/{path}` must not shadow any other route

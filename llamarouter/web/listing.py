@@ -55,6 +55,9 @@ class _Inputs(NamedTuple):
     device_bytes: int | None
     loaded_info: dict[str, Any]
     placement: dict[str, object] | None  # several GPUs: where it runs and why
+    # A model with `replicas = N`: each child as (number, status, state, port, in flight,
+    # restarts, placement).
+    replicas: tuple[tuple[Any, ...], ...] = ()
 
 
 def status_value(proc: ModelProcess) -> str:
@@ -64,6 +67,22 @@ def status_value(proc: ModelProcess) -> str:
     if value == "loaded" and proc.state == State.READY and sleeping_from_log(proc.logs):
         return "sleeping"
     return value
+
+
+_REPLICA_FIELDS = ("replica", "status", "state", "port", "in_flight", "restarts", "placement")
+
+
+def _replicas(sup: Supervisor, proc: ModelProcess) -> tuple[tuple[Any, ...], ...]:
+    if proc.spec.replicas <= 1:
+        return ()
+    memory = sup.memory
+    return tuple(
+        (
+            p.replica + 1, status_value(p), str(p.state), p.port, p.in_flight, p.restarts,
+            memory.placement_view(p.key) if memory is not None else None,
+        )
+        for p in sup.table.replicas(proc)
+    )
 
 
 def saved_caches(kv: KvCache | None, name: str) -> tuple[tuple[int, int, int], ...]:
@@ -134,6 +153,7 @@ class ModelListing:
             device_bytes=proc.device_bytes,
             loaded_info=proc.loaded_info,
             placement=sup.memory.placement_view(proc.name) if sup.memory is not None else None,
+            replicas=_replicas(sup, proc),
         )
 
     def _build(self, i: _Inputs, now: int) -> dict[str, Any]:
@@ -172,6 +192,8 @@ class ModelListing:
             item["device_bytes"] = i.device_bytes
         if i.placement is not None:
             item["placement"] = i.placement
+        if i.replicas:
+            item["replicas"] = [dict(zip(_REPLICA_FIELDS, r, strict=True)) for r in i.replicas]
         if not unloaded:
             for key, value in i.loaded_info.items():
                 item.setdefault(key, value)

@@ -26,8 +26,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-import aiohttp
-
 from ..core.childclient import ChildClient
 from ..core.states import State
 from .history import History
@@ -372,9 +370,8 @@ class RouterMetrics:
         return self.history.snapshot()
 
     # ----------------------------------------------------------------- scrape
-    async def render(self, sup: Supervisor, session: aiohttp.ClientSession) -> bytes:
+    async def render(self, sup: Supervisor, client: ChildClient) -> bytes:
         procs = list(sup.models.values())
-        client = ChildClient(session)  # a view on the session: nothing to keep or close
         children = await asyncio.gather(
             *(self._scrape_child(p, client) for p in procs if _scrapeable(p))
         )
@@ -441,6 +438,7 @@ class _SupervisorCollector:
         if snap is None:
             return
         yield from _model_gauges(snap)
+        yield from _replica_gauges(snap)
         yield from _router_gauges(snap)
 
 
@@ -502,6 +500,32 @@ def _model_gauges(snap: _Snapshot) -> Iterator[GaugeMetricFamily]:
         if CHILD_KV_USAGE in child:
             g["kv"].add_metric((name,), child[CHILD_KV_USAGE])
     yield from g.values()
+
+
+def _replica_gauges(snap: _Snapshot) -> Iterator[GaugeMetricFamily]:
+    """Each child of a model with `replicas = N`, by a `replica` label (1 = its first)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    ready = GaugeMetricFamily(
+        "llamarouter_replica_ready", "1 while the replica's child is ready to serve.", labels=("model", "replica"),
+    )
+    in_flight = GaugeMetricFamily(
+        "llamarouter_replica_in_flight_requests", "Requests being proxied to the replica's child.",
+        labels=("model", "replica"),
+    )
+    restarts = GaugeMetricFamily(
+        "llamarouter_replica_restarts", "Restarts of the replica's child after a crash.",
+        labels=("model", "replica"),
+    )
+    for proc in snap.procs:
+        if proc.spec.replicas <= 1:
+            continue
+        for child in snap.sup.table.replicas(proc):
+            labels = (proc.name, str(child.replica + 1))
+            ready.add_metric(labels, 1.0 if child.state == State.READY else 0.0)
+            in_flight.add_metric(labels, child.in_flight)
+            restarts.add_metric(labels, child.restarts)
+    yield from (ready, in_flight, restarts)
 
 
 def _router_gauges(snap: _Snapshot) -> Iterator[GaugeMetricFamily]:

@@ -13,8 +13,6 @@ import json
 import logging
 from typing import Any
 
-import aiohttp
-
 from ..core.childclient import ChildClient, ChildError
 from ..core.process import ModelProcess
 from ..core.states import State
@@ -77,21 +75,18 @@ def loading(proc: ModelProcess | None) -> bool:
     return proc is not None and proc.expected_state in (State.STARTING, State.BACKOFF)
 
 
-async def lookup_children(
-    session: aiohttp.ClientSession, owners: dict[int, list[str]], timeout: float
-) -> list[Any]:
+async def lookup_children(children: ChildClient, owners: dict[int, list[str]], timeout: float) -> list[Any]:
     """Ask each child (by port) about the ids it owns, in parallel, each bounded by
     `timeout`; a child that does not answer in time or in shape adds nothing."""
-    children = ChildClient(session)  # a view on the session: nothing to keep or close
     results = await asyncio.gather(
         *(children.lookup_streams(port, ids, timeout) for port, ids in owners.items())
     )
     return [entry for part in results for entry in part]
 
 
-async def delete_on_child(session: aiohttp.ClientSession, port: int, conv_id: str, timeout: float) -> None:
+async def delete_on_child(children: ChildClient, port: int, conv_id: str, timeout: float) -> None:
     """Forward the stop to the owning child (idempotent there), bounded by `timeout`."""
     try:
-        await ChildClient(session).stop_stream(port, conv_id, timeout)
+        await children.stop_stream(port, conv_id, timeout)
     except ChildError as exc:
         log.warning("stream stop for conv_id=%s: the child on port %d did not answer: %s", conv_id, port, exc)

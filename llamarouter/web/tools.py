@@ -3,7 +3,6 @@ both ways: MCP over HTTP answers with event streams."""
 
 from __future__ import annotations
 
-import aiohttp
 from aiohttp import web
 
 from ..core.childclient import NO_ANSWER, ChildClient
@@ -15,7 +14,7 @@ _DROP_REQUEST = frozenset({"host", "connection", "keep-alive", "transfer-encodin
 _DROP_RESPONSE = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "server", "date"})
 
 
-async def relay(request: web.Request, tools: ToolServer, session: aiohttp.ClientSession, timeout: float) -> web.StreamResponse:
+async def relay(request: web.Request, tools: ToolServer, children: ChildClient, timeout: float) -> web.StreamResponse:
     """Send the request to the tools server and stream its answer back; `timeout` bounds
     each read (the proxy timeout, `-to`), not the whole exchange."""
     port = tools.port
@@ -25,7 +24,7 @@ async def relay(request: web.Request, tools: ToolServer, session: aiohttp.Client
     body = await request.read() if request.can_read_body else None
     resp = web.StreamResponse()
     try:
-        async with ChildClient(session).forward(
+        async with children.forward(
             request.method, port, request.rel_url.path_qs, data=body, headers=headers, timeout=timeout
         ) as up:
             resp.set_status(up.status, up.reason)

@@ -75,8 +75,8 @@ def test_every_preset_key_has_its_model_field(setting: Setting[Any]) -> None:
     assert field in hints, f"preset key {setting.preset}: ModelSpec.{field} is missing (add it to config.py)"
     assert setting.kind in PRESET_KINDS, (setting.preset, setting.kind)
     if setting.group is Group.MODEL:
-        # A model's own key: a switch, or text its reader checks (devices).
-        assert (hints[field], setting.kind) in ((bool, Kind.BOOL), (str | None, Kind.STR))
+        # A model's own key: a switch, or a count (replicas), or text its reader checks (devices).
+        assert (hints[field], setting.kind) in ((bool, Kind.BOOL), (int, Kind.INT), (str | None, Kind.STR))
     else:
         # None: the model does not set it, so the router's flag applies (effective()).
         router_type = _hints(_HOLDERS[setting.group])[setting.name]
@@ -133,7 +133,8 @@ def test_the_preset_table_knows_every_preset_key() -> None:
 
 
 def test_a_preset_sets_every_per_model_field(tmp_path: Path) -> None:
-    values = {Kind.BOOL: ("true", True), Kind.FLOAT: ("7", 7.0), Kind.OPTFLOAT: ("7", 7.0), Kind.STR: ("0,1", "0,1")}
+    values = {Kind.BOOL: ("true", True), Kind.FLOAT: ("7", 7.0), Kind.OPTFLOAT: ("7", 7.0), Kind.INT: ("3", 3),
+              Kind.STR: ("0,1", "0,1")}
     lines = [f"{s.preset} = {values[s.kind][0]}" for s in PER_MODEL]
     preset = tmp_path / "p.ini"
     preset.write_text("[m]\nmodel = /m.gguf\n" + "\n".join(lines) + "\n")
@@ -197,7 +198,9 @@ def test_presets_doc_lists_every_preset_key_with_its_default() -> None:
     for s in PER_MODEL:
         assert s.preset in rows, f"docs/presets.md does not list the preset key {s.preset}"
         if s.group is Group.MODEL:
-            assert rows[s.preset] == ("false" if s.kind is Kind.BOOL else "auto"), s.preset
+            default = _field_default(ModelSpec, s.model_field)
+            shown = "false" if s.kind is Kind.BOOL else "auto" if default is None else str(default)
+            assert rows[s.preset] == shown, s.preset
         else:
             assert rows[s.preset].startswith(f"`{s.flag}` ("), (s.preset, rows[s.preset])
 

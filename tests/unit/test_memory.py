@@ -395,7 +395,7 @@ def _loaded(name: str, size: int) -> Any:
     from llamarouter.settings.config import ModelSpec
 
     return SimpleNamespace(
-        name=name, spec=ModelSpec(name=name, source="models_dir"), measured_bytes=size, device_bytes=None,
+        name=name, key=name, spec=ModelSpec(name=name, source="models_dir"), measured_bytes=size, device_bytes=None,
         state=State.READY, logs=[], holds_slot=True,
     )
 

@@ -70,11 +70,12 @@ def test_registries_are_per_app() -> None:
 
 
 async def test_readyz_before_start_and_during_shutdown() -> None:
-    api = Api(RouterConfig(), SimpleNamespace(), RouterMetrics(1.0))  # type: ignore[arg-type]
+    runtime: Any = SimpleNamespace(started=False, supervisor=None, child_args=None)
+    api = Api(RouterConfig(), runtime, None, RouterMetrics(1.0))  # type: ignore[arg-type]
     request = make_mocked_request("GET", "/readyz")
-    assert (await api.readyz(request)).status == 503  # not bound yet
+    assert (await api.readyz(request)).status == 503  # the runtime has not started
     sup: Any = SimpleNamespace(started=False, closing=False)
-    api.sup = sup
+    runtime.started, runtime.supervisor = True, sup
     resp = await api.readyz(request)
     assert resp.status == 503 and b"starting" in resp.body  # type: ignore[operator]
     sup.started = True

@@ -1,0 +1,163 @@
+"""A model with `replicas = N` against scripted children: more children only when every
+ready one has all its slots busy and there is room, requests on the least busy one, each
+replica restarted on its own, extra ones stopped when idle or when room is needed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import pytest
+
+from llamarouter.core.states import State
+from llamarouter.core.supervisor import Supervisor
+from llamarouter.errors import ConfigError
+from llamarouter.settings.discovery import per_model
+from tests.fakes.helpers import wait_for
+from tests.process.fakes import FakeLauncher, FakeProbe, fast_config, spec
+
+
+def _supervisor(launcher: FakeLauncher, models_max: int = 3, slots: int = 1, **limits: object) -> Supervisor:
+    specs = {"a": spec("a", replicas=2), "b": spec("b")}
+    # The children's slots come from their environment, as llama-server reads -np there too.
+    config = dataclasses.replace(
+        fast_config(models_max, **limits), child_env=(("LLAMA_ARG_N_PARALLEL", str(slots)),),
+    )
+    return Supervisor(
+        config, lambda: dict(specs), launcher, FakeProbe(launcher), lambda s, port: [s.name, str(port)],
+    )
+
+
+async def test_a_second_replica_starts_once_every_slot_of_the_first_is_busy() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher)
+    await sup.start()
+    try:
+        first = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        assert first.proc.replica == 0
+        # One slot, one request in it: the next pass starts replica 2.
+        extra = sup.table.extra["a"][0]
+        await wait_for(lambda: extra.state == State.READY, 5, message="replica 2 to load")
+        assert extra.key == "a#2" and len(launcher.alive("a")) == 2
+        second = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        assert second.proc is extra  # the least busy ready child
+        third = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        assert third.proc in (first.proc, extra)
+        for lease in (first, second, third):
+            lease.release()
+    finally:
+        await sup.shutdown()
+    assert launcher.alive() == []
+
+
+async def test_no_extra_replica_while_a_slot_is_free() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher, slots=2)
+    await sup.start()
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        for _ in range(3):  # passes that see one busy slot of two
+            passes = sup.counters.passes
+            sup.kick()
+            await wait_for(lambda: sup.counters.passes > passes, 5, message="a scheduling pass")
+        assert sup.table.extra["a"][0].state == State.STOPPED
+        lease.release()
+    finally:
+        await sup.shutdown()
+
+
+async def test_an_extra_replica_stops_after_its_idle_ttl_and_the_first_stays() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher, replica_ttl=0.2)
+    await sup.start()
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        extra = sup.table.extra["a"][0]
+        await wait_for(lambda: extra.state == State.READY, 5)
+        lease.release()
+        await wait_for(lambda: extra.state == State.STOPPED, 5, message="the idle extra replica to stop")
+        assert extra.stop_reason == "ttl" and sup.models["a"].state == State.READY
+    finally:
+        await sup.shutdown()
+
+
+async def test_an_extra_replica_is_evicted_before_an_idle_model() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher, models_max=2)
+    await sup.start()
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        extra = sup.table.extra["a"][0]
+        await wait_for(lambda: extra.state == State.READY, 5)
+        lease.release()
+        # Both slots are a's: b needs one, and a's extra child is the one to go.
+        b = await asyncio.wait_for(sup.acquire(sup.models["b"], True), 5)
+        assert extra.state in (State.STOPPING, State.STOPPED) and sup.models["a"].state == State.READY
+        assert extra.stop_reason == "evicted"
+        b.release()
+    finally:
+        await sup.shutdown()
+
+
+async def test_a_crashed_replica_is_restarted_while_the_other_serves() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher)
+    await sup.start()
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        extra = sup.table.extra["a"][0]
+        await wait_for(lambda: extra.state == State.READY, 5)
+        crashed = launcher.by_port(extra.port or 0)
+        assert crashed is not None
+        crashed.exit(1)
+        await wait_for(lambda: extra.restarts == 1 and extra.state == State.READY, 5, message="a restart")
+        assert sup.models["a"].state == State.READY and sup.models["a"].restarts == 0
+        lease.release()
+    finally:
+        await sup.shutdown()
+
+
+async def test_requests_go_to_a_ready_replica_while_the_first_child_restarts() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher)
+    await sup.start()
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        extra = sup.table.extra["a"][0]
+        await wait_for(lambda: extra.state == State.READY, 5)
+        lease.release()
+        first = sup.models["a"]
+        launcher.script("a").load_secs = 0.5  # its restart takes a while
+        child = launcher.by_port(first.port or 0)
+        assert child is not None
+        child.exit(1)
+        await wait_for(lambda: first.state in (State.BACKOFF, State.STARTING), 5)
+        served = await asyncio.wait_for(sup.acquire(first, True), 5)
+        assert served.proc is extra
+        served.release()
+    finally:
+        await sup.shutdown()
+
+
+async def test_unload_stops_every_replica() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher)
+    await sup.start()
+    try:
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        await wait_for(lambda: sup.table.extra["a"][0].state == State.READY, 5)
+        lease.release()
+        sup.unload("a")
+        await wait_for(lambda: launcher.alive("a") == [], 5, message="both children to stop")
+    finally:
+        await sup.shutdown()
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "1.5"])
+def test_a_bad_replicas_key_is_refused_with_the_model_named(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"preset \[m\]: replicas must be"):
+        per_model({"replicas": value}, "m")
+
+
+def test_the_replicas_key_is_read() -> None:
+    assert per_model({"replicas": "3"}, "m") == {"replicas": 3}
