@@ -249,13 +249,16 @@ class Admission:
             if self.waiters.leave(waiter):
                 self._loop.kick()
 
-    def grant(self, proc: ModelProcess) -> Lease:
-        """A lease on `proc`'s model: on its ready child with the fewest requests in flight,
-        then the most free slots (its only child without `replicas`)."""
-        if proc.spec.replicas > 1:
+    def grant(self, proc: ModelProcess, choose: bool = True) -> Lease:
+        """A lease on `proc`'s model: on its ready child with a free slot and the fewest
+        requests in flight, then the most free slots (its only child without `replicas`);
+        on `proc` itself when the scheduler chose it (`choose` False)."""
+        if choose and proc.spec.replicas > 1:
             ready = [p for p in self._loop.replicas(proc) if self._loop.serving(p)]
             if ready:
-                proc = min(ready, key=lambda p: (self.in_flight(p), self.in_flight(p) - p.slots, p.replica))
+                proc = min(ready, key=lambda p: (
+                    self.in_flight(p) >= p.slots, self.in_flight(p), self.in_flight(p) - p.slots, p.replica,
+                ))
         self._serving[proc] = self._serving.get(proc, 0) + 1
         return Lease(self._release, proc)
 

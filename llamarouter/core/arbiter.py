@@ -224,7 +224,9 @@ class Arbiter:
             elif isinstance(action, scheduler.Grant):
                 if self._watch is not None:
                     self._watch.waited(waiter.model, time.monotonic() - waiter.since)
-                waiter.fut.set_result(self._admission.grant(self._table.models[action.model]))  # its best replica
+                target = self._table.by_key(action.model)
+                assert target is not None, action
+                waiter.fut.set_result(self._admission.grant(target, choose=False))  # the plan's child
             elif isinstance(action, scheduler.Resolve):
                 waiter.fut.set_result(None)
             else:

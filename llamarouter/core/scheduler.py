@@ -237,11 +237,12 @@ def plan(snap: Snapshot) -> list[Action]:
             p.wanted.add(pinned.name)
             want_start(pinned)
 
-    # Models with a child that takes requests now (a READY replica not giving way).
-    servable = {
-        v.model_name for v in snap.models
-        if v.listed and v.state == State.READY and not v.draining
-    }
+    # Models with a child that takes requests now (a READY replica not giving way), and
+    # for a model with replicas the slots free on them: it takes no more at once, the rest
+    # wait here (and that is what starts another child) instead of in a busy child's queue.
+    servable = {v.model_name for v in snap.models if v.listed and v.state == State.READY and not v.draining}
+    slots = _Slots(snap)
+    saturated: dict[str, int] = {}  # requests waiting for a slot of a replicated model
     # Requests for models that must be started, grouped by model in order of arrival.
     starts: dict[str, list[WaiterView]] = {}
     behind: list[WaiterView] = []  # requests for a draining model
@@ -252,13 +253,21 @@ def plan(snap: Snapshot) -> list[Action]:
             continue
         m = found
         state = p.state[m.name]
-        if w.deadline is not None and snap.now >= w.deadline and m.name not in servable:
+        child = slots.free_child(m) if m.replicas > 1 else None
+        takes = m.name in servable and (m.replicas <= 1 or child is not None)
+        if w.deadline is not None and snap.now >= w.deadline and not takes:
             p.actions.append(Refuse(w.id, w.model, Why.DEADLINE))
             continue
-        if not w.load and m.name in servable and state != State.READY:
-            # Its first child is not ready but another replica is: served there.
-            p.actions.append(Grant(w.id, m.name))
+        if not w.load and m.replicas > 1 and m.name in servable:
+            # On the child with a slot free, whatever state its first child is in: named
+            # in the grant, so nothing later in this plan stops it.
             p.wanted.add(m.name)
+            if child is not None:
+                p.actions.append(Grant(w.id, child.name))
+                p.wanted.add(child.name)
+                slots.take(child)
+            else:
+                saturated[m.name] = saturated.get(m.name, 0) + 1
             continue
         if w.load:
             _plan_load(snap, p, room, w, m, state, pinned_bytes, want_start)
@@ -278,7 +287,7 @@ def plan(snap: Snapshot) -> list[Action]:
         if w.model in undrained:
             p.actions.append(Grant(w.id, w.model))
             p.wanted.add(w.model)
-    _plan_replicas(p, room, models)
+    _plan_replicas(p, room, models, saturated)
     _plan_evictions(snap, p, room, models)
     _plan_drains(snap, p, room, models)
     _plan_ttl(snap, p, models)
@@ -490,9 +499,33 @@ def _plan_evictions(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, Mod
         p.state[name] = State.STOPPING
 
 
-def _plan_replicas(p: _Plan, room: _Room, models: dict[str, ModelView]) -> None:
-    """One more child for a model whose ready children all have every slot busy, when
-    there is room now (no eviction for it) and none of its children is loading already."""
+class _Slots:
+    """The ready children of each model with replicas and their requests as the plan
+    grants more."""
+
+    def __init__(self, snap: Snapshot) -> None:
+        self._ready: dict[str, list[ModelView]] = {}
+        self._busy: dict[str, int] = {}
+        for v in snap.models:
+            if v.listed and v.replicas > 1 and v.state == State.READY and not v.draining:
+                self._ready.setdefault(v.model_name, []).append(v)
+                self._busy[v.name] = v.in_flight
+
+    def free_child(self, m: ModelView) -> ModelView | None:
+        """The child a request for `m`'s model goes to: a slot free, the fewest requests
+        in flight, then the most free slots."""
+        ready = self._ready.get(m.model_name, [])
+        best = min(ready, key=lambda v: (self._busy[v.name], self._busy[v.name] - v.slots, v.replica), default=None)
+        return best if best is not None and self._busy[best.name] < best.slots else None
+
+    def take(self, v: ModelView) -> None:
+        self._busy[v.name] += 1
+
+
+def _plan_replicas(p: _Plan, room: _Room, models: dict[str, ModelView], saturated: dict[str, int]) -> None:
+    """One more child for a model whose requests wait for a slot of its ready children,
+    when there is room now (nothing is evicted for it) and none of its children is
+    loading already."""
     if p.need_slots or p.need_bytes:
         return  # requests wait for room: they come first
     groups: dict[str, list[ModelView]] = {}
@@ -504,7 +537,7 @@ def _plan_replicas(p: _Plan, room: _Room, models: dict[str, ModelView]) -> None:
         ready = [m for m, state in zip(group, states, strict=True) if state == State.READY]
         if not ready or any(state in (State.STARTING, State.BACKOFF) for state in states):
             continue
-        if any(m.draining or m.in_flight < m.slots for m in ready):
+        if not saturated.get(group[0].model_name):
             continue
         spare = next(
             (m for m, state in zip(group, states, strict=True) if m.replica and state == State.STOPPED), None,

@@ -237,7 +237,12 @@ class Supervisor:
         self.arbiter.decide(now)
 
     def grantable(self, proc: ModelProcess) -> bool:
-        return self.table.listed(proc) and any(self.serving(p) for p in self.table.replicas(proc))
+        if not self.table.listed(proc):
+            return False
+        if proc.spec.replicas <= 1:
+            return self.serving(proc)
+        # A model with replicas takes no more than its children's slots at once.
+        return any(self.serving(p) and self.in_flight(p) < p.slots for p in self.table.replicas(proc))
 
     def replicas(self, proc: ModelProcess) -> list[ModelProcess]:
         return self.table.replicas(proc)

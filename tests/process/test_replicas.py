@@ -1,6 +1,7 @@
-"""A model with `replicas = N` against scripted children: more children only when every
-ready one has all its slots busy and there is room, requests on the least busy one, each
-replica restarted on its own, extra ones stopped when idle or when room is needed."""
+"""A model with `replicas = N` against scripted children: a request finds a free slot or
+waits in the router, and a request waiting while every ready child's slots are busy
+starts another child when there is room; requests on the least busy child, each replica
+restarted on its own, extra ones stopped when idle or when room is needed."""
 
 from __future__ import annotations
 
@@ -9,12 +10,22 @@ import dataclasses
 
 import pytest
 
+from llamarouter.core.admission import Lease
 from llamarouter.core.states import State
 from llamarouter.core.supervisor import Supervisor
 from llamarouter.errors import ConfigError
 from llamarouter.settings.discovery import per_model
 from tests.fakes.helpers import wait_for
 from tests.process.fakes import FakeLauncher, FakeProbe, fast_config, spec
+
+
+async def _both_busy(sup: Supervisor) -> tuple[Lease, Lease]:
+    """A request on the first child's only slot, and one that waits for a slot: the second
+    child starts for it and takes it."""
+    first = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+    second = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+    assert {first.proc.replica, second.proc.replica} == {0, 1}
+    return first, second
 
 
 def _supervisor(launcher: FakeLauncher, models_max: int = 3, slots: int = 1, **limits: object) -> Supervisor:
@@ -28,23 +39,27 @@ def _supervisor(launcher: FakeLauncher, models_max: int = 3, slots: int = 1, **l
     )
 
 
-async def test_a_second_replica_starts_once_every_slot_of_the_first_is_busy() -> None:
+async def test_a_request_waiting_for_a_slot_starts_the_second_replica() -> None:
     launcher = FakeLauncher()
     sup = _supervisor(launcher)
     await sup.start()
     try:
         first = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
         assert first.proc.replica == 0
-        # One slot, one request in it: the next pass starts replica 2.
         extra = sup.table.extra["a"][0]
-        await wait_for(lambda: extra.state == State.READY, 5, message="replica 2 to load")
-        assert extra.key == "a#2" and len(launcher.alive("a")) == 2
+        assert extra.state == State.STOPPED  # one request, one slot: nothing waits yet
+        # The first child's one slot is busy: this one waits in the router, which starts
+        # replica 2, and is granted there.
         second = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
-        assert second.proc is extra  # the least busy ready child
-        third = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
-        assert third.proc in (first.proc, extra)
-        for lease in (first, second, third):
-            lease.release()
+        assert second.proc is extra and extra.key == "a#2" and len(launcher.alive("a")) == 2
+        # Both slots busy and no third replica: the next one waits for a slot to free.
+        third = asyncio.create_task(sup.acquire(sup.models["a"], True))
+        await wait_for(lambda: sup.waiting == 1, 5, message="the third request to wait")
+        first.release()
+        lease = await asyncio.wait_for(third, 5)
+        assert lease.proc is first.proc  # the slot that freed
+        for held in (second, lease):
+            held.release()
     finally:
         await sup.shutdown()
     assert launcher.alive() == []
@@ -55,13 +70,15 @@ async def test_no_extra_replica_while_a_slot_is_free() -> None:
     sup = _supervisor(launcher, slots=2)
     await sup.start()
     try:
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
-        for _ in range(3):  # passes that see one busy slot of two
+        leases = [await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5) for _ in range(2)]
+        assert {lease.proc.replica for lease in leases} == {0}  # both slots of the first child
+        for _ in range(3):  # passes that see every slot busy but nobody waiting
             passes = sup.counters.passes
             sup.kick()
             await wait_for(lambda: sup.counters.passes > passes, 5, message="a scheduling pass")
         assert sup.table.extra["a"][0].state == State.STOPPED
-        lease.release()
+        for lease in leases:
+            lease.release()
     finally:
         await sup.shutdown()
 
@@ -71,10 +88,10 @@ async def test_an_extra_replica_stops_after_its_idle_ttl_and_the_first_stays() -
     sup = _supervisor(launcher, replica_ttl=0.2)
     await sup.start()
     try:
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        leases = await _both_busy(sup)
         extra = sup.table.extra["a"][0]
-        await wait_for(lambda: extra.state == State.READY, 5)
-        lease.release()
+        for lease in leases:
+            lease.release()
         await wait_for(lambda: extra.state == State.STOPPED, 5, message="the idle extra replica to stop")
         assert extra.stop_reason == "ttl" and sup.models["a"].state == State.READY
     finally:
@@ -86,10 +103,10 @@ async def test_an_extra_replica_is_evicted_before_an_idle_model() -> None:
     sup = _supervisor(launcher, models_max=2)
     await sup.start()
     try:
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        leases = await _both_busy(sup)
         extra = sup.table.extra["a"][0]
-        await wait_for(lambda: extra.state == State.READY, 5)
-        lease.release()
+        for lease in leases:
+            lease.release()
         # Both slots are a's: b needs one, and a's extra child is the one to go.
         b = await asyncio.wait_for(sup.acquire(sup.models["b"], True), 5)
         assert extra.state in (State.STOPPING, State.STOPPED) and sup.models["a"].state == State.READY
@@ -104,9 +121,10 @@ async def test_a_crashed_replica_is_restarted_while_the_other_serves() -> None:
     sup = _supervisor(launcher)
     await sup.start()
     try:
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        leases = await _both_busy(sup)
         extra = sup.table.extra["a"][0]
-        await wait_for(lambda: extra.state == State.READY, 5)
+        leases[1 if leases[1].proc is extra else 0].release()
+        lease = leases[0] if leases[0].proc is not extra else leases[1]
         crashed = launcher.by_port(extra.port or 0)
         assert crashed is not None
         crashed.exit(1)
@@ -122,10 +140,10 @@ async def test_requests_go_to_a_ready_replica_while_the_first_child_restarts() -
     sup = _supervisor(launcher)
     await sup.start()
     try:
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        leases = await _both_busy(sup)
         extra = sup.table.extra["a"][0]
-        await wait_for(lambda: extra.state == State.READY, 5)
-        lease.release()
+        for lease in leases:
+            lease.release()
         first = sup.models["a"]
         launcher.script("a").load_secs = 0.5  # its restart takes a while
         child = launcher.by_port(first.port or 0)
@@ -144,9 +162,8 @@ async def test_unload_stops_every_replica() -> None:
     sup = _supervisor(launcher)
     await sup.start()
     try:
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
-        await wait_for(lambda: sup.table.extra["a"][0].state == State.READY, 5)
-        lease.release()
+        for lease in await _both_busy(sup):
+            lease.release()
         sup.unload("a")
         await wait_for(lambda: launcher.alive("a") == [], 5, message="both children to stop")
     finally:

@@ -18,7 +18,7 @@ from llamarouter.core.scheduler import (
     next_wakeup,
     plan,
 )
-from llamarouter.core.states import State
+from llamarouter.core.states import State, StopReason
 
 R, S, T, X, B, F = State.READY, State.STOPPED, State.STARTING, State.STOPPING, State.BACKOFF, State.FAILED
 
@@ -346,3 +346,43 @@ def test_a_drain_ends_when_nothing_waits_for_room_any_more() -> None:
     # Idle and drained, with nobody waiting for room: not evicted either.
     acts = plan(snap([m("a", R, draining=True), m("b")], [], models_max=1, drain_after=0.5))
     assert acts == [Undrain("a")]
+
+
+# --------------------------------------------------------------------------- replicas
+def _replicated(first: State = R, second: State = S, **kw: object) -> list[ModelView]:
+    """Model a with two children of one slot each (`replicas = 2`), and an idle model b."""
+    common = dict(model="a", replicas=2, slots=1)
+    return [
+        m("a", first, **{**common, **kw}),  # type: ignore[arg-type]
+        m("a#2", second, replica=1, ttl=60.0, **common),  # type: ignore[arg-type]
+        m("b", R, last_used=1.0),
+    ]
+
+
+def test_a_replicated_model_takes_no_more_than_its_free_slots_and_the_rest_start_a_replica() -> None:
+    acts = plan(snap(_replicated(), [w(1, "a"), w(2, "a")], models_max=4))
+    assert kinds(acts, Grant) == [Grant(1, "a")]  # one slot: one grant
+    assert kinds(acts, Start) == [Start("a#2")]  # the second waits, so a child starts for it
+
+
+def test_no_replica_starts_while_nobody_waits_for_a_slot() -> None:
+    assert plan(snap(_replicated(in_flight=1), [], models_max=4)) == []
+
+
+def test_a_replica_takes_requests_while_the_first_child_restarts() -> None:
+    acts = plan(snap(_replicated(first=State.BACKOFF, second=R), [w(1, "a")], models_max=4))
+    assert acts == [Grant(1, "a#2")]  # named: nothing in the same plan (its TTL) stops it
+
+
+def test_no_replica_is_started_by_evicting_another_model() -> None:
+    # Three slots are full (a, b and a model c): the waiting request waits for a's slot.
+    models = [*_replicated(in_flight=1), m("c", R)]
+    acts = plan(snap(models, [w(1, "a")], models_max=3))
+    assert kinds(acts, Start) == [] and kinds(acts, Evict) == []
+
+
+def test_an_extra_replica_is_evicted_before_the_least_recently_used_model() -> None:
+    models = [*_replicated(second=R, last_used=5.0), m("c", S)]
+    models[1] = m("a#2", R, model="a", replica=1, replicas=2, slots=1, last_used=9.0)
+    acts = plan(snap(models, [w(1, "c")], models_max=3))
+    assert kinds(acts, Evict) == [Evict("a#2", StopReason.EVICTED)]
