@@ -250,6 +250,30 @@ def scheduling_section(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def replicas_section(r: dict[str, Any]) -> list[str]:
+    """The replicas phase's table and method (bench/replicas.py), when it ran."""
+    res = r.get("replicas")
+    if not res:
+        return []
+    from .replicas import table as replicas_table
+
+    plan = res.get("plan", {})
+    return [
+        "## Replicas against one child",
+        "",
+        "One llamarouter, one tiny model under two names from a preset: `one` (one child) and",
+        f"`two` (`replicas = 2`), every child with `{' '.join(plan.get('flags', []))}`. Each run: "
+        f"{plan.get('clients')} clients,",
+        f"{plan.get('requests')} chats of {plan.get('chat_tokens')} tokens; runs alternate between the names, "
+        f"{plan.get('runs')} per name (medians),",
+        "after one warm-up run each (which starts `two`'s second child). Children loaded after the",
+        f"warm-up: {res.get('children')}.",
+        "",
+        replicas_table(res),
+        "",
+    ]
+
+
 def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
     m = meta["machine"]
     plan = meta["plan"]
@@ -293,6 +317,7 @@ def markdown(meta: dict[str, Any], r: dict[str, Any]) -> str:
         "",
         targets_table(r),
         *scheduling_section(r),
+        *replicas_section(r),
         "## Method",
         "",
         "- small request: `POST /tokenize` `{\"model\":\"alpha\",\"content\":\"hello world\"}` (the",

@@ -676,6 +676,14 @@ class Bench:
         runner = sched.Sched(self.bin, self.args.llamarouter, self.reg, self.work, plan, log=self.log)
         self.results["scheduling"] = await runner.run()
 
+    # --------------------------------------------------------------- replicas
+    async def replicas(self) -> None:
+        from . import replicas
+
+        plan = replicas.QUICK if self.args.quick else replicas.ReplicaPlan()
+        runner = replicas.Replicas(self.args.llamarouter, self.reg, self.work, plan, log=self.log)
+        self.results["replicas"] = await runner.run()
+
     # --------------------------------------------------------------- all
     async def phase(self, title: str, fn: Callable[[], Awaitable[None]]) -> None:
         self.log(f"phase: {title}")
@@ -713,6 +721,7 @@ class Bench:
             await self.phase(title, fn)
         await self.phase(f"GET /models with {p.many_files} files", self.many_models)
         await self.phase("scheduling under contention (6 models, few slots)", self.scheduling)
+        await self.phase("replicas against one child (32 clients)", self.replicas)
         self.results["duration_s"] = time.perf_counter() - t_start
         return self.results
 

@@ -97,6 +97,16 @@ class Arbiter:
         if pending:
             log.error("the scheduling loop did not end within %.1fs", timeout)
 
+    def start_model(self, proc: ModelProcess) -> bool:
+        """Start `proc`, placed first where there are per-device budgets; False when its
+        placement put it off (evicting for it, waiting, or refused)."""
+        go = self.placing.start(proc) if self.placing is not None else Go(True)
+        self.counters.evictions += go.evicted
+        if go.now:
+            self.note_start(proc)
+            proc.start(go.placement)
+        return go.now
+
     def forget(self, proc: ModelProcess) -> None:
         self._starts.pop(id(proc), None)
 
@@ -238,11 +248,7 @@ class Arbiter:
         self, action: scheduler.Start | scheduler.Drain | scheduler.Undrain | scheduler.Evict, proc: ModelProcess
     ) -> None:
         if isinstance(action, scheduler.Start):
-            go = self.placing.start(proc) if self.placing is not None else Go(True)
-            self.counters.evictions += go.evicted
-            if go.now:
-                self.note_start(proc)
-                proc.start(go.placement)
+            self.start_model(proc)
         elif isinstance(action, scheduler.Drain):
             self.drains.add(proc)
             log.info(

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ..settings.childargs import parallel_slots
+from ..settings.childargs import parallel_slots, with_slot_dir
 from ..settings.config import ModelSpec, RouterConfig
 from .canary import canary_due
 from .gguf_info import parse_buffer_line
@@ -235,7 +235,7 @@ class ChildLife:
     async def _spawn(self, result: Exited) -> Child | None:
         parts = self._parts
         port = parts.launcher.free_port("127.0.0.1")
-        self.argv = list(parts.build_argv(self._spec, port))
+        self.argv = _argv(parts, self._spec, self.name, port)
         env = dict(self._config.child_env)
         if self._placement is not None:
             # Its devices: CUDA_VISIBLE_DEVICES, and --main-gpu/--tensor-split over several.
@@ -506,6 +506,16 @@ class ChildLife:
     def _note(self, text: str) -> None:
         self._logs.append(text)
         child_log.debug("[%s] %s", self.name, text)
+
+
+def _argv(parts: ChildParts, spec: ModelSpec, key: str, port: int) -> list[str]:
+    argv = list(parts.build_argv(spec, port))
+    kv = parts.kv_cache
+    if kv is not None and key != spec.name:
+        # A replica keeps its slot caches apart from its model's first child.
+        argv = with_slot_dir(argv, kv.directory(key))
+        kv.ensure_dir(key)
+    return argv
 
 
 async def terminate(

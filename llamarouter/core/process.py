@@ -502,10 +502,7 @@ class ModelProcess:
 
 
 def _own_parts(proc: ModelProcess, parts: ChildParts, memory: MemoryHooks | None) -> ChildParts:
-    """What `proc`'s lives are built from: the budget's hooks bound to it; an extra replica
-    starts cold (the slot caches on disk are the first child's)."""
-    if proc.replica:
-        parts = dataclasses.replace(parts, kv_cache=None)
+    """What `proc`'s lives are built from: the budget's hooks bound to it."""
     if memory is not None:
         parts = dataclasses.replace(
             parts,

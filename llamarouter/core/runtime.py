@@ -240,11 +240,16 @@ class Runtime:
 
     # ----------------------------------------------------------------- keep-cache
     def _wants_cache(self, name: str) -> bool:
-        proc = self._supervisor.find(name) if self._supervisor is not None else None
+        proc = self._by_key(name)
         return proc is not None and keeps_cache(self.config, proc.spec)
 
+    def _by_key(self, key: str) -> ModelProcess | None:
+        """A model by its name, or one of its replicas by its key ("name#2"): each keeps
+        its slot caches apart."""
+        return self._supervisor.table.by_key(key) if self._supervisor is not None else None
+
     def _fingerprint(self, name: str) -> str | None:
-        proc = self._supervisor.find(name) if self._supervisor is not None else None
+        proc = self._by_key(name)
         if proc is None:
             return None
         return kv_fingerprint(self.child_args.merged(proc.spec), proc.spec.model_path)

@@ -259,15 +259,7 @@ def plan(snap: Snapshot) -> list[Action]:
             p.actions.append(Refuse(w.id, w.model, Why.DEADLINE))
             continue
         if not w.load and m.replicas > 1 and m.name in servable:
-            # On the child with a slot free, whatever state its first child is in: named
-            # in the grant, so nothing later in this plan stops it.
-            p.wanted.add(m.name)
-            if child is not None:
-                p.actions.append(Grant(w.id, child.name))
-                p.wanted.add(child.name)
-                slots.take(child)
-            else:
-                saturated[m.name] = saturated.get(m.name, 0) + 1
+            _grant_on_replica(p, w, m, child, slots, saturated)
             continue
         if w.load:
             _plan_load(snap, p, room, w, m, state, pinned_bytes, want_start)
@@ -497,6 +489,20 @@ def _plan_evictions(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, Mod
     for name in plan_evictions(candidates, slot_deficit, max(bytes_deficit, 0)):
         p.actions.append(Evict(name, StopReason.EVICTED))
         p.state[name] = State.STOPPING
+
+
+def _grant_on_replica(
+    p: _Plan, w: WaiterView, m: ModelView, child: ModelView | None, slots: _Slots, saturated: dict[str, int],
+) -> None:
+    """On the child with a slot free, whatever state its first child is in: named in the
+    grant, so nothing later in this plan stops it. With none free, the request waits."""
+    p.wanted.add(m.name)
+    if child is not None:
+        p.actions.append(Grant(w.id, child.name))
+        p.wanted.add(child.name)
+        slots.take(child)
+    else:
+        saturated[m.name] = saturated.get(m.name, 0) + 1
 
 
 class _Slots:

@@ -141,9 +141,9 @@ class Supervisor:
                 f"but --models-max is {limit}"
             )
         for proc in startup:
-            if not self.pinned(proc):  # pinned ones are the scheduler's to keep loaded
-                self.arbiter.note_start(proc)
-                proc.start()
+            # Pinned ones are the scheduler's to keep loaded; the others are placed too.
+            if not self.pinned(proc) and not self.arbiter.start_model(proc):
+                log.warning("[%s] not started at startup: no room for it on the devices", proc.name)
         self.arbiter.start()
         self.started = True
 

@@ -70,6 +70,16 @@ def running_options(argv: Iterable[str], env: Mapping[str, str], table: FlagTabl
     return opts
 
 
+def with_slot_dir(argv: list[str], directory: Path | None) -> list[str]:
+    """`argv` with its --slot-save-path (if it has one: keep-cache is on) set to
+    `directory`."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == _K_SLOT_SAVE and directory is not None:
+            out[i + 1] = str(directory)
+    return out
+
+
 def parallel_slots(argv: Iterable[str], env: Mapping[str, str]) -> int:
     """A running child's parallel slots, read back from its command line: `-np`, where
     llama-server's auto (unset or negative) is 4."""

@@ -83,7 +83,48 @@ async def test_a_crashed_replica_is_restarted_while_the_other_serves_and_idle_ex
         return any(x["replica"] == 2 and x["restarts"] == 1 for x in replicas)
 
     await wait_for(restarted, 30, message="replica 2 to be restarted")
+    await wait_for(lambda: len(_alpha_children(r)) == 2, 30, message="replica 2's new child")
+
     # Idle past its replica-ttl (3 s), the extra child stops; the first one stays.
-    await wait_for(lambda: len(_alpha_children(r)) == 1, 30, interval=0.2, message="the idle extra replica to stop")
-    replicas = (await r.models())["alpha"]["replicas"]
-    assert [x["status"] for x in replicas] == ["loaded", "unloaded"]
+    async def extra_gone() -> bool:
+        replicas = (await r.models())["alpha"]["replicas"]
+        return [x["status"] for x in replicas] == ["loaded", "unloaded"]
+
+    await wait_for(extra_gone, 30, interval=0.2, message="the idle extra replica to stop")
+    assert len(_alpha_children(r)) == 1
+
+
+async def test_each_replica_keeps_its_own_slot_caches(
+    tmp_path: Path, tiny_models: TinyModels, llama_server_bin: Path, start_router: StartRouter,
+) -> None:
+    kv = tmp_path / "kv"
+    preset = tmp_path / "presets.ini"
+    preset.write_text(f"[alpha]\nmodel = {tiny_models.alpha}\nreplicas = 2\nkeep-cache = true\n")
+    r = await start_router(
+        "--models-preset", str(preset), "--models-max", "3", "--keep-cache-dir", str(kv), "--no-watch",
+        *BASE, server_bin=llama_server_bin,
+    )
+
+    async def two_at_once() -> None:
+        """One request on each child: a stream holds the first child's only slot while a
+        second request waits for (and is served by) the second child."""
+        body = {"model": "alpha", "prompt": "a story about a river " * 5, "n_predict": 400, "cache_prompt": True}
+        async with aiohttp.ClientSession() as s, \
+                s.post(r.url + "/completion", json={**body, "stream": True}) as streamed:
+            assert streamed.status == 200
+            await streamed.content.readuntil(b"\n\n")  # the stream holds its slot now
+            status, reply = await r.post("/completion", {**body, "n_predict": 8})
+            assert status == 200, reply
+            await streamed.read()
+
+    await two_at_once()  # one slot each: the second request starts the second child
+    assert len(_alpha_children(r)) == 2
+    status, body = await r.post("/models/unload", {"model": "alpha"})
+    assert status == 200, body
+    await wait_for(lambda: _alpha_children(r) == [], 30, interval=0.1, message="both children to stop")
+    saved = sorted(p.parent.name.split("-")[0] for p in kv.glob("*/*") if not p.name.endswith(".json"))
+    assert saved == ["alpha", "alpha_2"], (saved, r.log()[-3000:])  # a directory each
+    await two_at_once()
+    _, metrics = await r.get("/metrics")
+    restores = re.search(r'^llamarouter_keep_cache_operations_total\{operation="restore"\} (\S+)$', metrics, re.MULTILINE)
+    assert restores is not None and float(restores.group(1)) == 2.0, metrics[-2000:]
