@@ -66,15 +66,21 @@ def run_probe(env: dict[str, str], *pids: int) -> dict[str, object]:
     return result
 
 
+# The stand-ins' name, and the only processes the simulation counts here: a real
+# llama-server that another test (or anything else on the machine) runs is not ours.
+STAND_IN = "llama-server-nvmlsim-test"
+
+
 def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("LLAMAROUTER_NVMLSIM") and k != "PYTHONPATH"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLAMAROUTER_NVMLSIM") and k != "PYTHONPATH"}
+    return {**env, "LLAMAROUTER_NVMLSIM_MATCH": STAND_IN}
 
 
 @pytest.fixture
 def fake_server(tmp_path: Path) -> Iterator[Path]:
     """A program named llama-server that only sleeps: the simulation reads nothing but its
     command line and environment."""
-    script = tmp_path / "llama-server"
+    script = tmp_path / STAND_IN
     script.write_text(f"#!{sys.executable}\nimport time\ntime.sleep(60)\n")
     script.chmod(0o755)
     yield script
