@@ -75,7 +75,7 @@ class Arbiter:
         self._generations = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         # Per-device budgets: each Start is placed on devices first (placing.py).
-        self.placing = Placing.of(config, memory, table, admission)
+        self.placing = Placing.of(config, memory, table, admission, self.drains)
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -149,6 +149,8 @@ class Arbiter:
         # leave every later request waiting for a grant that never comes.
         try:
             self._stop_drained()
+            if self.placing is not None:
+                self.placing.tidy()
             snap = self.snapshot(now)
             self.apply(scheduler.plan(snap))
             soonest = scheduler.next_wakeup(snap)
@@ -191,6 +193,7 @@ class Arbiter:
                     listed=self._table.listed(proc),
                     load_generation=starts,
                     draining=proc in self.drains,
+                    device_drain=self.placing is not None and proc in self.placing.device_drains,
                     ready_at=proc.ready_at or 0.0,
                     reload_seconds=self.costs.reload_seconds(proc),
                 )

@@ -8,7 +8,10 @@ which device has room) and every `Start` comes here first:
   with it, so its child is told its devices (`placement.child_launch`);
 - evict: the idle models the decision names are stopped, on the devices the new model
   will use; it starts on a later pass, once they have stopped (their memory is then free);
-- wait: it does not start now; a pass after a busy model there goes idle tries again;
+- wait: it does not start now; a pass after a busy model there goes idle tries again.
+  Once one of its requests has waited `--drain-after`, a busy model on the devices is
+  drained for it (as the scheduler drains for a slot): new requests for that model queue,
+  its requests in flight finish, then it leaves;
 - refuse: the requests waiting for it get a 503 `BudgetExceeded` with the decision's
   reason, which names each device and its free memory.
 
@@ -18,6 +21,8 @@ Runs inside a scheduling pass: no await, and it changes models only by sending c
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from ..errors import BudgetExceeded
@@ -51,16 +56,21 @@ class Placing:
     # Models whose Start of this pass did not start them: their waiters keep no load number
     # (a start that never happened is no aborted load).
     deferred: set[str] = field(default_factory=set)
+    # The arbiter's drains, and the ones made here: busy models giving way on a device to
+    # a model waiting past --drain-after (victim -> the waiting model's name).
+    drains: set[ModelProcess] = field(default_factory=set)
+    device_drains: dict[ModelProcess, str] = field(default_factory=dict)
 
     @staticmethod
     def of(
         config: RouterConfig, memory: MemoryManager | None, table: ModelTable, admission: Admission,
+        drains: set[ModelProcess],
     ) -> Placing | None:
         """A placing step when there are per-device budgets (several GPUs' budgets, or
         NVML's devices with --memory-budget auto); None: one pool, the scheduler's bytes."""
         if memory is None or not memory.devices:
             return None
-        return Placing(config, memory, table, admission)
+        return Placing(config, memory, table, admission, drains=drains)
 
     def start(self, proc: ModelProcess) -> Go:
         """Decide where `proc` goes and act on it (see the module's docstring)."""
@@ -68,6 +78,7 @@ class Placing:
         self._note(proc.key, decision)
         if decision.action in ("place", "split") and decision.placement is not None:
             self.deferred.discard(proc.name)
+            self._undrain(lambda waiting: waiting == proc.name)
             self.memory.assign(proc.key, decision.placement)
             return Go(True, decision.placement)
         if proc.replica:
@@ -75,9 +86,50 @@ class Placing:
             # refused for it): the model serves on with the children it has.
             return Go(False)
         self.deferred.add(proc.name)
+        if decision.action == "wait":
+            self._drain_for(proc)
         if decision.action == "refuse":
             self._refuse(proc.name, decision.reason)
         return Go(False, evicted=self._evict(proc.key, decision) if decision.action == "evict" else 0)
+
+    def tidy(self) -> None:
+        """Call off the drains for models nobody waits for any more (their requests were
+        served elsewhere or went away): the drained model takes requests again."""
+        self._undrain(lambda waiting: not self.admission.waiters.wants(waiting))
+
+    def _drain_for(self, proc: ModelProcess) -> None:
+        """`proc` waits for busy models on the devices: past --drain-after, drain one."""
+        bound = self.config.limits.drain_after
+        if bound is None or proc.name in self.device_drains.values():
+            return
+        now = time.monotonic()
+        since = min((w.since for w in self.admission.waiters if w.model == proc.name and not w.load), default=now)
+        if now - since < bound:
+            return
+        victims = sorted(
+            (
+                p for p in self.table.all_processes()
+                if p.expected_state == State.READY and p not in self.drains and self._devices_of(p)
+                and not (self.table.pinned(p) and not p.replica) and p.name != proc.name
+                and now - (p.ready_at or now) >= bound  # each model gets its turn first
+            ),
+            key=lambda p: (self.admission.in_flight(p), p.ready_at or 0.0, p.key),
+        )
+        if victims:
+            victim = victims[0]
+            self.drains.add(victim)
+            self.device_drains[victim] = proc.name
+            log.info(
+                "[%s] draining: a request for %s has waited %gs (--drain-after) for room on its "
+                "devices; %d in flight finish first", victim.key, proc.name, bound, self.admission.in_flight(victim),
+            )
+
+    def _undrain(self, done: Callable[[str], bool]) -> None:
+        for victim, waiting in list(self.device_drains.items()):
+            if done(waiting):
+                del self.device_drains[victim]
+                if victim.expected_state == State.READY:
+                    self.drains.discard(victim)
 
     def changed(self, proc: ModelProcess, new: State) -> None:
         """A model's transition: once its child is gone (stopped, failed) its devices are
@@ -86,6 +138,8 @@ class Placing:
         that took its name alone."""
         if not self.table.listed(proc) and self.table.by_key(proc.key) is not None:
             return
+        if new != State.READY:
+            self.device_drains.pop(proc, None)
         if new in (State.STOPPED, State.FAILED, State.SHUTDOWN):
             self.memory.unassign(proc.key)
         elif new == State.STARTING and proc.placement is not None:

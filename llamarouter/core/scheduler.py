@@ -70,6 +70,7 @@ class ModelView:
     replica: int = 0  # 0: the model's first child, whose view requests are planned on
     replicas: int = 1  # children the model may run (preset key `replicas`)
     slots: int = 1  # the child's parallel slots: all busy on every ready child -> one more
+    device_drain: bool = False  # drained for room on a device (placing.py calls it off)
 
     @property
     def model_name(self) -> str:
@@ -356,7 +357,7 @@ def _plan_drained(p: _Plan, models: dict[str, ModelView]) -> None:
     for m in models.values():
         if not m.draining or p.state.get(m.name) != State.READY:
             continue
-        if not p.blocked:
+        if not p.blocked and not m.device_drain:
             p.actions.append(Undrain(m.name))
         elif m.in_flight == 0 and not m.pinned:
             p.actions.append(Evict(m.name, StopReason.DRAINED))

@@ -13,7 +13,7 @@ from tests.conftest import ROOT
 DOC = ROOT / "docs" / "comparison.md"
 PACKAGE = ROOT / "llamarouter"
 SPEC = PACKAGE / "web" / "openapi.yaml"
-PRESET_KEYS = frozenset({"ttl", "pin", "sleep-idle", "devices"})
+PRESET_KEYS = frozenset({"ttl", "pin", "sleep-idle", "devices", "replicas", "replica-ttl"})
 HEADERS = frozenset({"Retry-After"})
 PROSE = frozenset({"llama-server", "model"})  # names, not claims about our code
 

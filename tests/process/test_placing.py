@@ -121,3 +121,44 @@ async def test_manual_placement_wins_and_a_bad_one_is_refused_with_its_reason() 
         assert memory.placement_of("a") is None
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
+
+
+@pytest.mark.timeout(30)
+async def test_a_model_waiting_past_the_drain_bound_for_a_busy_device_drains_one() -> None:
+    """d fits nowhere while a, b and c are all busy: after --drain-after one of them is
+    drained (its request finishes, no new one joins it), then it leaves and d loads."""
+    launcher = FakeLauncher()
+    memory = SizedMemory(
+        150 * MIB, HostProbe(), 1.0, 0.01,  # type: ignore[arg-type]
+        [DeviceBudget(0, "cuda:0", 100 * MIB, 0), DeviceBudget(1, "cuda:1", 50 * MIB, 0)],
+    )
+    specs = {n: spec(n) for n in SIZES}
+    sup = Supervisor(
+        fast_config(0, drain_after=0.2), lambda: dict(specs), launcher, FakeProbe(launcher),
+        lambda s, port: [s.name, str(port)], memory=memory,
+    )
+    await sup.start()
+    try:
+        a = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)  # device 1
+        b = await asyncio.wait_for(sup.acquire(sup.models["b"], True), 5)  # device 0
+        c = await asyncio.wait_for(sup.acquire(sup.models["c"], True), 5)  # device 0
+        assert {memory.placement_of(n).devices for n in ("b", "c")} == {(0,)}  # type: ignore[union-attr]
+        d = asyncio.create_task(sup.acquire(sup.models["d"], True))
+        await wait_for(lambda: any(sup.draining(sup.models[n]) for n in "abc"), 5, message="a drain")
+        victim = next(n for n in "abc" if sup.draining(sup.models[n]))
+        assert not d.done() and sup.models[victim].state == State.READY  # its request runs on
+        # A new request for the drained model waits behind the swap instead of joining it.
+        queued = asyncio.create_task(sup.acquire(sup.models[victim], True))
+        await wait_for(lambda: sup.queued_for(sup.models[victim]) == 1, 5, message="a queued request")
+        held = {"a": a, "b": b, "c": c}
+        held.pop(victim).release()
+        lease = await asyncio.wait_for(d, 5)
+        assert sup.models[victim].stop_reason == "drained" and sup.models[victim].state == State.STOPPED
+        assert all(sup.models[n].state == State.READY for n in held)  # only the one drained
+        lease.release()
+        queued.cancel()
+        for other in held.values():
+            other.release()
+    finally:
+        await sup.shutdown()
+    assert launcher.alive() == []
