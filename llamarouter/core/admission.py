@@ -271,8 +271,12 @@ class Admission:
         proc.served()
         if left > 0:
             self._serving[proc] = left
-            return
-        self._serving.pop(proc, None)
+            if proc.spec.replicas <= 1:
+                return
+            # A slot of a model with replicas came free: a request waiting for one takes
+            # it now, not when the child next goes idle.
+        else:
+            self._serving.pop(proc, None)
         if self.waiters and not self._loop.closing:
             # Decide now, before another request can make the model busy again: an idle
             # model that others wait for is evicted at this instant (upstream's rule too),

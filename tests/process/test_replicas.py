@@ -28,12 +28,16 @@ async def _both_busy(sup: Supervisor) -> tuple[Lease, Lease]:
     return first, second
 
 
-def _supervisor(launcher: FakeLauncher, models_max: int = 3, slots: int = 1, **limits: object) -> Supervisor:
+def _supervisor(
+    launcher: FakeLauncher, models_max: int = 3, slots: int = 1, tick: float | None = None, **limits: object,
+) -> Supervisor:
     specs = {"a": spec("a", replicas=2), "b": spec("b")}
     # The children's slots come from their environment, as llama-server reads -np there too.
     config = dataclasses.replace(
         fast_config(models_max, **limits), child_env=(("LLAMA_ARG_N_PARALLEL", str(slots)),),
     )
+    if tick is not None:  # no housekeeping pass to hide a missing decision
+        config = dataclasses.replace(config, timeouts=dataclasses.replace(config.timeouts, tick=tick))
     return Supervisor(
         config, lambda: dict(specs), launcher, FakeProbe(launcher), lambda s, port: [s.name, str(port)],
     )
@@ -63,6 +67,27 @@ async def test_a_request_waiting_for_a_slot_starts_the_second_replica() -> None:
     finally:
         await sup.shutdown()
     assert launcher.alive() == []
+
+
+async def test_a_freed_slot_goes_at_once_to_a_request_waiting_for_one() -> None:
+    """Two slots per child, both replicas' slots busy: one request ending (its child still
+    busy with the other) lets a waiting request in at once, not when the child is idle."""
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher, slots=2, tick=60.0)
+    await sup.start()
+    try:
+        leases = [await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5) for _ in range(3)]
+        leases.append(await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5))
+        assert sorted(lease.proc.replica for lease in leases) == [0, 0, 1, 1]
+        waiting = asyncio.create_task(sup.acquire(sup.models["a"], True))
+        await wait_for(lambda: sup.waiting == 1, 5, message="a request waiting for a slot")
+        leases.pop(0).release()
+        lease = await asyncio.wait_for(waiting, 1)
+        leases.append(lease)
+        for held in leases:
+            held.release()
+    finally:
+        await sup.shutdown()
 
 
 async def test_no_extra_replica_while_a_slot_is_free() -> None:
