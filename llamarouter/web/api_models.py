@@ -101,7 +101,8 @@ async def pin(api: Api, request: web.Request) -> web.Response:
 async def memory(api: Api, request: web.Request) -> web.Response:
     """Budget, use and free memory, and each model's estimate / measurement."""
     memory = api.sup.memory
-    procs = list(api.sup.models.values())
+    # Every listed child: a model's extra replicas hold memory too (listed by their key).
+    procs = [p for p in api.sup.all_processes() if api.sup.table.listed(p)]
     models = {}
     for proc in procs:
         entry: dict[str, Any] = {"status": proc.api_status}
@@ -121,10 +122,10 @@ async def memory(api: Api, request: web.Request) -> web.Response:
             entry["device_bytes"] = proc.device_bytes
         if memory is not None and proc.holds_slot:
             entry["counted_bytes"] = memory.held(proc)
-        placed = memory.placement_view(proc.name) if memory is not None else None
+        placed = memory.placement_view(proc.key) if memory is not None else None
         if placed is not None:
             entry["placement"] = placed
-        models[proc.name] = entry
+        models[proc.key] = entry
     body: dict[str, Any] = {"budget": None, "models": models}
     if memory is not None:
         body.update(memory.report(procs))

@@ -540,7 +540,7 @@ def _router_gauges(snap: _Snapshot) -> Iterator[GaugeMetricFamily]:
         yield GaugeMetricFamily(
             "llamarouter_memory_used_bytes",
             "Budget held by loading and loaded models (measured, else estimated).",
-            value=memory.used(snap.procs),
+            value=memory.used(sup.all_processes()),  # replicas and models still stopping too
         )
     loaded = sum(1 for proc in snap.procs if proc.state == State.READY)
     yield GaugeMetricFamily(

@@ -62,6 +62,8 @@ async def test_48_concurrent_chats_are_answered_by_both_replicas(
     replicas = item["replicas"]
     assert [x["replica"] for x in replicas] == [1, 2]
     assert {x["port"] for x in replicas} == {_port(k) for k in kids}
+    status, memory = await r.get("/memory")
+    assert status == 200 and {"alpha", "alpha#2"} <= set(memory["models"]), memory  # each child's memory
 
 
 async def test_a_crashed_replica_is_restarted_while_the_other_serves_and_idle_extras_go(
