@@ -41,7 +41,7 @@ NAMES = ("one", "two")
 @dataclass(frozen=True)
 class ReplicaPlan:
     clients: int = 32
-    requests: int = 640  # per run
+    requests: int = 1600  # per run
     runs: int = 3  # per model, interleaved
     chat_tokens: int = 32
     # The same for every child: one compute thread each, so two children use two cores

@@ -165,7 +165,6 @@ class Track:
 Action = Grant | Resolve | Refuse | Start | Evict | Drain | Undrain | Track
 
 
-
 @dataclass
 class _Room:
     """Slots and bytes as the plan goes: starts take, nothing gives back until a stop ends."""
