@@ -287,7 +287,9 @@ class Supervisor:
             self.failed_before_ready.set()
         if self.arbiter.placing is not None:
             self.arbiter.placing.changed(proc, new)
-        if self.table.listed(proc):
+        if self.table.listed(proc) and not proc.replica:
+            # The model's status is its first child's: an extra replica coming and going
+            # is no change of the model's (GET /models lists each replica).
             self.events.transition(proc, old, new)
         if new in (State.STOPPED, State.FAILED, State.SHUTDOWN) and self.table.finished(proc):
             self._forget(proc)

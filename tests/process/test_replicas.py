@@ -182,6 +182,29 @@ async def test_requests_go_to_a_ready_replica_while_the_first_child_restarts() -
         await sup.shutdown()
 
 
+async def test_events_tell_the_models_status_not_an_extra_replicas() -> None:
+    launcher = FakeLauncher()
+    sup = _supervisor(launcher, replica_ttl=0.1)
+    await sup.start()
+    try:
+        async with sup.events.subscribe() as events:
+            leases = await _both_busy(sup)
+            for lease in leases:
+                lease.release()
+            extra = sup.table.extra["a"][0]
+            await wait_for(lambda: extra.state == State.STOPPED, 5, message="the extra replica to stop")
+            seen = []
+            while not events.empty():
+                line = events.get_nowait()
+                assert line is not None
+                seen.append(line)
+        # a loaded once (its first child): no "loading"/"unloaded" for the extra one.
+        statuses = [line for line in seen if b'"model":"a"' in line]
+        assert len(statuses) == 2 and b"loading" in statuses[0] and b"loaded" in statuses[1], seen
+    finally:
+        await sup.shutdown()
+
+
 async def test_unload_stops_every_replica() -> None:
     launcher = FakeLauncher()
     sup = _supervisor(launcher)
