@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 from ..core.childclient import child_host
 from ..core.gguf_info import RunSettings
 from ..core.process import ModelProcess
+from ..core.states import State
 from ..errors import ChildBroke, ChildUnreachable, UpstreamError
 from ..settings.childargs import running_options
 from ..settings.config import RouterConfig
@@ -222,9 +223,12 @@ class Proxy:
             exchange.abort()  # a no-op once the exchange is complete
 
     async def _acquire(self, proc: ModelProcess, port: int) -> ChildConnection:
+        if proc.state == State.STOPPING:
+            # Stopped between its grant and now (the cut has been): not sent at all.
+            raise ChildBroke(f"proxy error: the model was stopped ({proc.stop_reason or 'stop'})")
         pool = self.pool_for(proc, port)
         try:
-            return await pool.acquire()
+            conn = await pool.acquire()
         except ConnectFailed as exc:
             raise ChildUnreachable(f"proxy error: {exc}") from exc
         except TimeoutError as exc:
@@ -232,6 +236,13 @@ class Proxy:
                 f"proxy error: no connection to model name={proc.name} became free "
                 f"within {self._timeout:g} s"
             ) from exc
+        if pool.closed:
+            # The model was stopped (cut) while this request waited for its connection:
+            # it must not reach a child that is exiting (llama-server waits for its open
+            # connections, and would serve it to the end).
+            conn.abort()
+            raise ChildBroke(f"proxy error: the model was stopped ({proc.stop_reason or 'stop'})")
+        return conn
 
     async def _stream(self, request: web.Request, proc: ModelProcess, exchange: Exchange) -> web.StreamResponse:
         head = exchange.head

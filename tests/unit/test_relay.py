@@ -368,3 +368,43 @@ async def test_slow_client_pauses_reading_the_child() -> None:
 )
 def test_child_http_threads(argv: list[str], env: dict[str, str], cpus: int, expected: Any) -> None:
     assert child_http_threads(argv, env, cpus) == expected
+
+
+# --------------------------------------------------------------------------- a stop and the proxy
+class _Proc:
+    """What the proxy reads of a model: a READY child on `port`, stopped by the test."""
+
+    def __init__(self, port: int, argv: list[str]) -> None:
+        from llamarouter.core.states import State
+
+        self.name = self.key = "m"
+        self.port = port
+        self.argv = argv
+        self.state = State.READY
+        self.stop_reason: str | None = None
+
+
+async def test_a_request_waiting_for_a_connection_when_its_model_stops_never_reaches_it(child: Child) -> None:
+    """Was: a request granted just before an unload, still waiting for a connection when
+    the stop cut the model's requests, was sent afterwards to the exiting child, which
+    (llama-server waits for its open connections) served it to the end."""
+    from llamarouter.core.states import State
+    from llamarouter.errors import ChildBroke
+    from llamarouter.settings.config import RouterConfig
+    from llamarouter.web.proxy import Proxy
+
+    proxy = Proxy(RouterConfig())
+    # --threads-http 2 less the router's reserve of 1: one connection at a time.
+    proc: Any = _Proc(child.port, ["llama-server", "--threads-http", "2"])
+    first = await proxy._acquire(proc, child.port)
+    waiting = asyncio.create_task(proxy._acquire(proc, child.port))
+    await wait_for(lambda: proxy.pool_for(proc, child.port).waiters, 5, message="a request waiting")
+    proc.state, proc.stop_reason = State.STOPPING, "unloaded"
+    proxy.cut(proc, "the model was stopped (unloaded)")
+    with pytest.raises(ChildBroke, match=r"stopped \(unloaded\)"):
+        await asyncio.wait_for(waiting, 5)
+    assert child.requests == 0
+    # And one granted before the stop but not yet sending: not sent either.
+    with pytest.raises(ChildBroke, match=r"stopped \(unloaded\)"):
+        await proxy._acquire(proc, child.port)
+    first.abort()
