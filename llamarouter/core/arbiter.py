@@ -75,7 +75,9 @@ class Arbiter:
         self._generations = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         # Per-device budgets: each Start is placed on devices first (placing.py).
-        self.placing = Placing.of(config, memory, table, admission, self.drains)
+        self.placing = Placing.of(
+            config, memory, table, admission, self.drains, watch.drained if watch is not None else None,
+        )
 
     @property
     def task(self) -> asyncio.Task[None] | None:

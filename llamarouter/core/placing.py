@@ -60,17 +60,19 @@ class Placing:
     # a model waiting past --drain-after (victim -> the waiting model's name).
     drains: set[ModelProcess] = field(default_factory=set)
     device_drains: dict[ModelProcess, str] = field(default_factory=dict)
+    # Told of each drain made here (metrics, the dashboard's timeline), as the arbiter's are.
+    drained: Callable[[str], None] | None = None
 
     @staticmethod
     def of(
         config: RouterConfig, memory: MemoryManager | None, table: ModelTable, admission: Admission,
-        drains: set[ModelProcess],
+        drains: set[ModelProcess], drained: Callable[[str], None] | None = None,
     ) -> Placing | None:
         """A placing step when there are per-device budgets (several GPUs' budgets, or
         NVML's devices with --memory-budget auto); None: one pool, the scheduler's bytes."""
         if memory is None or not memory.devices:
             return None
-        return Placing(config, memory, table, admission, drains=drains)
+        return Placing(config, memory, table, admission, drains=drains, drained=drained)
 
     def start(self, proc: ModelProcess) -> Go:
         """Decide where `proc` goes and act on it (see the module's docstring)."""
@@ -119,6 +121,8 @@ class Placing:
             victim = victims[0]
             self.drains.add(victim)
             self.device_drains[victim] = proc.name
+            if self.drained is not None:
+                self.drained(victim.name)
             log.info(
                 "[%s] draining: a request for %s has waited %gs (--drain-after) for room on its "
                 "devices; %d in flight finish first", victim.key, proc.name, bound, self.admission.in_flight(victim),

@@ -133,9 +133,20 @@ async def test_a_model_waiting_past_the_drain_bound_for_a_busy_device_drains_one
         [DeviceBudget(0, "cuda:0", 100 * MIB, 0), DeviceBudget(1, "cuda:1", 50 * MIB, 0)],
     )
     specs = {n: spec(n) for n in SIZES}
+
+    class Watch:
+        drains: list[str] = []
+
+        def waited(self, model: str, seconds: float) -> None:
+            pass
+
+        def drained(self, model: str) -> None:
+            self.drains.append(model)
+
+    watch = Watch()
     sup = Supervisor(
         fast_config(0, drain_after=0.2), lambda: dict(specs), launcher, FakeProbe(launcher),
-        lambda s, port: [s.name, str(port)], memory=memory,
+        lambda s, port: [s.name, str(port)], memory=memory, watch=watch,
     )
     await sup.start()
     try:
@@ -146,6 +157,7 @@ async def test_a_model_waiting_past_the_drain_bound_for_a_busy_device_drains_one
         d = asyncio.create_task(sup.acquire(sup.models["d"], True))
         await wait_for(lambda: any(sup.draining(sup.models[n]) for n in "abc"), 5, message="a drain")
         victim = next(n for n in "abc" if sup.draining(sup.models[n]))
+        assert watch.drains == [victim]  # counted (metrics) and marked (the dashboard)
         assert not d.done() and sup.models[victim].state == State.READY  # its request runs on
         # A new request for the drained model waits behind the swap instead of joining it.
         queued = asyncio.create_task(sup.acquire(sup.models[victim], True))
