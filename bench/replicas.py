@@ -74,19 +74,10 @@ class Replicas:
         argv = [self.llamarouter, "--models-preset", str(self._preset()), "--models-max", "3",
                 "--port", str(port), "--host", "127.0.0.1", *self.plan.flags]
         server = self.reg.start("llamarouter-replicas", argv, port, self.work / "llamarouter-replicas.log")
-        deadline = time.monotonic() + 60
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
-            while time.monotonic() < deadline:
-                if not server.alive():
-                    raise RuntimeError(f"llamarouter exited early:\n{server.log_tail()}")
-                try:
-                    async with s.get(server.url + "/health") as r:
-                        if r.status == 200:
-                            return server
-                except (TimeoutError, aiohttp.ClientError, OSError):
-                    pass
-                await asyncio.sleep(0.05)
-        raise TimeoutError(f"llamarouter not healthy:\n{server.log_tail()}")
+        from .run import wait_healthy
+
+        await wait_healthy(server, 60.0, interval=0.05)
+        return server
 
     async def _load(self, server: Server, model: str) -> dict[str, Any]:
         p = self.plan
