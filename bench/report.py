@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 MIB = 2**20
@@ -234,16 +233,18 @@ def scheduling_section(r: dict[str, Any]) -> list[str]:
         "## Scheduling under contention",
         "",
         "Six copies of one tiny model under six names, the same llama-server flags for both",
-        f"routers (`{' '.join(plan.get('flags', []))}`: one compute thread per child, as two children",
-        "with a thread per core spin-wait on 2 cores; see performance.md), each run on a freshly started router,",
-        "routers alternating run by run (medians over runs). Thrash: "
+        f"routers (`{' '.join(plan.get('flags', []))}`: llama-server's default threads, one per core, as a user",
+        "runs it; the `-t 1` rows run the thrash again with one compute thread per child, where no two",
+        "children oversubscribe the cores and only swapping is measured), each run on a freshly started",
+        "router, routers alternating run by run (medians over runs). Thrash: "
         f"{plan.get('clients')} clients, {plan.get('requests')} short chats (`max_tokens` 8) per run,",
         f"each to a random model, `--models-max 2`, {plan.get('thrash_runs')} runs per router and",
         "scenario; skewed = 40/25/15/10/6/4 % of requests over the six models, compared with one",
         "run of ours with `--models-max 6` (nothing swaps: the uncontended p50). Starvation:",
         "`--models-max 1`, clients keep model A busy with streamed chats of 16-400 tokens while one",
         f"chat for model B is sent 2 s in; {plan.get('starve_runs')} runs per router. llamarouter runs with its",
-        "defaults (`--drain-after 0.5`).",
+        "defaults (`--drain-after 0.5`, `--cpu-budget auto`: CPU turns, see design.md). CPU per request is",
+        "the router's and its children's, reaped, over the run.",
         "",
         sched_table(res),
         "",

@@ -3,7 +3,10 @@
 Three scenarios, each run alternately on the two routers (upstream, ours, upstream, ...):
 
 - uniform thrash: six models (copies of one tiny model) through `--models-max 2`; a fixed
-  number of clients each send short chats one after another, each to a random model;
+  number of clients each send short chats one after another, each to a random model.
+  Children run with llama-server's default threads (one per core, as a user runs it), and
+  again with one thread each (`-t 1`: nothing oversubscribes the cores, so only the
+  swapping is measured);
 - skewed thrash: the same with 40/25/15/10/6/4 % of requests over the six models, plus one
   uncontended run of ours (`--models-max 6`, everything stays loaded) to compare the two
   hot models' p50 with;
@@ -53,23 +56,23 @@ PHASE_DEADLINE_S = 600.0
 @dataclass
 class SchedPlan:
     clients: int = 48
-    requests: int = 3000  # per thrash run
+    requests: int = 1200  # per thrash run
     thrash_runs: int = 2  # per router and scenario
     starve_runs: int = 5  # per router
     starve_clients: int = 8
     starve_seconds: float = 10.0
     starve_b_at: float = 2.0
     chat_tokens: int = 8
-    # One compute thread per child. With llama-server's default (one per core), two
-    # children computing at once on a 2-core machine oversubscribe it, and the idle halves
-    # of their thread pools spin-wait at every barrier: the thrash then measures how often a
-    # router lets both compute at once (upstream's router, with a fixed pool of HTTP threads,
-    # lets fewer requests through at a time) at 40-150 ms of CPU per 8-token chat, instead of
-    # swapping. With one thread each both routers serve the same chats at 6-7 ms of CPU.
-    flags: tuple[str, ...] = ("-c", "2048", "-np", "8", "-t", "1")
+    # llama-server's default threads (one per core). Two CPU children computing at once
+    # on a 2-core machine oversubscribe it and their idle threads spin-wait at every
+    # barrier (40-150 ms of CPU per 8-token chat instead of 6-7): what llamarouter's CPU
+    # turns are for. `one_thread` runs the thrash again with `-t 1`, where nothing
+    # oversubscribes and only the swapping is measured.
+    flags: tuple[str, ...] = ("-c", "2048", "-np", "8")
+    one_thread: bool = True
 
 
-QUICK = SchedPlan(requests=600, thrash_runs=1, starve_runs=2, starve_seconds=6.0)
+QUICK = SchedPlan(requests=400, thrash_runs=1, starve_runs=2, starve_seconds=6.0)
 
 
 def pct(values: Sequence[float], p: float) -> float:
@@ -116,16 +119,16 @@ class Sched:
         self.rng = random.Random(20261206)
         self.routers: tuple[str, ...] = ROUTERS
 
-    def argv(self, key: str, port: int, models_max: int) -> list[str]:
+    def argv(self, key: str, port: int, models_max: int, flags: Sequence[str] | None = None) -> list[str]:
         common = ["--models-dir", str(self.models_dir), "--models-max", str(models_max),
-                  "--port", str(port), "--host", "127.0.0.1", *self.plan.flags]
+                  "--port", str(port), "--host", "127.0.0.1", *(self.plan.flags if flags is None else flags)]
         if key == "upstream":
             return [self.bin, *common]
         return [self.llamarouter, *common, *self.extra_ours]
 
-    async def start(self, key: str, models_max: int, tag: str) -> Server:
+    async def start(self, key: str, models_max: int, tag: str, flags: Sequence[str] | None = None) -> Server:
         port = free_port()
-        server = self.reg.start(f"{key}-{tag}", self.argv(key, port, models_max), port,
+        server = self.reg.start(f"{key}-{tag}", self.argv(key, port, models_max, flags), port,
                                 self.work / f"{key}-{tag}.log")
         deadline = time.monotonic() + 60
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
@@ -148,10 +151,11 @@ class Sched:
         }).encode()
 
     # ------------------------------------------------------------------ thrash
-    async def thrash_once(self, key: str, weights: Sequence[float], models_max: int, tag: str) -> dict[str, Any]:
+    async def thrash_once(self, key: str, weights: Sequence[float], models_max: int, tag: str,
+                          flags: Sequence[str] | None = None) -> dict[str, Any]:
         p = self.plan
         cpu0 = _children_cpu()
-        server = await self.start(key, models_max, tag)
+        server = await self.start(key, models_max, tag, flags)
         picks = self.rng.choices(MODELS, weights=weights, k=p.requests)
         queue = list(enumerate(picks))
         lat: dict[str, list[float]] = {m: [] for m in MODELS}
@@ -198,12 +202,12 @@ class Sched:
             "errors": errors,
         }
 
-    async def thrash(self, name: str, weights: Sequence[float]) -> dict[str, Any]:
+    async def thrash(self, name: str, weights: Sequence[float], flags: Sequence[str] | None = None) -> dict[str, Any]:
         runs: dict[str, list[dict[str, Any]]] = {k: [] for k in self.routers}
         for i in range(self.plan.thrash_runs):
             order = self.routers if i % 2 == 0 else tuple(reversed(self.routers))
             for key in order:
-                r = await self.thrash_once(key, weights, 2, f"{name}{i}")
+                r = await self.thrash_once(key, weights, 2, f"{name}{i}", flags)
                 runs[key].append(r)
                 self.log(f"  {name} {key}: {r['req_per_s']:.1f} req/s, p50 {r['p50_s']:.2f}s, "
                          f"p99 {r['p99_s']:.2f}s, non-200 {r['non_200']}, "
@@ -287,6 +291,11 @@ class Sched:
         out["skewed_uncontended"] = _summary([uncontended])
         self.log(f"  uncontended (ours, --models-max 6): p50 m1 {uncontended['p50_by_model_s']['m1']:.3f}s "
                  f"m2 {uncontended['p50_by_model_s']['m2']:.3f}s")
+        if self.plan.one_thread:
+            one = (*self.plan.flags, "-t", "1")
+            self.log("scheduling: uniform and skewed thrash, one thread per child (-t 1)")
+            out["uniform_t1"] = await self.thrash("uniform_t1", [1.0] * len(MODELS), one)
+            out["skewed_t1"] = await self.thrash("skewed_t1", SKEW, one)
         self.log("scheduling: starvation (--models-max 1)")
         out["starvation"] = await self.starvation()
         return out
@@ -323,8 +332,18 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     """The markdown rows docs/benchmarks.md shows (also printed by a standalone run)."""
     lines = ["| scenario | upstream router | llamarouter | ratio |", "|---|---:|---:|---:|"]
-    for scen in ("uniform", "skewed"):
+    for scen in ("uniform", "skewed", "uniform_t1", "skewed_t1"):
+        if scen not in res:
+            continue
         up, us = res[scen]["upstream"], res[scen]["llamarouter"]
+        if scen.endswith("_t1"):
+            lines.append(f"| {scen[:-3]} thrash, `-t 1`: req/s | {up['req_per_s']:.1f} | {us['req_per_s']:.1f} | "
+                         f"{us['req_per_s'] / up['req_per_s']:.2f}x |")
+            lines.append(f"| {scen[:-3]} thrash, `-t 1`: p50 / p99 | {up['p50_s']:.2f} / {up['p99_s']:.2f} s | "
+                         f"{us['p50_s']:.2f} / {us['p99_s']:.2f} s | {us['p99_s'] / up['p99_s']:.2f}x (p99) |")
+            continue
+        lines.append(f"| {scen} thrash: CPU per request (router and children) | {up['cpu_ms_per_req']:.1f} ms | "
+                     f"{us['cpu_ms_per_req']:.1f} ms | {us['cpu_ms_per_req'] / up['cpu_ms_per_req']:.2f}x |")
         lines.append(f"| {scen} thrash: req/s | {up['req_per_s']:.1f} | {us['req_per_s']:.1f} | "
                      f"{us['req_per_s'] / up['req_per_s']:.2f}x |")
         lines.append(f"| {scen} thrash: p50 | {up['p50_s']:.2f} s | {us['p50_s']:.2f} s | "

@@ -38,7 +38,7 @@ from .settings.flags import (
     split_argv,
     split_own,
 )
-from .settings.probe import ServerBuild, probe_server
+from .settings.probe import ServerBuild, list_devices, probe_server
 
 # SETTINGS, find_server_bin and flag_tables are re-exported: tests read them here.
 __all__ = ["SETTINGS", "build_config", "check_with_server", "find_server_bin", "flag_tables", "main"]
@@ -191,7 +191,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             # llama-server -hf on a preset repo runs as a router with the preset's models.
             args, environ = _with_preset(args, environ, preset)
             config, discovery, table = build_config(args, environ)
-        config = dataclasses.replace(config, build_info=build.build_info)
+        # CPU turns need to know whether children compute on the CPU: ask the build once.
+        devices = None if config.limits.cpu_budget == "0" else list_devices(
+            config.server_bin, environ, config.timeouts.version_probe,
+        )
+        config = dataclasses.replace(config, build_info=build.build_info, server_devices=devices)
         log.info("llama-server: %s, version %s", config.server_bin, build.version)
         if config.cors.origins == "*" and not config.api_keys:
             # llama-server's own warning for its default: any web page may call this server.

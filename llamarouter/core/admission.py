@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -194,6 +194,11 @@ class Admission:
 
     def in_flight(self, proc: ModelProcess) -> int:
         return self._serving.get(proc, 0)
+
+    @property
+    def busy(self) -> Collection[ModelProcess]:
+        """The children with requests in flight."""
+        return self._serving.keys()
 
     def released_at(self, proc: ModelProcess) -> float:
         return self._released.get(proc, 0.0)

@@ -21,6 +21,7 @@ from typing import Protocol
 from ..settings.config import RouterConfig
 from . import scheduler
 from .admission import Admission, Usage
+from .cpushare import CpuShare
 from .loadcost import LoadCosts
 from .memory import MemoryManager
 from .models import ModelTable
@@ -78,6 +79,7 @@ class Arbiter:
         self.placing = Placing.of(
             config, memory, table, admission, self.drains, watch.drained if watch is not None else None,
         )
+        self.cpu = CpuShare(config)
 
     @property
     def task(self) -> asyncio.Task[None] | None:
@@ -111,6 +113,7 @@ class Arbiter:
 
     def forget(self, proc: ModelProcess) -> None:
         self._starts.pop(id(proc), None)
+        self.cpu.forget(proc)
 
     async def run(self) -> None:
         tick = self._config.timeouts.tick
@@ -198,6 +201,8 @@ class Arbiter:
                     device_drain=self.placing is not None and proc in self.placing.device_drains,
                     ready_at=proc.ready_at or 0.0,
                     reload_seconds=self.costs.reload_seconds(proc),
+                    cpu_threads=self.cpu.threads(proc) if state in (State.READY, State.STARTING) else 0,
+                    loading_since=proc.state_changed_at if state == State.STARTING else 0.0,
                 )
             )
         waiters = self._admission.waiters.views(self._table.aliases)
@@ -213,6 +218,8 @@ class Arbiter:
             closing=self._closing(),
             drain_after=self._config.limits.drain_after,
             evict_cost=self._config.limits.evict_cost,
+            cpu_budget=self.cpu.budget,
+            cpu_load_wait=self._config.limits.cpu_load_wait,
         )
 
     def apply(self, actions: list[scheduler.Action]) -> None:

@@ -23,6 +23,13 @@ client can tell from upstream's except by waiting less:
 With `evict_cost` > 0 an idle model's reload cost (measured load seconds, or its size
 before it has loaded once) counts as that many seconds of recency per second of reload.
 
+With `cpu_budget` > 0, children that compute on the host's CPUs (`cpu_threads` > 0) take
+turns: a request to one is granted while the threads of the children computing now (with
+requests in flight) and its own fit the budget, or nothing else computes. Once a model has
+to wait for its turn, every request that came after it waits too, the computing model's
+new requests included, so the turn passes when its requests in flight end; a turn serves
+every request its model has waiting (grouped, as loads are).
+
 The supervisor builds a `Snapshot`, calls `plan()`, and applies the actions in order with
 no await in between (llama-swap's pure scheduler behind an effects seam).
 """
@@ -71,6 +78,8 @@ class ModelView:
     replicas: int = 1  # children the model may run (preset key `replicas`)
     slots: int = 1  # the child's parallel slots: all busy on every ready child -> one more
     device_drain: bool = False  # drained for room on a device (placing.py calls it off)
+    cpu_threads: int = 0  # the host CPU threads its child computes with; 0 = not on the CPU budget
+    loading_since: float = 0.0  # monotonic: when its current load began (STARTING)
 
     @property
     def model_name(self) -> str:
@@ -101,6 +110,8 @@ class Snapshot:
     closing: bool = False
     drain_after: float | None = None  # None: a busy model is never drained, FIFO across models
     evict_cost: float = 0.0  # seconds of recency per second of reload (0 = plain LRU)
+    cpu_budget: int = 0  # CPU threads children may compute with at once; 0 = no turns
+    cpu_load_wait: float = 0.0  # how long a loading child on the budget holds others' requests
 
 
 @dataclass(frozen=True)
@@ -246,6 +257,7 @@ def plan(snap: Snapshot) -> list[Action]:
     # Requests for models that must be started, grouped by model in order of arrival.
     starts: dict[str, list[WaiterView]] = {}
     behind: list[WaiterView] = []  # requests for a draining model
+    turns: dict[str, list[WaiterView]] = {}  # requests for a ready model on the CPU budget
     for w in snap.waiters:
         found = models.get(w.model)
         if found is None:
@@ -264,7 +276,7 @@ def plan(snap: Snapshot) -> list[Action]:
         if w.load:
             _plan_load(snap, p, room, w, m, state, pinned_bytes, want_start)
             continue
-        if _plan_request(snap, p, w, m, state, pinned_bytes, behind):
+        if _plan_request(snap, p, w, m, state, pinned_bytes, behind, turns):
             starts.setdefault(m.name, []).append(w)
 
     for name in _start_order(snap, starts):
@@ -277,8 +289,8 @@ def plan(snap: Snapshot) -> list[Action]:
     undrained = {a.model for a in p.actions if isinstance(a, Undrain)}
     for w in behind:  # their model takes requests again: in arrival order, as before
         if w.model in undrained:
-            p.actions.append(Grant(w.id, w.model))
-            p.wanted.add(w.model)
+            _plan_request(snap, p, w, models[w.model], State.READY, pinned_bytes, [], turns, undrained=True)
+    _plan_cpu_turns(snap, p, models, turns)
     _plan_replicas(p, room, models, saturated)
     _plan_evictions(snap, p, room, models)
     _plan_drains(snap, p, room, models)
@@ -288,12 +300,16 @@ def plan(snap: Snapshot) -> list[Action]:
 
 def _plan_request(
     snap: Snapshot, p: _Plan, w: WaiterView, m: ModelView, state: State, pinned_bytes: int,
-    behind: list[WaiterView],
+    behind: list[WaiterView], turns: dict[str, list[WaiterView]], undrained: bool = False,
 ) -> bool:
-    """Answer a request for `m` now (grant, refuse, track a load under way, or wait behind
-    a swap); True when `m` must be started for it."""
+    """Answer a request for `m` now (grant, refuse, track a load under way, wait behind a
+    swap or for its CPU turn); True when `m` must be started for it."""
     if state == State.READY:
-        if not m.draining:
+        serves = undrained or not m.draining
+        if serves and snap.cpu_budget > 0 and m.cpu_threads > 0:
+            turns.setdefault(m.name, []).append(w)  # _plan_cpu_turns grants it, or not yet
+            p.wanted.add(m.name)
+        elif serves:
             p.actions.append(Grant(w.id, m.name))
             p.wanted.add(m.name)
         else:  # it waits behind the swap and is served when its model is back
@@ -330,6 +346,35 @@ def _plan_request(
         return False
     p.wanted.add(m.name)
     return state != State.STOPPING  # a model stopping is started again by its stop's pass
+
+
+def _plan_cpu_turns(snap: Snapshot, p: _Plan, models: dict[str, ModelView], turns: dict[str, list[WaiterView]]) -> None:
+    """Grant the requests of ready models on the CPU budget whose turn it is: models in
+    order of their oldest request; each whose threads fit beside those computing now (or
+    that computes alone) gets every request it has waiting; after the first that does not
+    fit, nothing more is granted, so a model waiting for its turn is not overtaken."""
+    if not turns:
+        return
+    serving = {v.name: v.cpu_threads for v in snap.models if v.in_flight > 0 and v.cpu_threads > 0}
+    loading = {
+        v.name: v.cpu_threads for v in snap.models
+        if v.state == State.STARTING and v.cpu_threads > 0 and snap.now - v.loading_since < snap.cpu_load_wait
+    }
+    granted: set[str] = set()
+    for name, waiting in sorted(turns.items(), key=lambda kv: kv[1][0].since):  # oldest request first
+        m = models[name]
+        computing = {**serving, **loading}
+        fits = (name in serving and not loading) or not computing or sum(computing.values()) + m.cpu_threads <= snap.cpu_budget
+        if not fits:
+            break
+        p.actions.extend(Grant(w.id, name) for w in waiting)
+        serving[name] = m.cpu_threads
+        granted.add(name)
+    for name, waiting in turns.items():  # waiting for their turn: --max-wait still holds
+        if name not in granted:
+            p.actions.extend(
+                Refuse(w.id, w.model, Why.DEADLINE) for w in waiting if w.deadline is not None and snap.now >= w.deadline
+            )
 
 
 def _start_order(snap: Snapshot, starts: dict[str, list[WaiterView]]) -> list[str]:
@@ -593,6 +638,9 @@ def next_wakeup(snap: Snapshot) -> float | None:
                 m.ready_at + snap.drain_after for m in snap.models
                 if m.listed and m.state == State.READY and not m.pinned and not m.draining
             ]
+    if snap.cpu_budget > 0 and any(states.get(w.model) == State.READY for w in snap.waiters):
+        # A loading child holds requests for ready models on the budget this long at most.
+        times += [m.loading_since + snap.cpu_load_wait for m in snap.models if m.state == State.STARTING and m.cpu_threads > 0]
     times = [t for t in times if t > snap.now]
     return min(times) if times else None
 

@@ -240,9 +240,16 @@ class Supervisor:
         if not self.table.listed(proc):
             return False
         if proc.spec.replicas <= 1:
-            return self.serving(proc)
+            # On the CPU budget, a request with others in line is the scheduler's to order.
+            return self.serving(proc) and (
+                self.arbiter.cpu.threads(proc) <= 0
+                or (not self.admission.waiters and self.arbiter.cpu.free_now(proc, self.admission.busy, self._loading()))
+            )
         # A model with replicas takes no more than its children's slots at once.
         return any(self.serving(p) and self.in_flight(p) < p.slots for p in self.table.replicas(proc))
+
+    def _loading(self) -> list[ModelProcess]:
+        return [p for p in self.table.all_processes() if p.expected_state == State.STARTING]
 
     def replicas(self, proc: ModelProcess) -> list[ModelProcess]:
         return self.table.replicas(proc)

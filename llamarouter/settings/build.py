@@ -145,6 +145,8 @@ def build_config(
     host, port, gcp = _listen(given, environ)
     api_keys = _api_keys(given)
     limits = {**own[Group.LIMITS], "models_max": max(0, _int(given.get(K_MAX) or "4", "--models-max"))}
+    if "cpu_budget" in limits:
+        limits["cpu_budget"] = _cpu_budget(limits["cpu_budget"])
     timeouts = dict(own[Group.TIMEOUTS])
     timeout = given.get(K_TIMEOUT)
     if timeout is not None:
@@ -289,6 +291,13 @@ def _int(text: str, where: str) -> int:
         return int(text)
     except ValueError:
         raise ConfigError(f"{where} expects a number, got {text!r}") from None
+
+
+def _cpu_budget(text: str) -> str:
+    value = text.strip().lower()
+    if value != "auto" and (not value.isdigit()):
+        raise ConfigError(f"--cpu-budget must be auto or a number of CPU threads (0 = off), not {text!r}")
+    return value if value == "auto" else str(int(value))
 
 
 def _float(text: str, where: str) -> float:

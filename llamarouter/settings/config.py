@@ -132,6 +132,13 @@ class Limits:
     # Cost-aware eviction: each second a model takes to load counts as this many seconds
     # of recency when choosing whom to evict (0 = plain least recently used, upstream).
     evict_cost: float = 0.0
+    # CPU turns: children computing on the host's CPUs take turns so that their threads
+    # together stay within this many ("auto": the CPUs the router may run on; "0": no
+    # turns, as upstream). See core/cpushare.py.
+    cpu_budget: str = "auto"
+    # A child on the CPU budget that is loading holds other children's requests this long
+    # at most (its load and warm-up compute; a long load from disk mostly waits).
+    cpu_load_wait: float = 0.5
     # Crash loop: after `restart_max` unexpected exits within `restart_window` seconds the
     # model becomes FAILED and requests get a fast 503.
     restart_max: int = 3
@@ -280,6 +287,9 @@ class RouterConfig:
     # Environment given to children (the router's, minus router-only LLAMA_ARG_* names).
     child_env: tuple[tuple[str, str], ...] = ()
     build_info: str = ""
+    # The devices the llama-server build computes on (`--list-devices`, asked at startup):
+    # () = CPU only; None = not asked.
+    server_devices: tuple[str, ...] | None = None
     # --default-model: the model a request that names none goes to (None: the model whose
     # preset says `default-model = true`, else none and upstream's error).
     default_model: str | None = None

@@ -235,6 +235,31 @@ DECLARED: tuple[Setting[Any], ...] = (
                 "loads in two seconds. `0` is plain least recently used, as upstream"
             ),
             metavar="K"),
+    Setting("--cpu-budget", LIMITS, "cpu_budget", STR,
+            help=(
+                "CPU threads children may compute with at once: children computing on the CPU "
+                "take turns to stay within it (auto = the CPUs the router may use; 0 = no turns)"
+            ),
+            doc=(
+                "CPU threads the children may compute with at once. A child that computes on the "
+                "CPU (a llama-server build without GPU devices, or `-ngl 0`) spins a thread per "
+                "core; two at once on the same cores slow each other down many times over. A "
+                "request to such a child waits while others compute and their threads and its own "
+                "would exceed this; turns pass in order of waiting. `auto` is the CPUs the router "
+                "may run on, `0` lets every child compute at once, as upstream. See design.md, "
+                "\"CPU turns\""
+            ),
+            metavar="N|auto", shown="`auto`"),
+    Setting("--cpu-load-wait", LIMITS, "cpu_load_wait", FLOAT,
+            help=(
+                "seconds a child loading on the CPU budget may hold requests to other children "
+                "on it (its load and warm-up compute too)"
+            ),
+            doc=(
+                "a child loading on the CPU budget computes too (its load and its warm-up run): "
+                "requests to other children on the budget wait for it at most this long, then "
+                "compute beside it (a long load from disk mostly waits for the disk)"
+            )),
     TTL,
     REPLICA_TTL,
     Setting("--restart-max", LIMITS, "restart_max", INT,

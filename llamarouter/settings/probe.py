@@ -57,3 +57,25 @@ def probe_server(
     if build is None:
         raise ConfigError(f"{binary} --version printed no version line: {output.strip()[:200]!r}")
     return build
+
+
+def list_devices(binary: str, environ: Mapping[str, str], timeout: float) -> tuple[str, ...] | None:
+    """The devices the build computes on, as `llama-server --list-devices` names them
+    ("CUDA0", "MTL0"...): () for a CPU-only build, None when it does not say."""
+    try:
+        done = subprocess.run(
+            [binary, "--list-devices"],
+            stdin=subprocess.DEVNULL, capture_output=True, env=dict(environ), timeout=timeout, check=False,
+        )
+    except (subprocess.TimeoutExpired, OSError):
+        return None
+    lines = (done.stdout + done.stderr).decode("utf-8", "replace").splitlines()
+    if done.returncode != 0 or "Available devices:" not in [line.strip() for line in lines]:
+        return None
+    listed = lines[[line.strip() for line in lines].index("Available devices:") + 1:]
+    names = []
+    for line in listed:
+        name, colon, _ = line.strip().partition(":")
+        if line.startswith((" ", "\t")) and colon and name and " " not in name:
+            names.append(name)
+    return tuple(names)

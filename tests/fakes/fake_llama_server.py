@@ -1368,6 +1368,17 @@ def main(argv: list[str] | None = None) -> int:
         # As llama-server: the version on stderr, exit 0, nothing loaded.
         sys.stderr.write(f"version: {FAKE_VERSION}\nbuilt with python for fake-llama-server\n")
         return 0
+    if "--list-devices" in argv:
+        # As llama-server prints them. A fake computes nowhere; it says it has one device
+        # unless FAKE_BUILD_DEVICES names others ("" = a CPU-only build, so CPU turns apply).
+        names = os.environ.get("FAKE_BUILD_DEVICES", "FAKE0").split(",")
+        sys.stdout.write("Available devices:\n")
+        listed = [n for n in names if n]
+        for name in listed:
+            sys.stdout.write(f"  {name}: fake device (0 MiB, 0 MiB free)\n")
+        if not listed:
+            sys.stdout.write("  (none)\n")
+        return 0
     if os.environ.get("LLAMA_SERVER_ROUTER_PORT") and os.environ.get("LLAMA_SERVER_CHILD_MODE") == "download":
         return fake_download()
     try:

@@ -11,7 +11,9 @@ end of every run, shutdown. After every step it checks the invariants the core p
 - every waiter is answered, and shutdown completes with no child left;
 - fairness: after every scheduling pass, no request has waited past the drain bound for a
   model that cannot start while a drainable model (loaded, not pinned, not already giving
-  way) stays put: something is on its way out for it, or it was started.
+  way) stays put: something is on its way out for it, or it was started;
+- CPU turns: the children are on a CPU budget that fits one of them at a time, so no two
+  models ever have requests in flight at once.
 
 Derandomized (a fixed seed), so CI runs the same examples each time and a failure replays.
 LLAMAROUTER_STATEFUL_EXAMPLES raises the number of runs for a longer local search.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import time
 from typing import Any
@@ -115,10 +118,10 @@ class CoreMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.launcher = FakeLauncher()
         self.specs: dict[str, ModelSpec] = {n: spec(n) for n in NAMES[:3]}
-        self.sup = make_supervisor(
-            # A drain bound of the order of the requests' hold times, so drains happen.
-            self.specs, fast_config(MODELS_MAX, drain_after=0.02), self.launcher,
-        )
+        # A drain bound of the order of the requests' hold times, so drains happen; a CPU
+        # budget of one thread on a CPU-only build, so every child computes alone.
+        config = fast_config(MODELS_MAX, drain_after=0.02, cpu_budget="1")
+        self.sup = make_supervisor(self.specs, dataclasses.replace(config, server_devices=()), self.launcher)
         self.checked = self.sup.arbiter = CheckedArbiter(self.sup)
         self.requests: list[asyncio.Task[Any]] = []
         self.max_lag = 0.0
@@ -260,6 +263,11 @@ class CoreMachine(RuleBasedStateMachine):
     def slots_are_never_exceeded(self) -> None:
         holding = [p.name for p in self.sup.all_processes() if p.holds_slot]
         assert len(holding) <= MODELS_MAX, holding
+
+    @invariant()
+    def one_model_computes_at_a_time(self) -> None:
+        computing = [p.key for p in self.sup.admission.busy if self.sup.arbiter.cpu.threads(p) > 0]
+        assert len(computing) <= 1, computing
 
     @invariant()
     def no_busy_model_was_evicted(self) -> None:

@@ -250,7 +250,9 @@ async def test_unloading_a_busy_model_ends_its_requests_at_once(tmp_path: Path, 
     --stop-timeout before the child was SIGKILLed; and a whole-response request in
     flight was replayed, which loaded the model again the admin had just unloaded."""
     d = make_models(tmp_path, "a", tokens=100000, tps=20, term_waits_for_clients=True)
-    r = await start_router("--models-dir", str(d), "--stop-timeout", "60")
+    # Two slots: with the fake's one, whichever request reached it second waited behind
+    # the other's endless generation, and the stream never sent its first event.
+    r = await start_router("--models-dir", str(d), "--stop-timeout", "60", "-np", "2")
     async with aiohttp.ClientSession() as s:
         body = {"model": "a", "messages": [{"role": "user", "content": "x"}]}
         whole = asyncio.create_task(s.post(r.url + "/v1/chat/completions", json=body))

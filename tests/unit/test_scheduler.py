@@ -386,3 +386,83 @@ def test_an_extra_replica_is_evicted_before_the_least_recently_used_model() -> N
     models[1] = m("a#2", R, model="a", replica=1, replicas=2, slots=1, last_used=9.0)
     acts = plan(snap(models, [w(1, "c")], models_max=3))
     assert kinds(acts, Evict) == [Evict("a#2", StopReason.EVICTED)]
+
+
+# CPU turns (Snapshot.cpu_budget, ModelView.cpu_threads): children computing on the same
+# CPUs take turns so that their threads together stay within the budget.
+def cpu(name: str, state: State = R, threads: int = 2, **kw: object) -> ModelView:
+    return m(name, state, cpu_threads=threads, **kw)
+
+
+def test_without_a_cpu_budget_every_ready_model_is_granted_at_once() -> None:
+    acts = plan(snap([cpu("a", in_flight=1), cpu("b")], [w(1, "b")], models_max=2, cpu_budget=0))
+    assert acts == [Grant(1, "b")]
+
+
+def test_a_request_waits_while_another_child_computes_past_the_budget() -> None:
+    acts = plan(snap([cpu("a", in_flight=1), cpu("b")], [w(1, "b")], models_max=2, cpu_budget=2))
+    assert acts == []
+
+
+def test_a_child_waiting_for_its_turn_is_not_evicted_for_a_load() -> None:
+    # b is idle (nothing in flight) but its request waits for the turn: c's load takes
+    # another slot's model, never b's.
+    models = [cpu("a", in_flight=1, last_used=50.0), cpu("b", last_used=10.0), m("c")]
+    acts = plan(snap(models, [w(1, "b"), w(2, "c")], models_max=2, cpu_budget=2))
+    assert not kinds(acts, Evict) and not kinds(acts, Grant)
+
+
+def test_children_whose_threads_fit_together_compute_at_once() -> None:
+    acts = plan(snap([cpu("a", threads=1, in_flight=1), cpu("b", threads=1)], [w(1, "b")], models_max=2, cpu_budget=2))
+    assert acts == [Grant(1, "b")]
+
+
+def test_a_child_over_the_budget_alone_computes_when_nothing_else_does() -> None:
+    acts = plan(snap([cpu("a", threads=8), cpu("b")], [w(1, "a")], models_max=2, cpu_budget=2))
+    assert acts == [Grant(1, "a")]
+
+
+def test_a_turn_serves_every_request_its_model_has_waiting() -> None:
+    # Nothing computes: b's turn (its request is the oldest) takes all of b's, c waits.
+    acts = plan(snap([cpu("b"), cpu("c")], [w(1, "b"), w(2, "c"), w(3, "b")], models_max=2, cpu_budget=2))
+    assert acts == [Grant(1, "b"), Grant(3, "b")]
+
+
+def test_the_computing_child_yields_to_a_request_that_waited_before_its_new_ones() -> None:
+    # a computes; b waited first: a's later request waits too, so a's turn ends when its
+    # requests in flight do and b's begins.
+    acts = plan(snap([cpu("a", in_flight=1), cpu("b")], [w(1, "b"), w(2, "a")], models_max=2, cpu_budget=2))
+    assert acts == []
+    # Requests of a that came before b's are still a's turn.
+    acts = plan(snap([cpu("a", in_flight=1), cpu("b")], [w(1, "a"), w(2, "b")], models_max=2, cpu_budget=2))
+    assert acts == [Grant(1, "a")]
+
+
+def test_a_loading_child_holds_other_requests_for_cpu_load_wait_at_most() -> None:
+    models = [cpu("a"), cpu("b", T, loading_since=99.8)]
+    held = snap(models, [w(1, "a")], models_max=2, cpu_budget=2, cpu_load_wait=0.5)
+    assert plan(held) == []
+    assert next_wakeup(held) == 100.3
+    later = snap(models, [w(1, "a")], models_max=2, cpu_budget=2, cpu_load_wait=0.5, now=100.3)
+    assert plan(later) == [Grant(1, "a")]
+
+
+def test_a_request_waiting_for_its_turn_is_refused_at_its_deadline() -> None:
+    acts = plan(snap([cpu("a", in_flight=1), cpu("b")], [w(1, "b", deadline=99.0)], models_max=2, cpu_budget=2))
+    assert acts == [Refuse(1, "b", Why.DEADLINE)]
+
+
+def test_children_off_the_budget_are_not_held() -> None:
+    # A GPU child (cpu_threads 0) computes whatever the CPU children do.
+    acts = plan(snap([cpu("a", in_flight=1), m("g", R)], [w(1, "g")], models_max=2, cpu_budget=2))
+    assert acts == [Grant(1, "g")]
+
+
+def test_requests_behind_a_called_off_drain_wait_for_their_cpu_turn_too() -> None:
+    # a was draining; nothing waits for a slot any more, so the drain is called off, but b
+    # computes past the budget: a's request waits for its turn instead of computing beside b.
+    models = [cpu("a", draining=True), cpu("b", in_flight=1)]
+    acts = plan(snap(models, [w(1, "a")], models_max=2, cpu_budget=2))
+    assert acts == [Undrain("a")]
+    acts = plan(snap(models, [w(1, "a")], models_max=2, cpu_budget=0))
+    assert acts == [Undrain("a"), Grant(1, "a")]

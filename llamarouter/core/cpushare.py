@@ -1,0 +1,118 @@
+"""CPU turns: children that compute on the host's CPUs share them (`--cpu-budget`).
+
+llama-server computes with a pool of threads, one per physical core by default, that
+spin at each step's barrier waiting for one another. Two such children computing at once
+on the same cores do not each get half the machine: a thread that holds a core waits for
+a sibling that the other child's threads keep off the CPU, and a short chat costs many
+times its CPU (about 120 ms of CPU per 8-token chat against 40 on a 2-core machine in the
+scheduling benchmark). So a request to a CPU-only child is granted while the threads of
+the children computing now and its own fit the budget (or nothing else computes); the
+scheduler (scheduler.py, `cpu_budget`) passes the turn on in order of waiting.
+
+A child is on the budget when it computes on the CPU: the llama-server build lists no
+devices (`--list-devices`, asked once at startup), or its command line offloads nothing
+(`-ngl 0`, `--device none`). Children of a model with `replicas` are not: they are there to
+compute side by side.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
+
+from ..errors import ConfigError
+from ..settings.childargs import running_options
+from ..settings.config import RouterConfig
+from .process import ModelProcess
+
+
+def resolve_budget(text: str, cpus: int | None = None) -> int:
+    """`--cpu-budget`: `auto` is the CPUs this router may run on; `0` turns turns off."""
+    value = text.strip().lower()
+    if value == "auto":
+        return cpus if cpus is not None else len(os.sched_getaffinity(0))
+    try:
+        budget = int(value)
+    except ValueError:
+        raise ConfigError(f"--cpu-budget must be auto or a number of CPU threads (0 = off), not {text!r}") from None
+    if budget < 0:
+        raise ConfigError("--cpu-budget must not be negative")
+    return budget
+
+
+def physical_cores(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> int:
+    """What llama-server computes with by default: one thread per physical core (its
+    common_cpu_get_num_physical_cores: distinct hyper-thread sibling sets), else the
+    logical CPUs, halved above four."""
+    siblings = set()
+    for topo in sys_cpu.glob("cpu[0-9]*/topology/thread_siblings"):
+        try:
+            siblings.add(topo.read_text().strip())
+        except OSError:
+            continue
+    if siblings:
+        return len(siblings)
+    n = os.cpu_count() or 4
+    return n if n <= 4 else n // 2
+
+
+def compute_threads(argv: Iterable[str], env: Mapping[str, str], default: int) -> int:
+    """The threads a child computes with: `-t` (and `-tb` for prompts, which defaults to
+    `-t`), read back from its command line and environment as llama-server reads them."""
+    opts = running_options(argv, env)
+
+    def value(key: str, fallback: int) -> int:
+        try:
+            n = int(opts[key])
+        except (KeyError, ValueError):
+            return fallback
+        return n if n > 0 else os.cpu_count() or fallback  # <= 0: hardware concurrency
+
+    threads = value("-t", default)
+    return max(threads, value("-tb", threads))
+
+
+def offloads_nothing(argv: Iterable[str], env: Mapping[str, str]) -> bool:
+    opts = running_options(argv, env)
+    return opts.get("-ngl", "").strip() == "0" or opts.get("-dev", "").strip().lower() == "none"
+
+
+class CpuShare:
+    """Which children are on the CPU budget and with how many threads."""
+
+    def __init__(self, config: RouterConfig, default_threads: int | None = None) -> None:
+        self.budget = resolve_budget(config.limits.cpu_budget)
+        # None: the build was not asked (no turns unless a child offloads nothing).
+        self._cpu_build = config.server_devices is not None and not config.server_devices
+        self._env = dict(config.child_env)
+        self._default = default_threads if default_threads is not None else physical_cores()
+        self._known: dict[ModelProcess, tuple[list[str], int]] = {}
+
+    def threads(self, proc: ModelProcess) -> int:
+        """`proc`'s child's threads when it is on the budget, else 0."""
+        if self.budget <= 0 or proc.spec.replicas > 1:
+            return 0
+        argv = proc.argv
+        known = self._known.get(proc)
+        if known is not None and known[0] is argv:
+            return known[1]
+        threads = 0
+        if argv and (self._cpu_build or offloads_nothing(argv, self._env)):
+            threads = compute_threads(argv, self._env, self._default)
+        self._known[proc] = (argv, threads)
+        return threads
+
+    def forget(self, proc: ModelProcess) -> None:
+        self._known.pop(proc, None)
+
+    def free_now(self, proc: ModelProcess, busy: Collection[ModelProcess], loading: Iterable[ModelProcess]) -> bool:
+        """Whether a request to `proc` may compute at once, nobody waiting in line (`busy`:
+        the children with requests in flight; `loading`: those starting): it computes
+        already, nothing else does, or its threads fit beside theirs. The scheduler's
+        rule for a request that has not waited."""
+        mine = self.threads(proc)
+        if mine <= 0 or proc in busy:
+            return True
+        others = sum(self.threads(p) for p in {*busy, *loading})
+        return others == 0 or others + mine <= self.budget
