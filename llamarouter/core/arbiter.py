@@ -80,6 +80,9 @@ class Arbiter:
             config, memory, table, admission, self.drains, watch.drained if watch is not None else None,
         )
         self.cpu = CpuShare(config)
+        if self.cpu.budget > 0 and config.server_devices == ():
+            log.info("CPU turns: llama-server computes on the CPU here; its children take turns within "
+                     "%d CPU threads (--cpu-budget)", self.cpu.budget)
 
     @property
     def task(self) -> asyncio.Task[None] | None:

@@ -212,13 +212,17 @@ async def test_a_half_close_after_the_request_is_taken_as_the_client_leaving(
 ) -> None:
     # A documented difference from llama-server, which answers: the end of the client's
     # input is how a client that went away is noticed (and its generation stopped).
-    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=3)
+    # A request whose answer takes seconds: with an instant one (GET /health) the answer
+    # could be written before the end of input was read, and the test raced.
+    write_fake_model(tmp_path / "m" / "alpha.gguf", tokens=200, tps=20)
     r = await start_router("--models-dir", str(tmp_path / "m"))
+    body = b'{"model": "alpha", "messages": [{"role": "user", "content": "x"}]}'
     reader, writer = await asyncio.open_connection("127.0.0.1", r.port)
     try:
-        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         writer.write_eof()
-        assert await asyncio.wait_for(reader.read(), 10) == b""
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # well before the 10 s answer
     finally:
         writer.close()
     assert (await r.get("/health"))[0] == 200
