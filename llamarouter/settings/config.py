@@ -125,10 +125,11 @@ class Limits:
     # Contention: a request that has waited this long for a slot drains the model that
     # must give way (new requests for it queue, its requests in flight finish, then it is
     # evicted). None: never drain a busy model and start waiting models in order of
-    # arrival (upstream's rules exactly). The default is from the scheduling benchmark:
-    # at 0.5 s a request behind streaming clients is served in about 1 s on this kind of
-    # machine, and thrash throughput is as high as with longer bounds (docs/design.md).
-    drain_after: float | None = 0.5
+    # arrival (upstream's rules exactly). The default is from the scheduling benchmark
+    # (docs/design.md): at 1 s a request behind streaming clients is served in about
+    # 1.2 s, and the thrash with CPU turns serves more, and its hot models sooner, than
+    # at 0.5 s.
+    drain_after: float | None = 1.0
     # Cost-aware eviction: each second a model takes to load counts as this many seconds
     # of recency when choosing whom to evict (0 = plain least recently used, upstream).
     evict_cost: float = 0.0
