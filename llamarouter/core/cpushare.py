@@ -17,6 +17,7 @@ compute side by side.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
@@ -28,10 +29,11 @@ from .process import ModelProcess
 
 
 def resolve_budget(text: str, cpus: int | None = None) -> int:
-    """`--cpu-budget`: `auto` is the CPUs this router may run on; `0` turns turns off."""
+    """`--cpu-budget`: `auto` is the CPUs this router may run on (its affinity, and its
+    cgroup's CPU quota in a container); `0` turns turns off."""
     value = text.strip().lower()
     if value == "auto":
-        return cpus if cpus is not None else len(os.sched_getaffinity(0))
+        return cpus if cpus is not None else usable_cpus()
     try:
         budget = int(value)
     except ValueError:
@@ -39,6 +41,32 @@ def resolve_budget(text: str, cpus: int | None = None) -> int:
     if budget < 0:
         raise ConfigError("--cpu-budget must not be negative")
     return budget
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may use: its affinity, lowered to its cgroup's CPU quota
+    (a container given 2 CPUs of a 64-core host sees all 64 in its affinity)."""
+    cpus = len(os.sched_getaffinity(0))
+    quota = cgroup_quota(cgroup)
+    return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
+
+
+def cgroup_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time the cgroup allows (v2 `cpu.max`, else v1's CFS quota), or None
+    for no limit."""
+    try:
+        quota, _, period = (cgroup / "cpu.max").read_text().strip().partition(" ")
+        if quota != "max":
+            return int(quota) / int(period or "100000")
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 and period_us > 0 else None
 
 
 def physical_cores(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> int:

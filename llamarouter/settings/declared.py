@@ -246,7 +246,7 @@ DECLARED: tuple[Setting[Any], ...] = (
                 "core; two at once on the same cores slow each other down many times over. A "
                 "request to such a child waits while others compute and their threads and its own "
                 "would exceed this; turns pass in order of waiting. `auto` is the CPUs the router "
-                "may run on, `0` lets every child compute at once, as upstream. See design.md, "
+                "may run on (its CPU affinity, lowered to a container's CPU quota), `0` lets every child compute at once, as upstream. See design.md, "
                 "\"CPU turns\""
             ),
             metavar="N|auto", shown="`auto`"),

@@ -117,3 +117,21 @@ def test_list_devices_reads_llama_servers_listing(tmp_path: Path) -> None:
     assert list_devices(_script(tmp_path, "Available devices:\n  (none)"), {}, 10) == ()
     assert list_devices(_script(tmp_path, "error: invalid argument: --list-devices", code=1), {}, 10) is None
     assert list_devices(str(tmp_path / "missing"), {}, 10) is None
+
+
+def test_a_containers_cpu_quota_bounds_the_auto_budget(tmp_path: Path) -> None:
+    from llamarouter.core.cpushare import cgroup_quota, usable_cpus
+
+    assert cgroup_quota(tmp_path) is None  # no cgroup files: no limit
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert cgroup_quota(tmp_path) is None
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs (cgroup v2)
+    assert cgroup_quota(tmp_path) == 1.5
+    assert 1 <= usable_cpus(tmp_path) <= 2
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert cgroup_quota(v1) is None
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
+    assert cgroup_quota(v1) == 3.0
