@@ -243,7 +243,7 @@ def scheduling_section(r: dict[str, Any]) -> list[str]:
         "run of ours with `--models-max 6` (nothing swaps: the uncontended p50). Starvation:",
         "`--models-max 1`, clients keep model A busy with streamed chats of 16-400 tokens while one",
         f"chat for model B is sent 2 s in; {plan.get('starve_runs')} runs per router. llamarouter runs with its",
-        "defaults (`--drain-after 1`, `--cpu-budget auto`: CPU turns, see design.md). CPU per request is",
+        "defaults (`--drain-after 0.5`, `--cpu-budget auto`: CPU turns, see design.md). CPU per request is",
         "the router's and its children's, reaped, over the run.",
         "",
         sched_table(res),

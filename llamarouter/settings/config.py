@@ -126,10 +126,9 @@ class Limits:
     # must give way (new requests for it queue, its requests in flight finish, then it is
     # evicted). None: never drain a busy model and start waiting models in order of
     # arrival (upstream's rules exactly). The default is from the scheduling benchmark
-    # (docs/design.md): at 1 s a request behind streaming clients is served in about
-    # 1.2 s, and the thrash with CPU turns serves more, and its hot models sooner, than
-    # at 0.5 s.
-    drain_after: float | None = 1.0
+    # (docs/design.md): at 0.5 s a request behind streaming clients is served in 0.7-1.0 s;
+    # at 1 s the thrash serves more but that request waited up to 1.96 s.
+    drain_after: float | None = 0.5
     # Cost-aware eviction: each second a model takes to load counts as this many seconds
     # of recency when choosing whom to evict (0 = plain least recently used, upstream).
     evict_cost: float = 0.0

@@ -213,7 +213,7 @@ DECLARED: tuple[Setting[Any], ...] = (
             help=(
                 "seconds a request may wait for a slot before the model that must give way is "
                 "drained: its new requests queue, its requests in flight finish, then it is "
-                "swapped out (default 1; none = never, upstream's order)"
+                "swapped out (default 0.5; none = never, upstream's order)"
             ),
             doc=(
                 "seconds a request may wait for a slot before the model that must give way is "
