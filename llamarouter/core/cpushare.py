@@ -46,7 +46,8 @@ def resolve_budget(text: str, cpus: int | None = None) -> int:
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
     """The CPUs this process may use: its affinity, lowered to its cgroup's CPU quota
     (a container given 2 CPUs of a 64-core host sees all 64 in its affinity)."""
-    cpus = len(os.sched_getaffinity(0))
+    # macOS has no affinity call: every CPU.
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     quota = cgroup_quota(cgroup)
     return max(1, min(cpus, math.ceil(quota))) if quota is not None else cpus
 

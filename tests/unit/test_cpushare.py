@@ -135,3 +135,13 @@ def test_a_containers_cpu_quota_bounds_the_auto_budget(tmp_path: Path) -> None:
     assert cgroup_quota(v1) is None
     (v1 / "cpu" / "cpu.cfs_quota_us").write_text("300000\n")
     assert cgroup_quota(v1) == 3.0
+
+
+def test_without_an_affinity_call_every_cpu_counts(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # macOS (Metal builds) has no os.sched_getaffinity: the budget is the CPU count.
+    import os
+
+    from llamarouter.core.cpushare import usable_cpus
+
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cpus(tmp_path) == (os.cpu_count() or 1)
