@@ -25,7 +25,8 @@ before it has loaded once) counts as that many seconds of recency per second of 
 
 With `cpu_budget` > 0, children that compute on the host's CPUs (`cpu_threads` > 0) take
 turns: a request to one is granted while the threads of the children computing now (with
-requests in flight) and its own fit the budget, or nothing else computes. Once a model has
+requests in flight, or loading: for the first `cpu_load_wait` seconds of a load) and its
+own fit the budget, or nothing else computes. Once a model has
 to wait for its turn, every request that came after it waits too, the computing model's
 new requests included, so the turn passes when its requests in flight end; a turn serves
 every request its model has waiting (grouped, as loads are).
