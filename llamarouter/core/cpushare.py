@@ -22,7 +22,7 @@ import os
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 
-from ..errors import ConfigError
+from ..settings.build import cpu_budget_text
 from ..settings.childargs import running_options
 from ..settings.config import RouterConfig
 from .process import ModelProcess
@@ -31,16 +31,10 @@ from .process import ModelProcess
 def resolve_budget(text: str, cpus: int | None = None) -> int:
     """`--cpu-budget`: `auto` is the CPUs this router may run on (its affinity, and its
     cgroup's CPU quota in a container); `0` turns turns off."""
-    value = text.strip().lower()
+    value = cpu_budget_text(text)  # the one parser; the config holds its result already
     if value == "auto":
         return cpus if cpus is not None else usable_cpus()
-    try:
-        budget = int(value)
-    except ValueError:
-        raise ConfigError(f"--cpu-budget must be auto or a number of CPU threads (0 = off), not {text!r}") from None
-    if budget < 0:
-        raise ConfigError("--cpu-budget must not be negative")
-    return budget
+    return int(value)
 
 
 def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
@@ -86,10 +80,9 @@ def physical_cores(sys_cpu: Path = Path("/sys/devices/system/cpu")) -> int:
     return n if n <= 4 else n // 2
 
 
-def compute_threads(argv: Iterable[str], env: Mapping[str, str], default: int) -> int:
+def compute_threads(opts: Mapping[str, str], default: int) -> int:
     """The threads a child computes with: `-t` (and `-tb` for prompts, which defaults to
-    `-t`), read back from its command line and environment as llama-server reads them."""
-    opts = running_options(argv, env)
+    `-t`), from its options as `running_options` reads them back."""
 
     def value(key: str, fallback: int) -> int:
         try:
@@ -102,8 +95,7 @@ def compute_threads(argv: Iterable[str], env: Mapping[str, str], default: int) -
     return max(threads, value("-tb", threads))
 
 
-def offloads_nothing(argv: Iterable[str], env: Mapping[str, str]) -> bool:
-    opts = running_options(argv, env)
+def offloads_nothing(opts: Mapping[str, str]) -> bool:
     return opts.get("-ngl", "").strip() == "0" or opts.get("-dev", "").strip().lower() == "none"
 
 
@@ -127,8 +119,10 @@ class CpuShare:
         if known is not None and known[0] is argv:
             return known[1]
         threads = 0
-        if argv and (self._cpu_build or offloads_nothing(argv, self._env)):
-            threads = compute_threads(argv, self._env, self._default)
+        if argv:
+            opts = running_options(argv, self._env)  # once per command line
+            if self._cpu_build or offloads_nothing(opts):
+                threads = compute_threads(opts, self._default)
         self._known[proc] = (argv, threads)
         return threads
 

@@ -146,7 +146,7 @@ def build_config(
     api_keys = _api_keys(given)
     limits = {**own[Group.LIMITS], "models_max": max(0, _int(given.get(K_MAX) or "4", "--models-max"))}
     if "cpu_budget" in limits:
-        limits["cpu_budget"] = _cpu_budget(limits["cpu_budget"])
+        limits["cpu_budget"] = cpu_budget_text(limits["cpu_budget"])
     timeouts = dict(own[Group.TIMEOUTS])
     timeout = given.get(K_TIMEOUT)
     if timeout is not None:
@@ -293,7 +293,8 @@ def _int(text: str, where: str) -> int:
         raise ConfigError(f"{where} expects a number, got {text!r}") from None
 
 
-def _cpu_budget(text: str) -> str:
+def cpu_budget_text(text: str) -> str:
+    """`--cpu-budget` as given: `auto` or a count of CPU threads, normalised."""
     value = text.strip().lower()
     if value != "auto" and (not value.isdigit()):
         raise ConfigError(f"--cpu-budget must be auto or a number of CPU threads (0 = off), not {text!r}")

@@ -12,6 +12,7 @@ import pytest
 
 from llamarouter.core.cpushare import CpuShare, compute_threads, offloads_nothing, physical_cores, resolve_budget
 from llamarouter.errors import ConfigError
+from llamarouter.settings.childargs import running_options
 from llamarouter.settings.config import Limits, RouterConfig
 from llamarouter.settings.probe import list_devices
 
@@ -43,18 +44,18 @@ def test_the_budget_is_auto_a_count_or_off() -> None:
 
 
 def test_threads_come_from_the_command_line_then_the_environment_then_the_default() -> None:
-    assert compute_threads(["llama-server", "-t", "3"], {}, 2) == 3
-    assert compute_threads(["llama-server", "--threads", "1", "-tb", "4"], {}, 2) == 4  # prompts
-    assert compute_threads(["llama-server"], {"LLAMA_ARG_THREADS": "5"}, 2) == 5
-    assert compute_threads(["llama-server"], {}, 2) == 2
-    assert compute_threads(["llama-server", "-t", "-1"], {}, 2) >= 1  # llama-server: all CPUs
+    assert compute_threads(running_options(["llama-server", "-t", "3"], {}), 2) == 3
+    assert compute_threads(running_options(["llama-server", "--threads", "1", "-tb", "4"], {}), 2) == 4  # prompts
+    assert compute_threads(running_options(["llama-server"], {"LLAMA_ARG_THREADS": "5"}), 2) == 5
+    assert compute_threads(running_options(["llama-server"], {}), 2) == 2
+    assert compute_threads(running_options(["llama-server", "-t", "-1"], {}), 2) >= 1  # llama-server: all CPUs
 
 
 def test_offloading_nothing_is_ngl_zero_or_no_device() -> None:
-    assert offloads_nothing(["llama-server", "-ngl", "0"], {})
-    assert offloads_nothing(["llama-server", "--device", "none"], {})
-    assert offloads_nothing(["llama-server"], {"LLAMA_ARG_N_GPU_LAYERS": "0"})
-    assert not offloads_nothing(["llama-server", "-ngl", "99"], {})
+    assert offloads_nothing(running_options(["llama-server", "-ngl", "0"], {}))
+    assert offloads_nothing(running_options(["llama-server", "--device", "none"], {}))
+    assert offloads_nothing(running_options(["llama-server"], {"LLAMA_ARG_N_GPU_LAYERS": "0"}))
+    assert not offloads_nothing(running_options(["llama-server", "-ngl", "99"], {}))
 
 
 def test_physical_cores_count_hyper_thread_sibling_sets(tmp_path: Path) -> None:
