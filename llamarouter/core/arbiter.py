@@ -183,6 +183,7 @@ class Arbiter:
             state = proc.expected_state
             starts = self._starts.get(id(proc), 0)
             replicas = proc.spec.replicas
+            in_flight = self._admission.in_flight(proc)
             views.append(
                 scheduler.ModelView(
                     name=proc.key,
@@ -191,7 +192,7 @@ class Arbiter:
                     replicas=replicas,
                     slots=proc.slots if replicas > 1 else 1,
                     state=state,
-                    in_flight=self._admission.in_flight(proc),
+                    in_flight=in_flight,
                     last_used=used,
                     idle_since=max(used, proc.ready_at or 0.0),
                     pinned=self._table.pinned(proc) and not proc.replica,
@@ -204,7 +205,9 @@ class Arbiter:
                     device_drain=self.placing is not None and proc in self.placing.device_drains,
                     ready_at=proc.ready_at or 0.0,
                     reload_seconds=self.costs.reload_seconds(proc),
-                    cpu_threads=self.cpu.threads(proc) if state in (State.READY, State.STARTING) else 0,
+                    # A child unloaded or crashed while serving keeps its turn until its
+                    # requests end: it may compute until its process is gone.
+                    cpu_threads=self.cpu.threads(proc) if in_flight or state in (State.READY, State.STARTING) else 0,
                     loading_since=proc.state_changed_at if state == State.STARTING else 0.0,
                 )
             )

@@ -116,7 +116,9 @@ class CpuShare:
             return 0
         argv = proc.argv
         known = self._known.get(proc)
-        if known is not None and known[0] is argv:
+        if known is not None and (known[0] is argv or not argv):
+            # No command line yet: a restart is building its child's. Until it has one, the
+            # last child's threads stand (its requests may still be in flight).
             return known[1]
         threads = 0
         if argv:

@@ -356,20 +356,23 @@ def _plan_cpu_turns(snap: Snapshot, p: _Plan, models: dict[str, ModelView], turn
     fit, nothing more is granted, so a model waiting for its turn is not overtaken."""
     if not turns:
         return
-    serving = {v.name: v.cpu_threads for v in snap.models if v.in_flight > 0 and v.cpu_threads > 0}
+    # Keyed by child, not name: a retired child (a reload replaced it) that still serves
+    # computes beside its successor under the same name.
+    serving = {(v.name, v.listed): v.cpu_threads for v in snap.models if v.in_flight > 0 and v.cpu_threads > 0}
     loading = {
-        v.name: v.cpu_threads for v in snap.models
+        (v.name, v.listed): v.cpu_threads for v in snap.models
         if v.state == State.STARTING and v.cpu_threads > 0 and snap.now - v.loading_since < snap.cpu_load_wait
     }
     granted: set[str] = set()
     for name, waiting in sorted(turns.items(), key=lambda kv: kv[1][0].since):  # oldest request first
-        m = models[name]
+        m, child = models[name], (name, True)
         computing = {**serving, **loading}
-        fits = (name in serving and not loading) or not computing or sum(computing.values()) + m.cpu_threads <= snap.cpu_budget
+        alone = computing.keys() <= {child}
+        fits = alone or sum(computing.values()) + (0 if child in serving else m.cpu_threads) <= snap.cpu_budget
         if not fits:
             break
         p.actions.extend(Grant(w.id, name) for w in waiting)
-        serving[name] = m.cpu_threads
+        serving[child] = m.cpu_threads
         granted.add(name)
     for name, waiting in turns.items():  # waiting for their turn: --max-wait still holds
         if name not in granted:

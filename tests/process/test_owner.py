@@ -4,7 +4,9 @@ owner, the admission path and the scheduling loop, including the old core's hang
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 
 import pytest
 
@@ -446,3 +448,56 @@ async def test_unload_all_passes_over_a_model_whose_stop_is_on_its_way() -> None
     finally:
         await sup.shutdown()
     assert launcher.alive() == []
+
+
+async def _cpu_build(names: str) -> tuple[Supervisor, FakeLauncher, dict]:
+    """Fake children on a CPU-only build with a one-thread budget: one computes at a time."""
+    specs = {n: spec(n) for n in names.split()}
+    launcher = FakeLauncher()
+    config = dataclasses.replace(fast_config(2, cpu_budget="1"), server_devices=())
+    sup = make_supervisor(specs, config, launcher)
+    await sup.start()
+    return sup, launcher, specs
+
+
+async def test_a_stopped_child_with_requests_in_flight_keeps_the_cpu_turn() -> None:
+    # Unloaded while serving: its request ends when its connection closes, and until then
+    # the child's turn is not over (the scheduler once dropped it from the count as soon as
+    # the child left READY, and b computed beside it).
+    sup, _, _ = await _cpu_build("a b")
+    try:
+        await sup.load("a")
+        await sup.load("b")
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        sup.unload("a")
+        await state_is(sup, "a", State.STOPPED)
+        waiter = asyncio.create_task(sup.acquire(sup.models["b"], True))
+        await wait_for(lambda: sup.waiting == 1 or waiter.done(), 5)
+        sup.decide_now(time.monotonic())
+        assert not waiter.done()
+        lease.release()
+        (await asyncio.wait_for(waiter, 5)).release()
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_a_retired_child_still_serving_keeps_the_cpu_turn() -> None:
+    # A reload changed a while it served: the old child finishes its request and the new one
+    # (same name, other process) waits for it before computing.
+    sup, _, specs = await _cpu_build("a")
+    try:
+        await sup.load("a")
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        specs["a"] = spec("a", options=(("ctx-size", "2048"),))
+        await sup.reload()
+        new = sup.models["a"]
+        assert new is not lease.proc
+        await sup.load("a")
+        waiter = asyncio.create_task(sup.acquire(new, True))
+        await wait_for(lambda: sup.waiting == 1 or waiter.done(), 5)
+        sup.decide_now(time.monotonic())
+        assert not waiter.done()
+        lease.release()
+        (await asyncio.wait_for(waiter, 5)).release()
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)

@@ -10,8 +10,9 @@ end of every run, shutdown. After every step it checks the invariants the core p
 - the event loop is never blocked for more than 100 ms;
 - every waiter is answered, and shutdown completes with no child left;
 - fairness: after every scheduling pass, no request has waited past the drain bound for a
-  model that cannot start while a drainable model (loaded, not pinned, not already giving
-  way) stays put: something is on its way out for it, or it was started;
+  model that cannot start while a drainable model (loaded for at least the bound, not
+  pinned, not already giving way) stays put: something is on its way out for it, or it was
+  started;
 - CPU turns: the children are on a CPU budget that fits one of them at a time, so no two
   models ever have requests in flight at once.
 
@@ -101,9 +102,10 @@ class CheckedArbiter(Arbiter):
         on_the_way = started or leaving or any(
             m.state == State.STOPPING or m.draining for m in snap.models
         )
+        # A model keeps its slot for the bound once loaded (its turn): not drainable yet.
         drainable = [
             m.name for m in views.values()
-            if m.state == State.READY and not m.pinned and not m.draining
+            if m.state == State.READY and not m.pinned and not m.draining and snap.now - m.ready_at >= bound
         ]
         if not on_the_way and drainable:
             self.violations.append(

@@ -94,6 +94,17 @@ def test_a_new_command_line_is_read_again() -> None:
     assert s.threads(p) == 2
 
 
+def test_a_restart_building_its_command_line_keeps_the_last_childs_threads() -> None:
+    # A child crashed while serving: its requests still count against the budget while the
+    # restart has no command line yet (the process reads as no argv in that window).
+    s = share()
+    p = proc("-t", "2")
+    assert s.threads(p) == 2
+    p.argv = []
+    assert s.threads(p) == 2
+    assert share().threads(proc()) == 2 and share().threads(Proc(spec=p.spec, argv=[])) == 0  # never started
+
+
 def test_free_now_is_the_schedulers_rule_for_one_request() -> None:
     s = share(budget="2")
     a, b, one = proc("-t", "2"), proc("-t", "2"), proc("-t", "1")

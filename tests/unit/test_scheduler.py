@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from llamarouter.core.scheduler import (
     Drain,
     Evict,
@@ -466,3 +468,20 @@ def test_requests_behind_a_called_off_drain_wait_for_their_cpu_turn_too() -> Non
     assert acts == [Undrain("a")]
     acts = plan(snap(models, [w(1, "a")], models_max=2, cpu_budget=0))
     assert acts == [Undrain("a"), Grant(1, "a")]
+
+
+def test_a_retired_child_still_serving_computes_as_another_model() -> None:
+    # A reload changed b: the old child (no longer listed) finishes its request while the
+    # new one is ready. They are two processes with their own threads: the new child's
+    # request waits for the old one's to end.
+    models = [cpu("b", in_flight=1, listed=False), cpu("b")]
+    assert plan(snap(models, [w(1, "b")], models_max=2, cpu_budget=2)) == []
+    assert plan(snap([cpu("b", listed=False), cpu("b")], [w(1, "b")], models_max=2, cpu_budget=2)) == [Grant(1, "b")]
+
+
+@pytest.mark.parametrize("state", [State.STOPPING, State.BACKOFF, State.STOPPED])
+def test_a_child_that_still_holds_requests_past_ready_holds_the_turn(state: State) -> None:
+    # Unloaded or crashed while serving: its requests end as its connections close; until
+    # they have, another child's request waits (the old child may still be computing).
+    acts = plan(snap([cpu("a", state, in_flight=1), cpu("b")], [w(1, "b")], models_max=2, cpu_budget=2))
+    assert acts == []
