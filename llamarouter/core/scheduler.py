@@ -357,15 +357,16 @@ def _plan_cpu_turns(snap: Snapshot, p: _Plan, models: dict[str, ModelView], turn
     if not turns:
         return
     # Keyed by child, not name: a retired child (a reload replaced it) that still serves
-    # computes beside its successor under the same name.
-    serving = {(v.name, v.listed): v.cpu_threads for v in snap.models if v.in_flight > 0 and v.cpu_threads > 0}
+    # computes beside its successor under the same name (-1: the listed child).
+    keyed = [((v.name, -1 if v.listed else i), v) for i, v in enumerate(snap.models)]
+    serving = {k: v.cpu_threads for k, v in keyed if v.in_flight > 0 and v.cpu_threads > 0}
     loading = {
-        (v.name, v.listed): v.cpu_threads for v in snap.models
+        k: v.cpu_threads for k, v in keyed
         if v.state == State.STARTING and v.cpu_threads > 0 and snap.now - v.loading_since < snap.cpu_load_wait
     }
     granted: set[str] = set()
     for name, waiting in sorted(turns.items(), key=lambda kv: kv[1][0].since):  # oldest request first
-        m, child = models[name], (name, True)
+        m, child = models[name], (name, -1)
         computing = {**serving, **loading}
         alone = computing.keys() <= {child}
         fits = alone or sum(computing.values()) + (0 if child in serving else m.cpu_threads) <= snap.cpu_budget

@@ -477,6 +477,9 @@ def test_a_retired_child_still_serving_computes_as_another_model() -> None:
     models = [cpu("b", in_flight=1, listed=False), cpu("b")]
     assert plan(snap(models, [w(1, "b")], models_max=2, cpu_budget=2)) == []
     assert plan(snap([cpu("b", listed=False), cpu("b")], [w(1, "b")], models_max=2, cpu_budget=2)) == [Grant(1, "b")]
+    # Two reloads while serving: two retired children, each its own threads.
+    models = [cpu("b", threads=1, in_flight=1, listed=False), cpu("b", threads=1, in_flight=1, listed=False), cpu("b", threads=1)]
+    assert plan(snap(models, [w(1, "b")], models_max=3, cpu_budget=2)) == []
 
 
 @pytest.mark.parametrize("state", [State.STOPPING, State.BACKOFF, State.STOPPED])
