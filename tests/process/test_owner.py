@@ -10,7 +10,9 @@ import time
 
 import pytest
 
+from llamarouter.core.admission import Lease
 from llamarouter.core.logring import LogRing
+from llamarouter.core.process import ModelProcess
 from llamarouter.core.states import State
 from llamarouter.core.supervisor import Supervisor
 from llamarouter.errors import (
@@ -24,10 +26,13 @@ from tests.fakes.helpers import wait_for
 from tests.process.fakes import FakeLauncher, fast_config, make_supervisor, spec
 
 
-async def started(names: str, models_max: int = 2, **limits: object) -> tuple[Supervisor, FakeLauncher, dict]:
+async def started(
+    names: str, models_max: int = 2, server_devices: tuple[str, ...] | None = None, **limits: object,
+) -> tuple[Supervisor, FakeLauncher, dict]:
     specs = {n: spec(n) for n in names.split()}
     launcher = FakeLauncher()
-    sup = make_supervisor(specs, fast_config(models_max, **limits), launcher)
+    config = dataclasses.replace(fast_config(models_max, **limits), server_devices=server_devices)
+    sup = make_supervisor(specs, config, launcher)
     await sup.start()
     return sup, launcher, specs
 
@@ -450,33 +455,30 @@ async def test_unload_all_passes_over_a_model_whose_stop_is_on_its_way() -> None
     assert launcher.alive() == []
 
 
-async def _cpu_build(names: str) -> tuple[Supervisor, FakeLauncher, dict]:
-    """Fake children on a CPU-only build with a one-thread budget: one computes at a time."""
-    specs = {n: spec(n) for n in names.split()}
-    launcher = FakeLauncher()
-    config = dataclasses.replace(fast_config(2, cpu_budget="1"), server_devices=())
-    sup = make_supervisor(specs, config, launcher)
-    await sup.start()
-    return sup, launcher, specs
+async def _waits_for_the_turn(sup: Supervisor, lease: Lease, proc: ModelProcess) -> None:
+    """A request for `proc` stays in line through a scheduling pass while `lease` is held,
+    and is granted once it is released."""
+    waiter = asyncio.create_task(sup.acquire(proc, True))
+    await wait_for(lambda: sup.waiting == 1 or waiter.done(), 5)
+    sup.decide_now(time.monotonic())
+    assert not waiter.done()
+    lease.release()
+    (await asyncio.wait_for(waiter, 5)).release()
 
 
 async def test_a_stopped_child_with_requests_in_flight_keeps_the_cpu_turn() -> None:
     # Unloaded while serving: its request ends when its connection closes, and until then
     # the child's turn is not over (the scheduler once dropped it from the count as soon as
     # the child left READY, and b computed beside it).
-    sup, _, _ = await _cpu_build("a b")
+    # A CPU-only build (no devices) with a one-thread budget: one child computes at a time.
+    sup, _, _ = await started("a b", server_devices=(), cpu_budget="1")
     try:
         await sup.load("a")
         await sup.load("b")
         lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
         sup.unload("a")
         await state_is(sup, "a", State.STOPPED)
-        waiter = asyncio.create_task(sup.acquire(sup.models["b"], True))
-        await wait_for(lambda: sup.waiting == 1 or waiter.done(), 5)
-        sup.decide_now(time.monotonic())
-        assert not waiter.done()
-        lease.release()
-        (await asyncio.wait_for(waiter, 5)).release()
+        await _waits_for_the_turn(sup, lease, sup.models["b"])
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
 
@@ -484,7 +486,7 @@ async def test_a_stopped_child_with_requests_in_flight_keeps_the_cpu_turn() -> N
 async def test_a_retired_child_still_serving_keeps_the_cpu_turn() -> None:
     # A reload changed a while it served: the old child finishes its request and the new one
     # (same name, other process) waits for it before computing.
-    sup, _, specs = await _cpu_build("a")
+    sup, _, specs = await started("a", server_devices=(), cpu_budget="1")
     try:
         await sup.load("a")
         lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
@@ -493,11 +495,6 @@ async def test_a_retired_child_still_serving_keeps_the_cpu_turn() -> None:
         new = sup.models["a"]
         assert new is not lease.proc
         await sup.load("a")
-        waiter = asyncio.create_task(sup.acquire(new, True))
-        await wait_for(lambda: sup.waiting == 1 or waiter.done(), 5)
-        sup.decide_now(time.monotonic())
-        assert not waiter.done()
-        lease.release()
-        (await asyncio.wait_for(waiter, 5)).release()
+        await _waits_for_the_turn(sup, lease, new)
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
