@@ -16,6 +16,7 @@ Three scenarios, each run alternately on the two routers (upstream, ours, upstre
 
     .venv/bin/python -m bench.sched            # standalone, prints a table and JSON
     .venv/bin/python -m bench.sched --quick
+    .venv/bin/python -m bench.sched --only hot --rounds 5   # hot models' p50 against uncontended runs
 
 `make bench` runs it as one of its phases. Every load loop is bounded by a request count
 and a deadline; every server listens on loopback.
@@ -279,6 +280,22 @@ class Sched:
             for k, v in runs.items()
         }
 
+    async def hot(self, rounds: int) -> dict[str, Any]:
+        """The two hot models' p50 in the skewed thrash against uncontended runs (ours,
+        `--models-max 6`), alternating, `rounds` of each: a single uncontended run varies
+        too much from run to run to measure a ratio against."""
+        contended: list[dict[str, Any]] = []
+        calm: list[dict[str, Any]] = []
+        for i in range(rounds):
+            contended.append(await self.thrash_once("llamarouter", SKEW, 2, f"hot{i}"))
+            calm.append(await self.thrash_once("llamarouter", SKEW, len(MODELS), f"calm{i}"))
+            c, u = contended[-1]["p50_by_model_s"], calm[-1]["p50_by_model_s"]
+            self.log(f"  hot p50, --models-max 2: m1 {c['m1']:.3f}s m2 {c['m2']:.3f}s "
+                     f"({contended[-1]['req_per_s']:.1f} req/s); --models-max 6: m1 {u['m1']:.3f}s m2 {u['m2']:.3f}s")
+        c, u = _summary(contended), _summary(calm)
+        return {"contended": c, "uncontended": u,
+                "ratio": {m: c["p50_by_model_s"][m] / u["p50_by_model_s"][m] for m in ("m1", "m2")}}
+
     async def run(self) -> dict[str, Any]:
         out: dict[str, Any] = {"plan": {"clients": self.plan.clients, "requests": self.plan.requests,
                                         "thrash_runs": self.plan.thrash_runs, "starve_runs": self.plan.starve_runs,
@@ -374,7 +391,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--only", choices=("uniform", "skewed", "starvation"), default=None)
+    ap.add_argument("--only", choices=("uniform", "skewed", "starvation", "hot"), default=None,
+                    help="one scenario; hot: the skewed thrash's hot models against uncontended runs (ours only)")
+    ap.add_argument("--rounds", type=int, default=5, help="--only hot: runs of each")
     ap.add_argument("--ours-arg", action="append", default=[], help="extra llamarouter flag (repeatable)")
     ap.add_argument("--llamarouter", default=str(Path(sys.executable).with_name("llamarouter")))
     ap.add_argument("--router", choices=ROUTERS, action="append", default=None,
@@ -399,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             res = {"skewed": asyncio.run(sched.thrash("skewed", SKEW))}
         elif args.only == "starvation":
             res = {"starvation": asyncio.run(sched.starvation())}
+        elif args.only == "hot":
+            res = {"hot": asyncio.run(sched.hot(args.rounds))}
         else:
             res = asyncio.run(sched.run())
             print(table(res))

@@ -209,6 +209,7 @@ class Arbiter:
                     # requests end: it may compute until its process is gone.
                     cpu_threads=self.cpu.threads(proc) if in_flight or state in (State.READY, State.STARTING) else 0,
                     loading_since=proc.state_changed_at if state == State.STARTING else 0.0,
+                    stop_reason=proc.stop_reason,
                 )
             )
         waiters = self._admission.waiters.views(self._table.aliases)

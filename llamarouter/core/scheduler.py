@@ -81,6 +81,7 @@ class ModelView:
     device_drain: bool = False  # drained for room on a device (placing.py calls it off)
     cpu_threads: int = 0  # the host CPU threads its child computes with; 0 = not on the CPU budget
     loading_since: float = 0.0  # monotonic: when its current load began (STARTING)
+    stop_reason: StopReason | None = None  # why its current life was asked to stop
 
     @property
     def model_name(self) -> str:
@@ -220,6 +221,11 @@ class _Plan:
     blocked: dict[str, list[WaiterView]] = field(default_factory=dict)
 
 
+# Stops the scheduler makes for room or idleness: a waiter's load stopped for one of these
+# was not aborted by anyone, it waits for the next load.
+_FOR_ROOM = frozenset({StopReason.EVICTED, StopReason.DRAINED, StopReason.TTL})
+
+
 def plan(snap: Snapshot) -> list[Action]:
     models = {m.name: m for m in snap.models if m.listed}
     p = _Plan(state={m.name: m.state for m in snap.models if m.listed})
@@ -291,10 +297,10 @@ def plan(snap: Snapshot) -> list[Action]:
     for w in behind:  # their model takes requests again: in arrival order, as before
         if w.model in undrained:
             _plan_request(snap, p, w, models[w.model], State.READY, pinned_bytes, [], turns, undrained=True)
-    _plan_cpu_turns(snap, p, models, turns)
+    waiting_turn = _plan_cpu_turns(snap, p, models, turns)
     _plan_replicas(p, room, models, saturated)
     _plan_evictions(snap, p, room, models)
-    _plan_drains(snap, p, room, models)
+    _plan_drains(snap, p, room, models, waiting_turn)
     _plan_ttl(snap, p, models)
     return p.actions
 
@@ -325,9 +331,11 @@ def _plan_request(
         return False
     if w.saw_generation is not None and w.saw_generation == m.load_generation and state in (
         State.STOPPING, State.STOPPED,
-    ):
+    ) and m.stop_reason not in _FOR_ROOM:
         # The load this request waited for was stopped on purpose (unload, reload):
-        # say so instead of starting it again behind the caller's back.
+        # say so instead of starting it again behind the caller's back. A stop of the
+        # scheduler's own (a drain while the request waited for its CPU turn) is not
+        # that: the request waits for the swap back, like those queued behind the drain.
         p.actions.append(Refuse(w.id, w.model, Why.ABORTED))
         return False
     if state == State.FAILED:
@@ -349,13 +357,16 @@ def _plan_request(
     return state != State.STOPPING  # a model stopping is started again by its stop's pass
 
 
-def _plan_cpu_turns(snap: Snapshot, p: _Plan, models: dict[str, ModelView], turns: dict[str, list[WaiterView]]) -> None:
+def _plan_cpu_turns(
+    snap: Snapshot, p: _Plan, models: dict[str, ModelView], turns: dict[str, list[WaiterView]],
+) -> set[str]:
     """Grant the requests of ready models on the CPU budget whose turn it is: models in
     order of their oldest request; each whose threads fit beside those computing now (or
     that computes alone) gets every request it has waiting; after the first that does not
-    fit, nothing more is granted, so a model waiting for its turn is not overtaken."""
+    fit, nothing more is granted, so a model waiting for its turn is not overtaken.
+    Returns the models whose requests still wait for their turn."""
     if not turns:
-        return
+        return set()
     # Keyed by child, not name: a retired child (a reload replaced it) that still serves
     # computes beside its successor under the same name (-1: the listed child).
     keyed = [((v.name, -1 if v.listed else i), v) for i, v in enumerate(snap.models)]
@@ -380,6 +391,7 @@ def _plan_cpu_turns(snap: Snapshot, p: _Plan, models: dict[str, ModelView], turn
             p.actions.extend(
                 Refuse(w.id, w.model, Why.DEADLINE) for w in waiting if w.deadline is not None and snap.now >= w.deadline
             )
+    return turns.keys() - granted
 
 
 def _start_order(snap: Snapshot, starts: dict[str, list[WaiterView]]) -> list[str]:
@@ -413,7 +425,9 @@ def _plan_drained(p: _Plan, models: dict[str, ModelView]) -> None:
             p.state[m.name] = State.STOPPING
 
 
-def _plan_drains(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, ModelView]) -> None:
+def _plan_drains(
+    snap: Snapshot, p: _Plan, room: _Room, models: dict[str, ModelView], waiting_turn: set[str],
+) -> None:
     """Drain as many busy models as the models waiting past the bound need."""
     if snap.drain_after is None or not p.blocked:
         return
@@ -453,9 +467,15 @@ def _plan_drains(snap: Snapshot, p: _Plan, room: _Room, models: dict[str, ModelV
     for m in victims:
         if need_slots <= 0 and need_bytes <= 0:
             break
-        p.actions.append(Drain(m.name))
         need_slots -= 1
         need_bytes -= m.bytes
+        if m.name in waiting_turn and m.in_flight == 0:
+            # Its requests wait for their CPU turn: it computes next (turns pass in order)
+            # and is drained then, when it has something in flight. Drained now, it left
+            # unserved and came back for the same requests, again and again while another
+            # model computed; passing it over drained a busier model in its place.
+            continue
+        p.actions.append(Drain(m.name))
 
 
 def _fixed(m: ModelView, pinned_bytes: int) -> int:

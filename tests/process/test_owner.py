@@ -498,3 +498,28 @@ async def test_a_retired_child_still_serving_keeps_the_cpu_turn() -> None:
         await _waits_for_the_turn(sup, lease, new)
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_a_model_whose_requests_wait_for_their_cpu_turn_is_drained_only_once_it_computes() -> None:
+    # b was loaded for a request that then waited for its CPU turn (a computes) when c's
+    # request passed the bound. b, which has nothing in flight, was drained at once: it left
+    # unserved and its request was refused as "stopped while loading (drained)". Now b
+    # computes first (a's request ends), then gives way to c; b's request is served.
+    sup, _, _ = await started("a b c", server_devices=(), cpu_budget="1", drain_after=0.05)
+    try:
+        await sup.load("a")
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        for_b = asyncio.create_task(sup.acquire(sup.models["b"], True))
+        await state_is(sup, "b", State.READY)
+        for_c = asyncio.create_task(sup.acquire(sup.models["c"], True))
+        passes, since = sup.arbiter.counters.passes, time.monotonic()
+        # A pass after c's request and b's load have both passed the bound.
+        await wait_for(lambda: sup.arbiter.counters.passes > passes and time.monotonic() - since > 0.2, 5)
+        sup.decide_now(time.monotonic())
+        assert sup.models["b"].state == State.READY and not for_b.done()
+        assert not sup.draining(sup.models["b"]) and not sup.draining(sup.models["a"])
+        lease.release()
+        (await asyncio.wait_for(for_b, 5)).release()
+        (await asyncio.wait_for(for_c, 5)).release()
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)

@@ -99,7 +99,15 @@ class CheckedArbiter(Arbiter):
             return
         started = {a.model for a in actions if isinstance(a, scheduler.Start)}
         leaving = {a.model for a in actions if isinstance(a, (scheduler.Evict, scheduler.Drain))}
-        on_the_way = started or leaving or any(
+        # A model whose requests wait for their CPU turn, none in flight, is drained once it
+        # computes (turns pass in order): it is on its way out already.
+        waiting = {w.model for w in snap.waiters if not w.load}
+        next_out = {
+            m.name for m in views.values()
+            if m.state == State.READY and not m.draining and m.name in waiting and m.in_flight == 0
+            and snap.now - m.ready_at >= bound
+        }
+        on_the_way = started or leaving or next_out or any(
             m.state == State.STOPPING or m.draining for m in snap.models
         )
         # A model keeps its slot for the bound once loaded (its turn): not drainable yet.

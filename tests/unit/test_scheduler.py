@@ -317,6 +317,34 @@ def test_evict_cost_weighs_drain_victims_too() -> None:
     assert acts == [Drain("small")]
 
 
+def test_a_model_whose_requests_wait_for_their_cpu_turn_is_drained_once_it_computes() -> None:
+    # b's request waits for a to compute: b has had no turn yet. It is the victim (nothing
+    # in flight), and it is drained when its turn has begun, not before; a keeps its slot.
+    kw = {"models_max": 2, "drain_after": 0.5, "cpu_budget": 1}
+    models = [m("a", R, in_flight=1, ready_at=1.0, cpu_threads=1), m("b", R, ready_at=2.0, cpu_threads=1), m("c")]
+    assert plan(snap(models, [w(1, "b", since=95.0), w(2, "c", since=90.0)], **kw)) == []
+    computing = [m("a", R, in_flight=2, ready_at=1.0, cpu_threads=1),
+                 m("b", R, in_flight=1, ready_at=2.0, cpu_threads=1), m("c")]
+    assert plan(snap(computing, [w(2, "c", since=90.0)], **kw)) == [Drain("b")]
+    # Two models past the bound need two slots: b gives way after its turn, a now.
+    models = [*models, m("d")]
+    waiters = [w(1, "b", since=95.0), w(2, "c", since=90.0), w(3, "d", since=91.0)]
+    assert plan(snap(models, waiters, **kw)) == [Drain("a")]
+
+
+@pytest.mark.parametrize("reason", [StopReason.DRAINED, StopReason.EVICTED])
+def test_a_request_whose_load_the_scheduler_stopped_for_room_waits_for_the_next(reason: StopReason) -> None:
+    models = [m("a", X, load_generation=3, stop_reason=reason)]
+    assert plan(snap(models, [w(1, "a", saw_generation=3)], models_max=1, drain_after=0.5)) == []
+    stopped = [m("a", S, load_generation=3, stop_reason=reason)]
+    assert plan(snap(stopped, [w(1, "a", saw_generation=3)], models_max=1)) == [Start("a"), Track(1, None)]
+
+
+def test_a_request_whose_load_was_unloaded_is_told_so() -> None:
+    models = [m("a", X, load_generation=3, stop_reason=StopReason.UNLOADED)]
+    assert plan(snap(models, [w(1, "a", saw_generation=3)], models_max=1)) == [Refuse(1, "a", Why.ABORTED)]
+
+
 def test_next_wakeup_is_when_the_oldest_blocked_request_reaches_the_bound() -> None:
     models = [m("a", R, in_flight=1), m("b")]
     s = snap(models, [w(1, "b", since=99.8), w(2, "b", since=99.9)], models_max=1, drain_after=0.5)
