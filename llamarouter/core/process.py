@@ -269,6 +269,7 @@ class ModelProcess:
         """Unload. STARTING: the load is cancelled (the child killed at once); READY:
         SIGTERM, stop-timeout, SIGKILL, reap; BACKOFF/FAILED: to STOPPED. The future
         resolves when the command is handled, not when the child has been reaped."""
+        self.stop_reason = reason  # from the asking on: a pass before the owner runs sees why
         return self._send(_Command(_Cmd.STOP, reason))
 
     def shutdown(self) -> asyncio.Future[None]:

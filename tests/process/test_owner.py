@@ -13,7 +13,8 @@ import pytest
 from llamarouter.core.admission import Lease
 from llamarouter.core.logring import LogRing
 from llamarouter.core.process import ModelProcess
-from llamarouter.core.states import State
+from llamarouter.core import scheduler
+from llamarouter.core.states import State, StopReason
 from llamarouter.core.supervisor import Supervisor
 from llamarouter.errors import (
     InvalidRequest,
@@ -521,5 +522,25 @@ async def test_a_model_whose_requests_wait_for_their_cpu_turn_is_drained_only_on
         lease.release()
         (await asyncio.wait_for(for_b, 5)).release()
         (await asyncio.wait_for(for_c, 5)).release()
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
+async def test_a_pass_between_a_drain_stop_sent_and_handled_does_not_abort_the_load_waited_for() -> None:
+    # The stop is a command to b's owner; a pass that runs before the owner has handled it
+    # sees b stopping already, and must see why (the scheduler's drain), or b's waiting
+    # request is refused as if someone had stopped its load.
+    sup, _, _ = await started("a b", server_devices=(), cpu_budget="1")
+    try:
+        await sup.load("a")
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        for_b = asyncio.create_task(sup.acquire(sup.models["b"], True))
+        await state_is(sup, "b", State.READY)  # loaded for it; it waits for its CPU turn
+        b = sup.models["b"]
+        sup.arbiter.apply([scheduler.Drain("b"), scheduler.Evict("b", StopReason.DRAINED)])
+        assert b.state == State.READY and b.expected_state == State.STOPPING
+        sup.decide_now(time.monotonic())  # before b's owner has run
+        lease.release()
+        (await asyncio.wait_for(for_b, 5)).release()  # served by b's next load
     finally:
         await asyncio.wait_for(sup.shutdown(), 5)
