@@ -501,6 +501,15 @@ async def test_a_retired_child_still_serving_keeps_the_cpu_turn() -> None:
         await asyncio.wait_for(sup.shutdown(), 5)
 
 
+async def _b_loaded_behind_a(sup: Supervisor) -> tuple[Lease, asyncio.Task[Lease]]:
+    """a computes (its request held); b is loaded for a request that waits for its CPU turn."""
+    await sup.load("a")
+    lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+    for_b = asyncio.create_task(sup.acquire(sup.models["b"], True))
+    await state_is(sup, "b", State.READY)
+    return lease, for_b
+
+
 async def test_a_model_whose_requests_wait_for_their_cpu_turn_is_drained_only_once_it_computes() -> None:
     # b was loaded for a request that then waited for its CPU turn (a computes) when c's
     # request passed the bound. b, which has nothing in flight, was drained at once: it left
@@ -508,15 +517,11 @@ async def test_a_model_whose_requests_wait_for_their_cpu_turn_is_drained_only_on
     # computes first (a's request ends), then gives way to c; b's request is served.
     sup, _, _ = await started("a b c", server_devices=(), cpu_budget="1", drain_after=0.05)
     try:
-        await sup.load("a")
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
-        for_b = asyncio.create_task(sup.acquire(sup.models["b"], True))
-        await state_is(sup, "b", State.READY)
+        lease, for_b = await _b_loaded_behind_a(sup)
         for_c = asyncio.create_task(sup.acquire(sup.models["c"], True))
-        passes, since = sup.arbiter.counters.passes, time.monotonic()
-        # A pass after c's request and b's load have both passed the bound.
-        await wait_for(lambda: sup.arbiter.counters.passes > passes and time.monotonic() - since > 0.2, 5)
-        sup.decide_now(time.monotonic())
+        await wait_for(lambda: sup.waiting == 2 or for_c.done(), 5)
+        # A pass as of a moment when c's request and b's load are both a second past the bound.
+        sup.decide_now(time.monotonic() + 1.0)
         assert sup.models["b"].state == State.READY and not for_b.done()
         assert not sup.draining(sup.models["b"]) and not sup.draining(sup.models["a"])
         lease.release()
@@ -532,10 +537,7 @@ async def test_a_pass_between_a_drain_stop_sent_and_handled_does_not_abort_the_l
     # request is refused as if someone had stopped its load.
     sup, _, _ = await started("a b", server_devices=(), cpu_budget="1")
     try:
-        await sup.load("a")
-        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
-        for_b = asyncio.create_task(sup.acquire(sup.models["b"], True))
-        await state_is(sup, "b", State.READY)  # loaded for it; it waits for its CPU turn
+        lease, for_b = await _b_loaded_behind_a(sup)
         b = sup.models["b"]
         sup.arbiter.apply([scheduler.Drain("b"), scheduler.Evict("b", StopReason.DRAINED)])
         assert b.state == State.READY and b.expected_state == State.STOPPING
