@@ -16,7 +16,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import __version__
+from . import __version__, lean  # noqa: F401  # lean for its effect: the first import of aiohttp
 from .core.downloads import fetch_remote_preset, preset_path
 from .core.launcher import OsLauncher
 from .core.memory import parse_bytes

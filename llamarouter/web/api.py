@@ -43,6 +43,7 @@ from . import tools as tools_relay
 from .bodies import error_body as error_body  # re-exported: app.py imports it from here
 from .bodies import is_true, json_response, model_from_body, query_model, read_body
 from .listing import ModelListing
+from .mediatypes import media_type
 from .metrics import CONTENT_TYPE, RequestTiming, RouterMetrics
 from .paths import DISABLED_FEATURES, PROXIED_GET, PROXIED_POST, ROUTER_METRICS_PATH, ROUTER_MODELS_PATH
 from .proxy import Proxy
@@ -208,7 +209,8 @@ class Api:
         # Nothing outside the directory, whatever the path says (.., symlinks).
         if not target.is_relative_to(base) or not target.is_file():
             raise web.HTTPNotFound()
-        return web.FileResponse(target)
+        # The type llama-server gives the file, not aiohttp's guess from the host's MIME files.
+        return web.FileResponse(target, headers={"Content-Type": media_type(target.name)})
 
     async def feature_disabled(self, request: web.Request) -> web.StreamResponse:
         # With --tools, MCP servers or --ui-mcp-proxy the tools server answers (it says 403

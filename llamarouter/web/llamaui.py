@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import mimetypes
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
+
+from .mediatypes import media_type
 
 # Revalidated like index.html: they change on every build under a fixed name.
 _NO_CACHE = frozenset({"sw.js", "manifest.webmanifest", "_app/version.json", "build.json"})
@@ -85,7 +86,7 @@ class LlamaUi:
                 rel = path.relative_to(root).as_posix()
                 if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
                     continue
-                ctype = _TYPES.get(path.suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                ctype = _TYPES.get(path.suffix) or media_type(path.name)
                 self.files[rel] = _open(path, ctype, in_memory_max)
             if "index.html" not in self.files:
                 raise FileNotFoundError(f"{root}: no index.html (build it with bin/build-webui)")

@@ -680,15 +680,21 @@ async def test_static_path_matches(start_pair: StartPair, tiny_models: TinyModel
     (site / "index.html").write_text("<p>home</p>")
     (site / "sub" / "a.txt").write_text("hello")
     (tmp_path / "secret.txt").write_text("secret")
+    # The type each file is served with: llama-server's own table, not the host's MIME files.
+    typed = ("app.js", "app.mjs", "style.css", "data.json", "logo.svg", "icon.png", "font.woff2",
+             "site.webmanifest", "model.gguf", "archive.tar.gz", "NOEXT", "PAGE.HTML", "x.wasm")
+    for name in typed:
+        (site / name).write_bytes(b"x")
     pair = await start_pair(*models_args(tiny_models, "--path", str(site)))
     answers = {}
     for who, router in pair.both():
         view = []
         for path in ("/", "/index.html", "/sub/a.txt", "/sub/missing.txt", "/../secret.txt",
-                     "/sub/../../secret.txt", "/models"):
+                     "/sub/../../secret.txt", "/models", *(f"/{name}" for name in typed)):
             async with router.session.get(router.url + path) as resp:
                 body = await resp.read()
-                view.append((path, resp.status, body if resp.status == 200 and path != "/models" else b""))
+                ctype = resp.headers.get("Content-Type") if path != "/models" else None
+                view.append((path, resp.status, ctype, body if resp.status == 200 and path != "/models" else b""))
         answers[who] = view
-    assert answers["upstream"][0] == ("/", 200, b"<p>home</p>")
+    assert answers["upstream"][0] == ("/", 200, "text/html", b"<p>home</p>")
     assert answers["llamarouter"] == answers["upstream"]
