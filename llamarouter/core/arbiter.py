@@ -206,8 +206,12 @@ class Arbiter:
                     ready_at=proc.ready_at or 0.0,
                     reload_seconds=self.costs.reload_seconds(proc),
                     # A child unloaded or crashed while serving keeps its turn until its
-                    # requests end: it may compute until its process is gone.
-                    cpu_threads=self.cpu.threads(proc) if in_flight or state in (State.READY, State.STARTING) else 0,
+                    # requests end: it may compute until its process is gone. A stopped
+                    # model's are its last child's: what its load would compute with.
+                    cpu_threads=(
+                        self.cpu.threads(proc)
+                        if in_flight or state in (State.READY, State.STARTING, State.STOPPED, State.FAILED) else 0
+                    ),
                     loading_since=proc.state_changed_at if state == State.STARTING else 0.0,
                     stop_reason=proc.stop_reason,
                 )

@@ -26,7 +26,8 @@ before it has loaded once) counts as that many seconds of recency per second of 
 With `cpu_budget` > 0, children that compute on the host's CPUs (`cpu_threads` > 0) take
 turns: a request to one is granted while the threads of the children computing now (with
 requests in flight, or loading: for the first `cpu_load_wait` seconds of a load) and its
-own fit the budget, or nothing else computes. Once a model has
+own fit the budget, or nothing else computes. A load takes its turn the same way, by its
+oldest request: until then it is not started, its slot kept for it. Once a model has
 to wait for its turn, every request that came after it waits too, the computing model's
 new requests included, so the turn passes when its requests in flight end; a turn serves
 every request its model has waiting (grouped, as loads are).
@@ -219,6 +220,10 @@ class _Plan:
     need_bytes: int = 0
     # Models that could not start for lack of room, with their waiters (oldest first).
     blocked: dict[str, list[WaiterView]] = field(default_factory=dict)
+    # Models whose load waits for its CPU turn: when their oldest request came.
+    load_turns: dict[str, float] = field(default_factory=dict)
+    # Once the first in line cannot start, later models do not jump ahead.
+    start_blocked: bool = False
 
 
 # Stops the scheduler makes for room or idleness: a waiter's load stopped for one of these
@@ -234,17 +239,15 @@ def plan(snap: Snapshot) -> list[Action]:
 
     room = _Room.of(snap)
     pinned_bytes = sum(m.bytes for m in models.values() if m.pinned)
-    blocked = False  # once the first in line cannot start, later models do not jump ahead
 
     def want_start(m: ModelView) -> bool:
         """Start `m` now if it fits; else record what it needs. True when started."""
-        nonlocal blocked
-        if not blocked and room.fits(m):
+        if not p.start_blocked and room.fits(m):
             room.take(m)
             p.actions.append(Start(m.name))
             p.state[m.name] = State.STARTING
             return True
-        blocked = True
+        p.start_blocked = True
         p.need_slots += 1
         p.need_bytes += m.bytes
         return False
@@ -286,12 +289,7 @@ def plan(snap: Snapshot) -> list[Action]:
         if _plan_request(snap, p, w, m, state, pinned_bytes, behind, turns):
             starts.setdefault(m.name, []).append(w)
 
-    for name in _start_order(snap, starts):
-        if want_start(models[name]):
-            p.actions.extend(Track(w.id, None) for w in starts[name])
-        else:
-            p.blocked[name] = starts[name]
-
+    _plan_starts(snap, p, room, models, starts, turns, want_start)
     _plan_drained(p, models)
     undrained = {a.model for a in p.actions if isinstance(a, Undrain)}
     for w in behind:  # their model takes requests again: in arrival order, as before
@@ -303,6 +301,30 @@ def plan(snap: Snapshot) -> list[Action]:
     _plan_drains(snap, p, room, models, waiting_turn)
     _plan_ttl(snap, p, models)
     return p.actions
+
+
+def _plan_starts(
+    snap: Snapshot, p: _Plan, room: _Room, models: dict[str, ModelView], starts: dict[str, list[WaiterView]],
+    turns: dict[str, list[WaiterView]], want_start: Callable[[ModelView], bool],
+) -> None:
+    """Start the models requests wait for, in `_start_order`, while room allows; a load
+    on the CPU budget that must wait for its turn keeps its slot (`_cpu_fits`)."""
+    serving, loading = _computing(snap)
+    computing = {**serving, **loading}
+    for name in _start_order(snap, starts):
+        m = models[name]
+        # Ready models whose requests came before this load's are granted first (later).
+        ahead = {(n, -1): models[n].cpu_threads for n, ws in turns.items() if ws[0].since < starts[name][0].since}
+        if not p.start_blocked and room.fits(m) and not _cpu_fits(snap, m, {**computing, **ahead}):
+            room.take(m)
+            p.load_turns[name] = starts[name][0].since
+            continue
+        if want_start(m):
+            p.actions.extend(Track(w.id, None) for w in starts[name])
+            if m.cpu_threads > 0:
+                computing[(name, -1)] = m.cpu_threads
+        else:
+            p.blocked[name] = starts[name]
 
 
 def _plan_request(
@@ -367,17 +389,16 @@ def _plan_cpu_turns(
     Returns the models whose requests still wait for their turn."""
     if not turns:
         return set()
-    # Keyed by child, not name: a retired child (a reload replaced it) that still serves
-    # computes beside its successor under the same name (-1: the listed child).
-    keyed = [((v.name, -1 if v.listed else i), v) for i, v in enumerate(snap.models)]
-    serving = {k: v.cpu_threads for k, v in keyed if v.in_flight > 0 and v.cpu_threads > 0}
-    loading = {
-        k: v.cpu_threads for k, v in keyed
-        if v.state == State.STARTING and v.cpu_threads > 0 and snap.now - v.loading_since < snap.cpu_load_wait
-    }
+    serving, loading = _computing(snap)
+    # A load this pass started computes from now, and one waiting for its turn is in the
+    # line too, by its oldest request.
+    loading.update({(n, -1): models[n].cpu_threads for n in _started(p) if models[n].cpu_threads > 0})
+    first_load = min(p.load_turns.values(), default=float("inf"))
     granted: set[str] = set()
     for name, waiting in sorted(turns.items(), key=lambda kv: kv[1][0].since):  # oldest request first
         m, child = models[name], (name, -1)
+        if waiting[0].since > first_load:
+            break
         computing = {**serving, **loading}
         alone = computing.keys() <= {child}
         fits = alone or sum(computing.values()) + (0 if child in serving else m.cpu_threads) <= snap.cpu_budget
@@ -392,6 +413,36 @@ def _plan_cpu_turns(
                 Refuse(w.id, w.model, Why.DEADLINE) for w in waiting if w.deadline is not None and snap.now >= w.deadline
             )
     return turns.keys() - granted
+
+
+_Child = tuple[str, int]
+
+
+def _computing(snap: Snapshot) -> tuple[dict[_Child, int], dict[_Child, int]]:
+    """The children on the CPU budget computing now, child -> threads: (those with
+    requests in flight, those loading: for the first `cpu_load_wait` seconds of a load).
+    Keyed by child, not name: a retired child (a reload replaced it) that still serves
+    computes beside its successor under the same name (-1: the listed child)."""
+    keyed = [((v.name, -1 if v.listed else i), v) for i, v in enumerate(snap.models)]
+    serving: dict[_Child, int] = {k: v.cpu_threads for k, v in keyed if v.in_flight > 0 and v.cpu_threads > 0}
+    loading: dict[_Child, int] = {
+        k: v.cpu_threads for k, v in keyed
+        if v.state == State.STARTING and v.cpu_threads > 0 and snap.now - v.loading_since < snap.cpu_load_wait
+    }
+    return serving, loading
+
+
+def _cpu_fits(snap: Snapshot, m: ModelView, computing: dict[_Child, int]) -> bool:
+    """Whether `m` may load now beside the children computing on the CPU budget. A load
+    computes too (llama-server's warm-up run): started beside a child that computes on
+    the same cores, both spin at every barrier waiting for threads the other keeps off
+    the CPU, and a load of 0.05 s took 0.5 s, holding the other's requests as long. So
+    it waits for its turn like a request (turns pass in order of the oldest request:
+    the computing models' newer requests wait behind it, and their requests in flight
+    end), then loads alone."""
+    if snap.cpu_budget <= 0 or m.cpu_threads <= 0 or not computing:
+        return True
+    return sum(computing.values()) + m.cpu_threads <= snap.cpu_budget
 
 
 def _start_order(snap: Snapshot, starts: dict[str, list[WaiterView]]) -> list[str]:
@@ -663,8 +714,9 @@ def next_wakeup(snap: Snapshot) -> float | None:
                 m.ready_at + snap.drain_after for m in snap.models
                 if m.listed and m.state == State.READY and not m.pinned and not m.draining
             ]
-    if snap.cpu_budget > 0 and any(states.get(w.model) == State.READY for w in snap.waiters):
-        # A loading child holds requests for ready models on the budget this long at most.
+    if snap.cpu_budget > 0 and any(states.get(w.model) in (State.READY, State.STOPPED) for w in snap.waiters):
+        # A loading child holds requests for ready models on the budget, and loads that
+        # wait for their turn, this long at most.
         times += [m.loading_since + snap.cpu_load_wait for m in snap.models if m.state == State.STARTING and m.cpu_threads > 0]
     times = [t for t in times if t > snap.now]
     return min(times) if times else None

@@ -244,8 +244,9 @@ DECLARED: tuple[Setting[Any], ...] = (
                 "CPU threads the children may compute with at once. A child that computes on the "
                 "CPU (a llama-server build without GPU devices, or `-ngl 0`) spins a thread per "
                 "core; two at once on the same cores slow each other down many times over. A "
-                "request to such a child waits while others compute and their threads and its own "
-                "would exceed this; turns pass in order of waiting. `auto` is the CPUs the router "
+                "request to such a child, or its load, waits while others compute and their "
+                "threads and its own would exceed this; turns pass in order of waiting. `auto` is "
+                "the CPUs the router "
                 "may run on (its CPU affinity, lowered to a container's CPU quota), `0` lets every child compute at once, as upstream. See design.md, "
                 "\"CPU turns\""
             ),

@@ -531,6 +531,30 @@ async def test_a_model_whose_requests_wait_for_their_cpu_turn_is_drained_only_on
         await asyncio.wait_for(sup.shutdown(), 5)
 
 
+async def test_a_load_on_the_cpu_budget_waits_for_the_computing_childs_turn_to_end() -> None:
+    # A load computes too (the child's warm-up): started beside a child computing on the
+    # same cores, both spun at every barrier and a 0.05 s load took 0.5 s. b ran before, so
+    # the threads its child computes with are known: its load waits until a's request ends.
+    sup, launcher, _ = await started("a b", server_devices=(), cpu_budget="1")
+    try:
+        await sup.load("b")
+        await state_is(sup, "b", State.READY)
+        sup.unload("b")
+        await state_is(sup, "b", State.STOPPED)
+        spawned = len(launcher.children)
+        await sup.load("a")
+        lease = await asyncio.wait_for(sup.acquire(sup.models["a"], True), 5)
+        for_b = asyncio.create_task(sup.acquire(sup.models["b"], True))
+        await wait_for(lambda: sup.waiting == 1, 5)
+        sup.decide_now(time.monotonic())
+        assert sup.models["b"].expected_state == State.STOPPED and len(launcher.children) == spawned + 1
+        lease.release()  # a's turn ends: b loads, alone, and serves
+        (await asyncio.wait_for(for_b, 5)).release()
+        assert len(launcher.children) == spawned + 2
+    finally:
+        await asyncio.wait_for(sup.shutdown(), 5)
+
+
 async def test_a_pass_between_a_drain_stop_sent_and_handled_does_not_abort_the_load_waited_for() -> None:
     # The stop is a command to b's owner; a pass that runs before the owner has handled it
     # sees b stopping already, and must see why (the scheduler's drain), or b's waiting

@@ -107,7 +107,16 @@ class CheckedArbiter(Arbiter):
             if m.state == State.READY and not m.draining and m.name in waiting and m.in_flight == 0
             and snap.now - m.ready_at >= bound
         }
-        on_the_way = started or leaving or next_out or any(
+        # A load on the CPU budget with a slot for it waits for its turn while another child
+        # computes (or loads): it starts when their requests end (turns pass in order).
+        held = sum(1 for m in snap.models if m.state in (State.STARTING, State.READY, State.STOPPING))
+        computing = any(
+            m.cpu_threads > 0 and (m.in_flight > 0 or m.state == State.STARTING) for m in snap.models
+        ) or any(isinstance(a, scheduler.Grant) for a in actions)
+        turn = snap.cpu_budget > 0 and computing and held < snap.models_max and any(
+            views[w.model].cpu_threads > 0 for w in overdue
+        )
+        on_the_way = started or leaving or next_out or turn or any(
             m.state == State.STOPPING or m.draining for m in snap.models
         )
         # A model keeps its slot for the bound once loaded (its turn): not drainable yet.

@@ -477,6 +477,55 @@ def test_a_loading_child_holds_other_requests_for_cpu_load_wait_at_most() -> Non
     assert plan(later) == [Grant(1, "a")]
 
 
+# A load computes too (llama-server's warm-up run): it waits for its CPU turn like a request.
+def test_a_load_waits_for_its_cpu_turn_while_another_child_computes_its_slot_kept() -> None:
+    models = [cpu("a", in_flight=1), cpu("b", S), cpu("c", S)]
+    waiting = [w(1, "b", since=99.0), w(2, "c", since=99.5)]
+    acts = plan(snap(models, waiting, models_max=3, cpu_budget=2))
+    assert acts == []  # no Start for b, and c does not take the slot kept for b
+    idle = [cpu("a"), cpu("b", S), cpu("c", S)]
+    acts = plan(snap(idle, waiting, models_max=3, cpu_budget=2))
+    assert acts == [Start("b"), Track(1, None)]  # a's requests ended: b loads, alone
+
+
+def test_the_computing_childs_newer_requests_wait_behind_a_load_and_older_ones_do_not() -> None:
+    models = [cpu("a", in_flight=1), cpu("b", S)]
+    acts = plan(snap(models, [w(1, "b", since=99.0), w(2, "a", since=99.5)], models_max=2, cpu_budget=2))
+    assert acts == []  # a's turn ends when its requests in flight do, then b loads
+    acts = plan(snap(models, [w(1, "a", since=98.0), w(2, "b", since=99.0)], models_max=2, cpu_budget=2))
+    assert acts == [Grant(1, "a")]
+
+
+@pytest.mark.parametrize("first", ["a", "b"])
+def test_in_one_pass_the_oldest_request_decides_between_a_turn_and_a_load(first: str) -> None:
+    # a is ready with a request waiting for its turn, b must load: neither computes yet.
+    models = [cpu("a"), cpu("b", S)]
+    older, newer = (w(1, "a", since=98.0), w(2, "b", since=99.0))
+    if first == "b":
+        older, newer = (w(1, "b", since=98.0), w(2, "a", since=99.0))
+    acts = plan(snap(models, [older, newer], models_max=2, cpu_budget=2))
+    if first == "a":
+        assert acts == [Grant(1, "a")]  # a computes; b's load waits for a's turn to end
+    else:
+        assert acts == [Start("b"), Track(1, None)]  # b loads; a waits for the load
+
+
+def test_loads_whose_threads_fit_beside_the_computing_child_or_that_are_not_on_the_cpu_start_at_once() -> None:
+    fits = plan(snap([cpu("a", threads=1, in_flight=1), cpu("b", S, threads=1)], [w(1, "b")], models_max=2, cpu_budget=2))
+    assert fits == [Start("b"), Track(1, None)]
+    gpu = plan(snap([cpu("a", in_flight=1), m("b")], [w(1, "b")], models_max=2, cpu_budget=2))
+    assert gpu == [Start("b"), Track(1, None)]
+
+
+def test_a_load_waits_for_another_load_for_cpu_load_wait_at_most() -> None:
+    models = [cpu("a", T, loading_since=99.8), cpu("b", S)]
+    held = snap(models, [w(1, "b")], models_max=2, cpu_budget=2, cpu_load_wait=0.5)
+    assert plan(held) == []
+    assert next_wakeup(held) == 100.3
+    later = snap(models, [w(1, "b")], models_max=2, cpu_budget=2, cpu_load_wait=0.5, now=100.3)
+    assert plan(later) == [Start("b"), Track(1, None)]
+
+
 def test_a_request_waiting_for_its_turn_is_refused_at_its_deadline() -> None:
     acts = plan(snap([cpu("a", in_flight=1), cpu("b")], [w(1, "b", deadline=99.0)], models_max=2, cpu_budget=2))
     assert acts == [Refuse(1, "b", Why.DEADLINE)]
