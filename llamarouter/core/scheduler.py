@@ -714,7 +714,7 @@ def next_wakeup(snap: Snapshot) -> float | None:
                 m.ready_at + snap.drain_after for m in snap.models
                 if m.listed and m.state == State.READY and not m.pinned and not m.draining
             ]
-    if snap.cpu_budget > 0 and any(states.get(w.model) in (State.READY, State.STOPPED) for w in snap.waiters):
+    if snap.cpu_budget > 0 and any(states.get(w.model) in (State.READY, State.STOPPED, State.FAILED) for w in snap.waiters):
         # A loading child holds requests for ready models on the budget, and loads that
         # wait for their turn, this long at most.
         times += [m.loading_since + snap.cpu_load_wait for m in snap.models if m.state == State.STARTING and m.cpu_threads > 0]

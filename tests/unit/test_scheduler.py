@@ -517,8 +517,9 @@ def test_loads_whose_threads_fit_beside_the_computing_child_or_that_are_not_on_t
     assert gpu == [Start("b"), Track(1, None)]
 
 
-def test_a_load_waits_for_another_load_for_cpu_load_wait_at_most() -> None:
-    models = [cpu("a", T, loading_since=99.8), cpu("b", S)]
+@pytest.mark.parametrize("state", [S, State.FAILED])  # a failed one past its hold-off loads again
+def test_a_load_waits_for_another_load_for_cpu_load_wait_at_most(state: State) -> None:
+    models = [cpu("a", T, loading_since=99.8), cpu("b", state, failed_at=0.0)]
     held = snap(models, [w(1, "b")], models_max=2, cpu_budget=2, cpu_load_wait=0.5)
     assert plan(held) == []
     assert next_wakeup(held) == 100.3
