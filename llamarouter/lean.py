@@ -1,16 +1,26 @@
-"""The first import of the command line: aiohttp, without two things it does at import
+"""The first import of the command line: aiohttp, without three things it does at import
 that a router only pays for in memory.
 
-- aiohttp builds two TLS client contexts when it is imported, and both parse the system's
-  CA bundle: about 2 MiB resident, for a process that never speaks TLS (its one HTTP
-  client talks plain HTTP to its children on loopback; downloads are the children's own).
-  It is imported here with `SSL_CERT_FILE` naming an empty file, then the variable is put
-  back as it was, so every child sees the environment the router was given. Those two
-  contexts can then only trust less than before, never more: they still find CAs in the
-  system's hashed certificate directory where it has one, and fail closed where not.
+- aiohttp's client builds two TLS client contexts when it is imported (the first one
+  initialises OpenSSL's TLS tables, about 0.6 MiB, and both parse the system's CA bundle,
+  about 2 MiB more), for a process that never speaks TLS: its one HTTP client talks plain
+  HTTP to its children on loopback, downloads are the children's own, and the router
+  serves plain HTTP. aiohttp is imported here as on a Python built without `ssl`, which it
+  supports: its client then refuses `https://` URLs ("SSL is not supported") instead of
+  building contexts for them. Only aiohttp's own modules see `ssl` missing: the standard
+  library's users of it (`asyncio`, `http.client`, `urllib.request`) are imported first,
+  with `ssl`, and uvloop imports it later as usual. An aiohttp that cannot be imported
+  without `ssl` is imported again the usual way.
 - `aiohttp.web` reads the system's MIME type files at import (about 0.35 MiB) for a guess
   the router never asks it for: the files it serves say their own type (the UI's and
   `--path`'s tables, `llamarouter.web.mediatypes`).
+- aiohttp's `frozenlist` dependency ships its compiled module built as C++, and loading it
+  maps the C++ runtime (libstdc++, about 1 MiB resident) into a process that has no other
+  use for it. Its pure-Python twin is asked for (`FROZENLIST_NO_EXTENSIONS`, the package's
+  own switch, read when it is imported): the router's frozen lists are aiohttp's signal and
+  middleware lists, read a handful of times per request, never on a per-byte path. The
+  variable is set for the length of the import only, then put back as it was, so every
+  child sees the environment the router was given.
 
 Importing this module has those effects only when it is the first import of aiohttp in
 the process; anywhere else it is a no-op.
@@ -22,20 +32,38 @@ import mimetypes
 import os
 import sys
 
+_SWITCH = "FROZENLIST_NO_EXTENSIONS"
+
 
 def _import_aiohttp() -> None:
     if "aiohttp" in sys.modules:
         return
     mimetypes.knownfiles = []
-    saved = os.environ.get("SSL_CERT_FILE")
-    os.environ["SSL_CERT_FILE"] = os.devnull
+    # The standard library's modules that use ssl when they find it, imported with it.
+    import asyncio  # noqa: F401  # imported so that it finds ssl
+    import http.client  # noqa: F401  # imported so that it finds ssl
+    import ssl
+    import urllib.request  # noqa: F401  # imported so that it finds ssl
+
+    given = os.environ.get(_SWITCH)
+    os.environ[_SWITCH] = "1"
+    sys.modules["ssl"] = None  # type: ignore[assignment]  # None: "no such module", for import
     try:
-        import aiohttp.web  # noqa: F401  # imported for its side effect on sys.modules
+        try:
+            import aiohttp.web  # imported for its side effect on sys.modules
+        except ImportError:
+            # An aiohttp that needs ssl: its half-imported modules go, and it is imported
+            # again with ssl (and the CA bundle that comes with it).
+            for name in [m for m in sys.modules if m == "aiohttp" or m.startswith("aiohttp.")]:
+                del sys.modules[name]
+            sys.modules["ssl"] = ssl
+            import aiohttp.web  # noqa: F401  # imported for its side effect on sys.modules
     finally:
-        if saved is None:
-            del os.environ["SSL_CERT_FILE"]
+        sys.modules["ssl"] = ssl
+        if given is None:
+            del os.environ[_SWITCH]
         else:
-            os.environ["SSL_CERT_FILE"] = saved
+            os.environ[_SWITCH] = given
 
 
 _import_aiohttp()
