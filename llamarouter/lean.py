@@ -33,6 +33,7 @@ import os
 import sys
 
 _SWITCH = "FROZENLIST_NO_EXTENSIONS"
+_ABSENT = object()
 
 
 def _import_aiohttp() -> None:
@@ -42,9 +43,13 @@ def _import_aiohttp() -> None:
     # The standard library's modules that use ssl when they find it, imported with it.
     import asyncio  # noqa: F401  # imported so that it finds ssl
     import http.client  # noqa: F401  # imported so that it finds ssl
-    import ssl
     import urllib.request  # noqa: F401  # imported so that it finds ssl
 
+    try:
+        import ssl  # noqa: F401  # imported to be put back after aiohttp's import
+    except ImportError:
+        pass  # a Python built without it: aiohttp does without it anyway
+    ssl_entry = sys.modules.get("ssl", _ABSENT)
     given = os.environ.get(_SWITCH)
     os.environ[_SWITCH] = "1"
     sys.modules["ssl"] = None  # type: ignore[assignment]  # None: "no such module", for import
@@ -56,14 +61,21 @@ def _import_aiohttp() -> None:
             # again with ssl (and the CA bundle that comes with it).
             for name in [m for m in sys.modules if m == "aiohttp" or m.startswith("aiohttp.")]:
                 del sys.modules[name]
-            sys.modules["ssl"] = ssl
+            _put_back(ssl_entry)
             import aiohttp.web  # noqa: F401  # imported for its side effect on sys.modules
     finally:
-        sys.modules["ssl"] = ssl
+        _put_back(ssl_entry)
         if given is None:
             del os.environ[_SWITCH]
         else:
             os.environ[_SWITCH] = given
+
+
+def _put_back(entry: object) -> None:
+    if entry is _ABSENT:
+        sys.modules.pop("ssl", None)
+    else:
+        sys.modules["ssl"] = entry  # type: ignore[assignment]  # the module, or None as it was
 
 
 _import_aiohttp()

@@ -7,10 +7,12 @@ content hash in its name or is a fixed icon, so it may be cached for a year. All
 are public, like upstream's UI assets: the UI sends the API key on its own calls.
 
 The directory is listed once, at startup; a rebuild is picked up on the next start. Only
-the files found then are routes, so no request path ever reaches the filesystem. Small
-files are kept in memory; large ones (the UI's JavaScript bundle alone is about 9 MB) stay
-open from startup and are read per request in pieces, so the router does not hold them
-and a rebuild that replaces them on disk does not change what this run serves.
+the files found then are routes, so no request path ever reaches the filesystem. Every
+file stays open from startup, so a rebuild that replaces files on disk does not change
+what this run serves. A small file is read the first time it is served and kept in
+memory from then on (a router nobody has opened the UI of holds none of them; the
+splash images only an iPhone asks for are about two thirds of them). A large one (the
+UI's JavaScript bundle alone is about 9 MB) is read per request in pieces.
 """
 
 from __future__ import annotations
@@ -45,10 +47,10 @@ _TYPES = {
 }
 _TEXT = ("text/", "application/json", "application/manifest+json", "image/svg+xml")
 
-# Files up to this size are kept in memory; larger ones are read from disk per request.
-# 64 KiB keeps index.html, the small JS/JSON files, the PWA icons and splash images in
-# memory (about 280 KiB in all) and leaves out the bundles and a 200 KiB icon (a
-# recommended MCP server's), which alone was nearly half of what the UI kept resident.
+# Files up to this size are kept in memory once served; larger ones are read from disk per
+# request. 64 KiB keeps index.html, the small JS/JSON files, the PWA icons and splash
+# images (about 280 KiB in all, if every one is asked for) and leaves out the bundles and
+# a 200 KiB icon (a recommended MCP server's).
 IN_MEMORY_MAX = 64 * 1024
 # A large file goes out in pieces of this size, each read on a worker thread.
 READ_PIECE = 256 * 1024
@@ -66,13 +68,12 @@ self.addEventListener('activate', (e) => e.waitUntil((async () => {
 
 @dataclass(frozen=True)
 class UiFile:
-    """One file of the UI: its bytes when small, else the descriptor opened at startup."""
+    """One file of the UI: the descriptor opened at startup, and what was found then."""
 
     ctype: str
     etag: str
     size: int
-    body: bytes | None = None
-    fd: int | None = None
+    fd: int
 
 
 class LlamaUi:
@@ -80,14 +81,17 @@ class LlamaUi:
 
     def __init__(self, root: Path, in_memory_max: int = IN_MEMORY_MAX) -> None:
         self.root = root
+        self.in_memory_max = in_memory_max
         self.files: dict[str, UiFile] = {}
+        # The small files served so far, by name.
+        self.kept: dict[str, bytes] = {}
         try:
             for path in sorted(root.rglob("*")):
                 rel = path.relative_to(root).as_posix()
                 if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
                     continue
                 ctype = _TYPES.get(path.suffix) or media_type(path.name)
-                self.files[rel] = _open(path, ctype, in_memory_max)
+                self.files[rel] = _open(path, ctype)
             if "index.html" not in self.files:
                 raise FileNotFoundError(f"{root}: no index.html (build it with bin/build-webui)")
         except BaseException:
@@ -95,11 +99,10 @@ class LlamaUi:
             raise
 
     def close(self) -> None:
-        """Closes the descriptors of the large files; idempotent."""
-        files, self.files = self.files, {}
+        """Closes the files' descriptors; idempotent."""
+        files, self.files, self.kept = self.files, {}, {}
         for f in files.values():
-            if f.fd is not None:
-                os.close(f.fd)
+            os.close(f.fd)
 
     async def _cleanup(self, app: web.Application) -> None:
         self.close()
@@ -123,9 +126,14 @@ class LlamaUi:
         if f.etag in (t.strip().removeprefix("W/") for t in match.split(",")):
             return web.Response(status=304, headers=headers)
         charset = "utf-8" if f.ctype.startswith(_TEXT) else None
-        if f.body is not None:
-            return web.Response(body=f.body, content_type=f.ctype, charset=charset, headers=headers)
-        assert f.fd is not None
+        if f.size <= self.in_memory_max:
+            body = self.kept.get(name)
+            if body is None:
+                body = b""
+                while len(body) < f.size:
+                    body += await self._piece(name, f, len(body))
+                self.kept[name] = body
+            return web.Response(body=body, content_type=f.ctype, charset=charset, headers=headers)
         resp = web.StreamResponse(headers=headers)
         resp.content_type = f.ctype
         if charset:
@@ -134,23 +142,28 @@ class LlamaUi:
         await resp.prepare(request)
         if request.method == "HEAD":
             return resp
-        loop = asyncio.get_running_loop()
         sent = 0
         while sent < f.size:
-            try:
-                piece = await loop.run_in_executor(None, os.pread, f.fd, min(READ_PIECE, f.size - sent), sent)
-            except OSError as exc:
-                piece, why = b"", str(exc)
-            else:
-                why = "shrank since startup"
-            if not piece:
-                # The promised length cannot be kept (truncated in place, a read error): the
-                # connection is dropped rather than left waiting for the rest.
-                raise ConnectionResetError(f"{self.root / name}: {why}")
+            piece = await self._piece(name, f, sent)
             await resp.write(piece)
             sent += len(piece)
         await resp.write_eof()
         return resp
+
+    async def _piece(self, name: str, f: UiFile, offset: int) -> bytes:
+        """The next piece of the file as found at startup, read on a worker thread."""
+        loop = asyncio.get_running_loop()
+        try:
+            piece = await loop.run_in_executor(None, os.pread, f.fd, min(READ_PIECE, f.size - offset), offset)
+        except OSError as exc:
+            piece, why = b"", str(exc)
+        else:
+            why = "shrank since startup"
+        if not piece:
+            # The promised length cannot be kept (truncated in place, a read error): the
+            # connection is dropped rather than left waiting for the rest.
+            raise ConnectionResetError(f"{self.root / name}: {why}")
+        return piece
 
     async def index(self, request: web.Request) -> web.StreamResponse:
         return await self._serve(request, "index.html")
@@ -162,17 +175,11 @@ class LlamaUi:
         return await self._serve(request, name)
 
 
-def _open(path: Path, ctype: str, in_memory_max: int) -> UiFile:
-    """Reads a small file whole; opens a large one, hashing it in pieces for its ETag."""
+def _open(path: Path, ctype: str) -> UiFile:
+    """Opens a file, hashing it in pieces for its ETag."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    keep = False
     try:
         size = os.fstat(fd).st_size
-        if size <= in_memory_max:
-            body = b""
-            while len(body) < size and (more := os.read(fd, size - len(body))):
-                body += more
-            return UiFile(ctype, _etag(hashlib.sha256(body).hexdigest()), len(body), body=body)
         digest = hashlib.sha256()
         done = 0
         while done < size and (piece := os.pread(fd, min(READ_PIECE, size - done), done)):
@@ -180,11 +187,10 @@ def _open(path: Path, ctype: str, in_memory_max: int) -> UiFile:
             done += len(piece)
         if done < size:
             raise OSError(f"{path}: shrank while being read")
-        keep = True
-        return UiFile(ctype, _etag(digest.hexdigest()), size, fd=fd)
-    finally:
-        if not keep:
-            os.close(fd)
+        return UiFile(ctype, _etag(digest.hexdigest()), size, fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _etag(hexdigest: str) -> str:

@@ -52,6 +52,8 @@ def test_systemd_unit_settings() -> None:
         "DeviceAllow=char-nvidia* rw", "SupplementaryGroups=video render",
         # The router above its children, the children at normal priority.
         "Nice=-5", "--child-nice 5",
+        # Connections, pipes and the UI's open files, well past systemd's default 1024.
+        "LimitNOFILE=65536",
     ):
         assert want in lines, want
     assert not any(line.startswith("PrivateDevices=yes") for line in lines)

@@ -102,6 +102,17 @@ def test_a_process_that_imported_aiohttp_first_is_left_alone() -> None:
     assert report["compiled_frozenlist"] == plain["compiled_frozenlist"]
 
 
+def test_a_python_without_ssl_stays_without_it() -> None:
+    code = (
+        "import sys; sys.modules['ssl'] = None\n"
+        "import llamarouter.lean, aiohttp.connector\n"
+        "print(sys.modules['ssl'] is None, aiohttp.connector.ssl is None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.split() == ["True", "True"]
+
+
 def test_an_aiohttp_that_needs_ssl_is_imported_with_it(tmp_path: Path) -> None:
     fake = tmp_path / "aiohttp"
     fake.mkdir()

@@ -89,8 +89,9 @@ def with_bundle(tmp_path: Path, size: int) -> tuple[Path, bytes]:
     return root, data
 
 
-def test_a_large_file_is_not_held_in_memory(tmp_path: Path) -> None:
+def test_no_file_is_held_in_memory_at_startup(tmp_path: Path) -> None:
     root, data = with_bundle(tmp_path, 4 * llamaui.IN_MEMORY_MAX)
+    (root / "splash.png").write_bytes(os.urandom(llamaui.IN_MEMORY_MAX))  # small: kept once served
     fds = len(os.listdir("/proc/self/fd"))
     tracemalloc.start()
     try:
@@ -99,20 +100,49 @@ def test_a_large_file_is_not_held_in_memory(tmp_path: Path) -> None:
     finally:
         tracemalloc.stop()
     try:
-        assert held < len(data) // 2, held
-        assert len(os.listdir("/proc/self/fd")) == fds + 1  # the large file's only
-        assert ui.files["index.html"].body is not None  # small ones are
-        assert ui.files["_app/immutable/bundle.big.js"].body is None
+        assert held < 16 * 1024, held
+        assert ui.kept == {}
+        assert len(os.listdir("/proc/self/fd")) == fds + len(ui.files) == fds + 6
     finally:
         ui.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+async def test_a_small_file_is_kept_once_served_and_a_large_one_never(tmp_path: Path) -> None:
+    root, data = with_bundle(tmp_path, 2 * llamaui.IN_MEMORY_MAX)
+    ui = llamaui.LlamaUi(root)
+    client = await serve(ui)
+    try:
+        assert await (await client.get("/_app/immutable/bundle.big.js")).read() == data
+        assert (await client.head("/favicon.svg")).status == 200
+        assert ui.kept == {"favicon.svg": b"<svg/>"}  # HEAD reads it too: it says the length
+        resp = await client.get("/")
+        assert await resp.text() == "<!doctype html><title>ui</title>"
+        assert sorted(ui.kept) == ["favicon.svg", "index.html"]
+        # Kept: a later change in place does not reach it.
+        (root / "index.html").write_text("<!doctype html><title>changed</title>")
+        assert await (await client.get("/index.html")).text() == "<!doctype html><title>ui</title>"
+    finally:
+        await client.close()
+
+
+async def test_a_small_file_replaced_before_it_is_first_served_is_served_as_found(tmp_path: Path) -> None:
+    root = built(tmp_path)
+    client = await serve(llamaui.LlamaUi(root))
+    try:
+        fresh = root / "_app" / "version.new"
+        fresh.write_text('{"version":"2"}')
+        os.replace(fresh, root / "_app" / "version.json")
+        resp = await client.get("/_app/version.json")
+        assert resp.status == 200 and await resp.text() == '{"version":"1"}'
+    finally:
+        await client.close()
 
 
 async def test_a_large_file_is_served_whole_from_what_was_there_at_startup(tmp_path: Path) -> None:
     root, data = with_bundle(tmp_path, 3 * llamaui.READ_PIECE + 123)
     ui = llamaui.LlamaUi(root)
     fd = ui.files["_app/immutable/bundle.big.js"].fd
-    assert fd is not None
     client = await serve(ui)
     try:
         resp = await client.get("/_app/immutable/bundle.big.js")
