@@ -387,7 +387,7 @@ DECLARED: tuple[Setting[Any], ...] = (
                 "5 s keep-alive)"
             ),
             doc=(
-                "how long an idle pooled connection to a child (proxied requests, health probes, "
+                "how long an idle pooled connection to a child (proxied requests, "
                 "metrics scrapes) may be reused; keep it below llama-server's 5 s keep-alive"
             )),
     Setting("--header-timeout", TIMEOUTS, "header_read", FLOAT,

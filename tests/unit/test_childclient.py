@@ -261,3 +261,72 @@ async def test_a_child_that_hangs_is_given_up_on_in_time(stub: tuple[Stub, int],
             await up.read()
     # Eight calls, each cut off at its bound (generous slack for a loaded machine).
     assert time.monotonic() - started < 8 * SHORT + 5
+
+
+async def _raw_child(answer: Callable[[asyncio.StreamWriter], Awaitable[None]]) -> tuple[asyncio.Server, int]:
+    """A child that reads one request head and answers with `answer`, byte by byte if it likes."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        try:
+            await answer(writer)
+        except ConnectionError:
+            pass  # the probe hung up, as it may
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        # In pieces, body and all, and the connection left open: the length says it is whole.
+        ([b"HTTP/1.1 2", b"00 OK\r\nContent-Le", b"ngth: 15\r\n\r\n", b'{"status":', b'"ok"}'], 200),
+        ([b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 2\r\n\r\n{}"], 503),
+        # No length: the head is all it waits for.
+        ([b"HTTP/1.1 200 OK\r\n\r\n"], 200),
+        ([b"HTTP/1.1 200 OK\r\nContent-Le"], None),  # closed inside the head
+        ([b"SSH-2.0-OpenSSH\r\n\r\n"], None),  # not HTTP
+        ([b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n"], None),
+        ([], None),  # closed without a word
+    ],
+)
+async def test_the_liveness_probe_reads_one_whole_answer(
+    client: ChildClient, answer: list[bytes], expected: int | None
+) -> None:
+    hold = asyncio.Event()
+
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        for piece in answer:
+            writer.write(piece)
+            await writer.drain()
+        if expected is not None:
+            await hold.wait()  # whole: the probe must not wait for the close
+
+    server, port = await _raw_child(reply)
+    try:
+        assert await client.health(port, T) == expected
+    finally:
+        hold.set()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "head", [b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", b"HTTP/1.1 200 OK\r\nX: " + b"x" * 70000]
+)
+async def test_the_liveness_probe_reads_no_more_than_a_bound(client: ChildClient, head: bytes) -> None:
+    async def reply(writer: asyncio.StreamWriter) -> None:
+        writer.write(head)
+        for _ in range(30):  # bounded, past what the probe reads
+            writer.write(b"x" * 4096)
+            await writer.drain()
+
+    server, port = await _raw_child(reply)
+    try:
+        assert await client.health(port, T) is None
+    finally:
+        server.close()
+        await server.wait_closed()
