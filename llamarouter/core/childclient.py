@@ -21,6 +21,8 @@ from typing import Any
 
 import aiohttp
 
+from .http1 import MAX_HEAD, ExchangeFailed, Head, parse_head
+
 log = logging.getLogger("llamarouter.core.childclient")
 
 # Every child listens on loopback only (childargs forces --host, as upstream's router does).
@@ -30,9 +32,8 @@ CHILD_HOST = "127.0.0.1"
 # a body that is not JSON or not UTF-8 is a ValueError.
 NO_ANSWER: tuple[type[BaseException], ...] = (aiohttp.ClientError, TimeoutError, OSError, ValueError)
 
-# The liveness probe's request, and the most of an answer to it that is read.
+# The liveness probe's request (its whole answer is read up to `MAX_HEAD` bytes).
 _PROBE = b"GET /health HTTP/1.1\r\nHost: " + CHILD_HOST.encode() + b":%d\r\nConnection: close\r\n\r\n"
-_PROBE_MAX = 64 * 1024
 
 # A one-token completion that cannot be answered from a stale slot (see canary.py).
 _CANARY_BODY = {
@@ -81,7 +82,7 @@ class ChildClient:
         try:
             async with asyncio.timeout(timeout):
                 return await _probe(port)
-        except (TimeoutError, OSError, ValueError):
+        except (TimeoutError, OSError, ExchangeFailed):
             return None
 
     async def info(self, port: int, timeout: float) -> dict[str, Any]:
@@ -257,7 +258,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def _probe(port: int) -> int | None:
+async def _probe(port: int) -> int:
     """GET /health with `Connection: close`: the status once the head and the body its
     length announces are in (llama-server's are a few dozen bytes)."""
     loop = asyncio.get_running_loop()
@@ -267,26 +268,18 @@ async def _probe(port: int) -> int | None:
         await loop.sock_connect(sock, (CHILD_HOST, port))
         await loop.sock_sendall(sock, _PROBE % port)
         answer = b""
-        whole = -1  # the length of head and body, once the head is in
-        while whole < 0 or len(answer) < whole:
+        head: Head | None = None
+        whole = MAX_HEAD  # head and body, once the head says how long the body is
+        while head is None or len(answer) < whole:
             more = await loop.sock_recv(sock, 4096)
             if not more:
-                return None  # closed before the whole answer
+                raise ExchangeFailed("closed before the whole answer")
             answer += more
-            end = answer.find(b"\r\n\r\n")
-            if end >= 0 and whole < 0:
-                whole = end + 4 + _length(answer[:end])
-            if max(whole, len(answer)) > _PROBE_MAX:
-                raise ValueError("answer to /health too large")
-        status = answer.split(b" ", 2)[1] if answer.startswith(b"HTTP/1.") else b""
-        return int(status) if status.isdigit() else None
+            if head is None and (end := answer.find(b"\r\n\r\n")) >= 0:
+                head = parse_head(answer[:end])
+                whole = end + 4 + (head.length or 0)
+            if max(whole, len(answer)) > MAX_HEAD:
+                raise ExchangeFailed("answer to /health too large")
+        return head.status
     finally:
         sock.close()
-
-
-def _length(head: bytes) -> int:
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            return int(value.strip())
-    return 0

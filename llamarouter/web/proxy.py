@@ -25,12 +25,12 @@ from multidict import CIMultiDict
 
 from ..core.childclient import child_host
 from ..core.gguf_info import RunSettings
+from ..core.http1 import Head
 from ..core.process import ModelProcess
 from ..core.states import State
 from ..errors import ChildBroke, ChildUnreachable, UpstreamError
 from ..settings.childargs import running_options
 from ..settings.config import RouterConfig
-from .http1 import Head
 from .metrics import PREDICTED_MARK, RequestTiming, predicted_tokens
 from .pool import ChildConnection, ChildPool, ConnectFailed
 from .relay import Exchange

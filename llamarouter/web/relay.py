@@ -15,7 +15,7 @@ import asyncio
 import collections
 from typing import TYPE_CHECKING
 
-from .http1 import MAX_HEAD, ExchangeFailed, Head, parse_head
+from ..core.http1 import MAX_HEAD, ExchangeFailed, Head, parse_head
 
 if TYPE_CHECKING:
     from .pool import ChildConnection
