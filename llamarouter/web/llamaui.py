@@ -30,21 +30,8 @@ from .mediatypes import media_type
 # Revalidated like index.html: they change on every build under a fixed name.
 _NO_CACHE = frozenset({"sw.js", "manifest.webmanifest", "_app/version.json", "build.json"})
 _IMMUTABLE = "public, max-age=31536000, immutable"
-_TYPES = {
-    ".js": "text/javascript",
-    ".mjs": "text/javascript",
-    ".css": "text/css",
-    ".html": "text/html",
-    ".json": "application/json",
-    ".webmanifest": "application/manifest+json",
-    ".svg": "image/svg+xml",
-    ".ico": "image/x-icon",
-    ".png": "image/png",
-    ".woff2": "font/woff2",
-    ".woff": "font/woff",
-    ".ttf": "font/ttf",
-    ".wasm": "application/wasm",
-}
+# The one type the UI needs that is not in llama-server's table of `--path` types.
+_MANIFEST_TYPE = "application/manifest+json"
 _TEXT = ("text/", "application/json", "application/manifest+json", "image/svg+xml")
 
 # Files up to this size are kept in memory once served; larger ones are read from disk per
@@ -90,7 +77,7 @@ class LlamaUi:
                 rel = path.relative_to(root).as_posix()
                 if not path.is_file() or any(part.startswith(".") for part in rel.split("/")):
                     continue
-                ctype = _TYPES.get(path.suffix) or media_type(path.name)
+                ctype = _MANIFEST_TYPE if path.suffix == ".webmanifest" else media_type(path.name)
                 self.files[rel] = _open(path, ctype)
             if "index.html" not in self.files:
                 raise FileNotFoundError(f"{root}: no index.html (build it with bin/build-webui)")

@@ -181,3 +181,17 @@ async def test_a_large_file_truncated_in_place_drops_that_response_only(tmp_path
         assert resp.status == 200 and await resp.text() == "<!doctype html><title>ui</title>"
     finally:
         await client.close()
+
+
+async def test_content_types_are_llama_servers_and_the_manifests_own(tmp_path: Path) -> None:
+    root = built(tmp_path)
+    (root / "manifest.webmanifest").write_text("{}")
+    (root / "favicon.ico").write_bytes(b"\0")
+    client = await serve(llamaui.LlamaUi(root))
+    try:
+        for path, ctype in (("/manifest.webmanifest", "application/manifest+json"), ("/favicon.ico", "image/x-icon"),
+                            ("/favicon.svg", "image/svg+xml"), ("/_app/version.json", "application/json")):
+            resp = await client.get(path)
+            assert (resp.status, resp.content_type) == (200, ctype), path
+    finally:
+        await client.close()
